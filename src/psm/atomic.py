@@ -1,0 +1,80 @@
+"""Atomic file writes: a temp file in the same folder, fsync, then rename over the target.
+
+A reader (or a resumed worker) sees either the old file or the new one, never a torn one. A
+write that fails (no space, no permission) removes its temp file and raises a one-line
+:class:`~psm.errors.RunError`, leaving the old file as it was.
+"""
+
+from __future__ import annotations
+
+import errno
+import json
+import os
+import tempfile
+from pathlib import Path
+from typing import Any
+
+from .errors import RunError
+
+_REASONS = {
+    errno.ENOSPC: "no space left on device",
+    errno.EDQUOT: "disk quota exceeded",
+    errno.EACCES: "permission denied",
+    errno.EPERM: "permission denied",
+    errno.EROFS: "read-only file system",
+}
+
+
+def _umask() -> int:
+    mask = os.umask(0)
+    os.umask(mask)
+    return mask
+
+
+def write_error(path: Path, err: OSError) -> RunError:
+    """A one-line error for a failed write of ``path``."""
+    reason = _REASONS.get(err.errno or 0, err.strerror or str(err))
+    return RunError(f"cannot write {path}: {reason}")
+
+
+def atomic_write_bytes(path: str | Path, data: bytes) -> None:
+    """Write ``data`` to ``path`` atomically."""
+    path = Path(path)
+    tmp = None
+    try:
+        fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
+        os.fchmod(fd, 0o666 & ~_umask())
+        with os.fdopen(fd, "wb") as f:
+            f.write(data)
+            f.flush()
+            os.fsync(f.fileno())
+        os.replace(tmp, path)
+        tmp = None
+    except OSError as e:
+        raise write_error(path, e) from None
+    finally:
+        if tmp is not None:
+            try:
+                os.unlink(tmp)
+            except OSError:
+                pass
+
+
+def atomic_write_text(path: str | Path, text: str) -> None:
+    """Write ``text`` (UTF-8) to ``path`` atomically."""
+    atomic_write_bytes(path, text.encode())
+
+
+def atomic_write_json(path: str | Path, obj: Any) -> None:
+    """Write ``obj`` as indented JSON to ``path`` atomically."""
+    atomic_write_text(path, json.dumps(obj, indent=1, sort_keys=True) + "\n")
+
+
+def append_line(path: str | Path, line: str) -> None:
+    """Append one line to a log file (one writer per file)."""
+    path = Path(path)
+    try:
+        with open(path, "a") as f:
+            f.write(line.rstrip("\n") + "\n")
+    except OSError as e:
+        raise write_error(path, e) from None

@@ -1,0 +1,193 @@
+"""Block checkpoints in safetensors: loading never executes code.
+
+Two files per block:
+
+* ``blocks/NNNN.state.safetensors``: the resume point, written every ``checkpoint_every`` steps
+  and on interruption: weights (``net.*``), Adam moments (``adam_m.*``, ``adam_v.*``) and the
+  block's RNG state (``rng``), with step, wall time and config hash in the metadata.
+* ``blocks/NNNN.safetensors``: the final weights, written when the block reaches its target.
+
+Every load checks the file's config hash and block id against the run, and the tensor names
+and shapes against the net, so a foreign, truncated or mismatched file is refused with a
+:class:`~psm.errors.CheckpointError` instead of silently becoming a random network.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from pathlib import Path
+from typing import TYPE_CHECKING
+
+import torch
+from safetensors import SafetensorError, safe_open
+from safetensors.torch import save as st_save
+from torch import Tensor, nn
+
+from .atomic import atomic_write_bytes
+from .errors import CheckpointError
+
+if TYPE_CHECKING:
+    from .run import Run
+
+FORMAT = "psm-block/1"
+
+
+@dataclass
+class BlockState:
+    """Everything needed to continue training a block exactly where it stopped.
+
+    Attributes:
+        step: parameter updates done.
+        net: the net's ``state_dict``.
+        adam_m: Adam first moments by parameter name (None before the first step).
+        adam_v: Adam second moments by parameter name.
+        rng: the block generator's state (``uint8``).
+        wall_time: seconds spent training so far.
+    """
+
+    step: int
+    net: dict[str, Tensor]
+    adam_m: dict[str, Tensor] | None
+    adam_v: dict[str, Tensor] | None
+    rng: Tensor
+    wall_time: float
+
+
+def _owned(t: Tensor) -> Tensor:
+    return t.detach().to("cpu").contiguous().clone()
+
+
+def save_state(run: Run, block: int, state: BlockState) -> None:
+    """Write a block's resume point atomically."""
+    tensors = {f"net.{k}": _owned(v) for k, v in state.net.items()}
+    if state.adam_m is not None and state.adam_v is not None:
+        tensors |= {f"adam_m.{k}": _owned(v) for k, v in state.adam_m.items()}
+        tensors |= {f"adam_v.{k}": _owned(v) for k, v in state.adam_v.items()}
+    tensors["rng"] = _owned(state.rng)
+    meta = _meta(run, block, state.step) | {"wall_time": repr(float(state.wall_time))}
+    atomic_write_bytes(run.state_path(block), st_save(tensors, metadata=meta))
+
+
+def save_weights(run: Run, block: int, net_state: dict[str, Tensor], step: int) -> None:
+    """Write a block's final weights atomically."""
+    tensors = {k: _owned(v) for k, v in net_state.items()}
+    atomic_write_bytes(run.weights_path(block), st_save(tensors, metadata=_meta(run, block, step)))
+
+
+def _meta(run: Run, block: int, step: int) -> dict[str, str]:
+    return {
+        "format": FORMAT,
+        "config_hash": run.hash,
+        "block": str(block),
+        "step": str(step),
+        "net": run.config.net.name,
+        "span": run.partition.describe(block),
+    }
+
+
+def _read(path: Path, run: Run, block: int) -> tuple[dict[str, Tensor], dict[str, str]]:
+    rel = path.relative_to(run.path) if path.is_relative_to(run.path) else path
+    try:
+        with safe_open(str(path), framework="pt") as f:
+            meta = dict(f.metadata() or {})
+            tensors = {k: f.get_tensor(k) for k in f.keys()}  # noqa: SIM118
+    except FileNotFoundError:
+        raise CheckpointError(f"block {block}: {rel} is missing") from None
+    except (SafetensorError, OSError, ValueError, RuntimeError) as e:
+        raise CheckpointError(
+            f"block {block}: {rel} is unreadable (truncated or corrupt: {str(e).splitlines()[0]});"
+            " delete it to retrain this block"
+        ) from None
+    if meta.get("format") != FORMAT:
+        raise CheckpointError(f"block {block}: {rel} is not a psm block checkpoint")
+    if meta.get("config_hash") != run.hash:
+        raise CheckpointError(
+            f"block {block}: {rel} was written under another config "
+            f"(hash {meta.get('config_hash')}, this run is {run.hash}); refusing to load it"
+        )
+    if meta.get("block") != str(block):
+        raise CheckpointError(f"block {block}: {rel} holds block {meta.get('block')}")
+    return tensors, meta
+
+
+def _check_keys(block: int, path: Path, got: dict[str, Tensor], want: dict[str, Tensor]) -> None:
+    missing = sorted(set(want) - set(got))
+    extra = sorted(set(got) - set(want))
+    shapes = [k for k in want if k in got and got[k].shape != want[k].shape]
+    if missing or extra or shapes:
+        parts = []
+        if missing:
+            parts.append(f"missing {', '.join(missing[:3])}")
+        if extra:
+            parts.append(f"unexpected {', '.join(extra[:3])}")
+        if shapes:
+            parts.append(f"shape of {', '.join(shapes[:3])}")
+        raise CheckpointError(
+            f"block {block}: {path.name} does not match the configured net ({'; '.join(parts)})"
+        )
+
+
+def load_state(run: Run, block: int, net: nn.Module) -> BlockState | None:
+    """A block's resume point, or None if it has none yet. ``net`` gives the expected tensors."""
+    path = run.state_path(block)
+    if not path.exists():
+        return None
+    tensors, meta = _read(path, run, block)
+    want = net.state_dict()
+    net_t = {k[4:]: v for k, v in tensors.items() if k.startswith("net.")}
+    _check_keys(block, path, net_t, want)
+    adam_m = {k[7:]: v for k, v in tensors.items() if k.startswith("adam_m.")} or None
+    adam_v = {k[7:]: v for k, v in tensors.items() if k.startswith("adam_v.")} or None
+    if adam_m is not None:
+        params = dict(net.named_parameters())
+        _check_keys(block, path, adam_m, params)
+        _check_keys(block, path, adam_v or {}, params)
+    if "rng" not in tensors:
+        raise CheckpointError(f"block {block}: {path.name} has no RNG state")
+    try:
+        step = int(meta["step"])
+        wall = float(meta.get("wall_time", "0"))
+    except (KeyError, ValueError):
+        raise CheckpointError(f"block {block}: {path.name} has a malformed step") from None
+    return BlockState(step, net_t, adam_m, adam_v, tensors["rng"], wall)
+
+
+def load_weights(run: Run, block: int, net: nn.Module) -> int:
+    """Load a block's final weights into ``net`` (checked); return the step they were saved at."""
+    path = run.weights_path(block)
+    tensors, meta = _read(path, run, block)
+    _check_keys(block, path, tensors, net.state_dict())
+    net.load_state_dict({k: v.to(p.device) for (k, v), p in _zip_state(tensors, net)})
+    return int(meta["step"])
+
+
+def _zip_state(tensors: dict[str, Tensor], net: nn.Module):
+    ref = net.state_dict()
+    return [((k, tensors[k]), ref[k]) for k in ref]
+
+
+def adam_moments(opt: torch.optim.Adam, names: dict[Tensor, str]) -> tuple[dict, dict] | None:
+    """Adam's (exp_avg, exp_avg_sq) by parameter name, or None before the first step."""
+    m, v = {}, {}
+    for p, name in names.items():
+        st = opt.state.get(p)
+        if not st:
+            return None
+        m[name], v[name] = st["exp_avg"], st["exp_avg_sq"]
+    return m, v
+
+
+def set_adam_moments(
+    opt: torch.optim.Adam,
+    params: dict[str, Tensor],
+    m: dict[str, Tensor],
+    v: dict[str, Tensor],
+    step: int,
+) -> None:
+    """Restore Adam's per-parameter state (moments and step count) for ``params`` by name."""
+    for name, p in params.items():
+        opt.state[p] = {
+            "step": torch.tensor(float(step)),
+            "exp_avg": m[name].to(device=p.device, dtype=p.dtype).clone(),
+            "exp_avg_sq": v[name].to(device=p.device, dtype=p.dtype).clone(),
+        }

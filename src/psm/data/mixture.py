@@ -1,0 +1,135 @@
+"""Finite mixtures of Gaussians and (rotated) uniform boxes with exact log-density.
+
+This is the format of the paper's TY and HG sets (``toy2d.json``, shipped with the package):
+a component is picked with probability ``weight / sum(weights)``; a ``gaussian`` component
+draws ``mean + sqrt(var) N(0, I)``, a ``box`` component draws ``u ~ U([low, high])`` and returns
+``Rot(rotation_deg) @ u - offset``.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+from collections.abc import Mapping, Sequence
+from importlib import resources
+from typing import Any
+
+import torch
+from torch import Tensor
+
+from .base import Dataset, DataError
+
+
+class Mixture(Dataset):
+    """A 2D mixture of Gaussian and box components.
+
+    Args:
+        name: the dataset's name.
+        components: dicts as in ``toy2d.json``.
+        entropy: known entropy in nats, if any.
+        center: subtract the mixture's exact mean (the paper centres TY and HG; a shift changes
+            no NLL).
+    """
+
+    dim = 2
+
+    def __init__(
+        self,
+        name: str,
+        components: Sequence[Mapping[str, Any]],
+        *,
+        entropy: float | None = None,
+        center: bool = False,
+    ) -> None:
+        if not components:
+            raise DataError(f"mixture {name!r} has no components")
+        self.name = name
+        self.entropy = entropy
+        w = torch.tensor([float(c["weight"]) for c in components], dtype=torch.float64)
+        self._weights = w / w.sum()
+        k = len(components)
+        self._is_box = torch.tensor([c["kind"] == "box" for c in components])
+        mean = torch.zeros(k, 2, dtype=torch.float64)
+        std = torch.ones(k, dtype=torch.float64)
+        low = torch.zeros(k, 2, dtype=torch.float64)
+        high = torch.ones(k, 2, dtype=torch.float64)
+        rot = torch.eye(2, dtype=torch.float64).repeat(k, 1, 1)
+        offset = torch.zeros(k, 2, dtype=torch.float64)
+        for i, c in enumerate(components):
+            if c["kind"] == "gaussian":
+                mean[i] = torch.tensor(c["mean"], dtype=torch.float64)
+                std[i] = math.sqrt(float(c["var"]))
+            elif c["kind"] == "box":
+                low[i] = torch.tensor(c["low"], dtype=torch.float64)
+                high[i] = torch.tensor(c["high"], dtype=torch.float64)
+                a = math.radians(float(c.get("rotation_deg", 0.0)))
+                rot[i] = torch.tensor(
+                    [[math.cos(a), -math.sin(a)], [math.sin(a), math.cos(a)]], dtype=torch.float64
+                )
+                offset[i] = torch.tensor(c.get("offset", [0.0, 0.0]), dtype=torch.float64)
+            else:
+                raise DataError(f"mixture {name!r}: unknown component kind {c['kind']!r}")
+        # exact component means, for centring
+        box_mean = torch.einsum("kij,kj->ki", rot, 0.5 * (low + high)) - offset
+        comp_mean = torch.where(self._is_box[:, None], box_mean, mean)
+        self.shift = (self._weights[:, None] * comp_mean).sum(0) if center else torch.zeros(2)
+        self.shift = self.shift.to(torch.float64)
+        self._mean, self._std = mean, std
+        self._low, self._high, self._rot, self._offset = low, high, rot, offset
+        self._log_area = torch.log((high - low).prod(1))
+        self._cache: dict[torch.device, tuple[Tensor, ...]] = {}
+
+    def _tensors(self, device: torch.device) -> tuple[Tensor, ...]:
+        """float32 copies of the parameters on ``device``, cached."""
+        if device not in self._cache:
+            f = torch.float32
+            self._cache[device] = tuple(
+                t.to(device=device, dtype=f if t.is_floating_point() else t.dtype)
+                for t in (
+                    self._weights, self._is_box, self._mean, self._std, self._low,
+                    self._high - self._low, self._rot, self._offset + self.shift,
+                )
+            )  # fmt: skip
+        return self._cache[device]
+
+    def sample(self, n: int, generator: torch.Generator) -> Tensor:
+        """``n`` points ``[n, 2]``; four random draws from ``generator`` per call."""
+        w, is_box, mean, std, low, width, rot, offset = self._tensors(generator.device)
+        comp = torch.multinomial(w, n, replacement=True, generator=generator)
+        z = torch.randn(n, 2, generator=generator, device=generator.device)
+        u = torch.rand(n, 2, generator=generator, device=generator.device)
+        gauss = mean[comp] - self.shift.to(z) + std[comp, None] * z
+        box_u = low[comp] + width[comp] * u
+        box = torch.einsum("nij,nj->ni", rot[comp], box_u) - offset[comp]
+        return torch.where(is_box[comp, None], box, gauss)
+
+    @property
+    def has_density(self) -> bool:
+        return True
+
+    def log_prob(self, x: Tensor) -> Tensor:
+        """Exact log-density of centred points ``x [n, 2]`` → ``[n]`` (float64 inside)."""
+        xd = x.detach().to(torch.float64).cpu() + self.shift
+        lw = torch.log(self._weights)
+        diff = xd[:, None, :] - self._mean[None]
+        var = self._std**2
+        log_gauss = -0.5 * diff.pow(2).sum(-1) / var - torch.log(2 * math.pi * var)
+        u = torch.einsum("kji,nkj->nki", self._rot, xd[:, None, :] + self._offset[None])
+        inside = ((u >= self._low) & (u <= self._high)).all(-1)
+        log_box = torch.where(inside, -self._log_area, torch.tensor(-math.inf, dtype=torch.float64))
+        per_comp = lw + torch.where(self._is_box[None], log_box, log_gauss)
+        return torch.logsumexp(per_comp, dim=1).to(device=x.device, dtype=x.dtype)
+
+
+def load_paper_spec() -> dict[str, Any]:
+    """The paper's TY and HG specification shipped as ``psm/data/toy2d.json``."""
+    text = resources.files("psm.data").joinpath("toy2d.json").read_text()
+    return json.loads(text)
+
+
+def paper_toy(name: str, *, center: bool = True) -> Mixture:
+    """TY or HG exactly as in ``toy2d.json``, with its true entropy."""
+    spec = load_paper_spec()["datasets"][name.upper()]
+    return Mixture(
+        name.lower(), spec["components"], entropy=float(spec["entropy_nats"]), center=center
+    )

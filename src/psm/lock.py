@@ -1,0 +1,178 @@
+"""Block locks: one worker trains a block at a time, and a dead holder does not keep it.
+
+A lock is a file created with ``O_CREAT | O_EXCL`` holding the holder's host, pid and a
+heartbeat time that a background thread refreshes. Another worker may take the lock over when
+the holder is provably dead (same host, pid gone) or its heartbeat is older than
+``stale_after`` seconds (a holder on another machine that was killed or lost).
+"""
+
+from __future__ import annotations
+
+import contextlib
+import json
+import os
+import socket
+import threading
+import time
+import uuid
+from collections.abc import Iterable
+from pathlib import Path
+
+from .atomic import atomic_write_json
+
+HEARTBEAT_SECONDS = 10.0
+STALE_AFTER_SECONDS = 120.0
+
+
+def _read(path: Path) -> dict | None:
+    try:
+        return json.loads(path.read_text())
+    except FileNotFoundError:
+        return None
+    except (OSError, ValueError):
+        return {}  # being written or torn by a foreign tool: treat as held, check its age
+
+
+def _pid_alive(pid: int) -> bool:
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except PermissionError:
+        return True
+    return True
+
+
+def _is_stale(path: Path, info: dict, stale_after: float) -> bool:
+    if info.get("host") == socket.gethostname() and isinstance(info.get("pid"), int):
+        if not _pid_alive(info["pid"]):
+            return True
+    beat = info.get("heartbeat")
+    if not isinstance(beat, (int, float)):
+        try:
+            beat = path.stat().st_mtime
+        except FileNotFoundError:
+            return True
+    return time.time() - beat > stale_after
+
+
+def lock_holder_alive(path: Path, stale_after: float = STALE_AFTER_SECONDS) -> bool:
+    """Whether a lock file exists and its holder looks alive."""
+    info = _read(path)
+    return info is not None and not _is_stale(path, info, stale_after)
+
+
+def lock_holder(path: Path) -> str | None:
+    """``host:pid`` of a lock's holder, for messages."""
+    info = _read(path)
+    if not info:
+        return None
+    return f"{info.get('host', '?')}:{info.get('pid', '?')}"
+
+
+class BlockLocks:
+    """Locks on a set of block lock files with one heartbeat thread.
+
+    Use :meth:`acquire` per path (it returns False when a live holder has it), and
+    :meth:`release_all` (or the context manager) at the end.
+    """
+
+    def __init__(
+        self,
+        *,
+        heartbeat: float = HEARTBEAT_SECONDS,
+        stale_after: float = STALE_AFTER_SECONDS,
+    ) -> None:
+        self._held: dict[Path, str] = {}
+        self._heartbeat = heartbeat
+        self._stale_after = stale_after
+        self._stop = threading.Event()
+        self._thread: threading.Thread | None = None
+        self._mutex = threading.Lock()
+
+    def _info(self, token: str) -> dict:
+        now = time.time()
+        return {
+            "host": socket.gethostname(),
+            "pid": os.getpid(),
+            "token": token,
+            "heartbeat": now,
+        }
+
+    def acquire(self, path: Path) -> bool:
+        """Take the lock at ``path``; False if a live holder has it."""
+        token = uuid.uuid4().hex
+        for _ in range(5):
+            try:
+                fd = os.open(path, os.O_CREAT | os.O_EXCL | os.O_WRONLY, 0o644)
+            except FileExistsError:
+                info = _read(path)
+                if info is None:
+                    continue  # vanished: try again
+                if not _is_stale(path, info, self._stale_after):
+                    return False
+                # take over a dead holder's lock: the rename succeeds for one taker only
+                grave = path.with_name(f"{path.name}.stale-{token}")
+                try:
+                    os.rename(path, grave)
+                    os.unlink(grave)
+                except FileNotFoundError:
+                    pass
+                continue
+            with os.fdopen(fd, "w") as f:
+                json.dump(self._info(token), f)
+            with self._mutex:
+                self._held[path] = token
+            self._start()
+            return True
+        return False
+
+    def holds(self, path: Path) -> bool:
+        with self._mutex:
+            return path in self._held
+
+    def release(self, path: Path) -> None:
+        """Remove the lock at ``path`` if this object still holds it."""
+        with self._mutex:
+            token = self._held.pop(path, None)
+        if token is None:
+            return
+        info = _read(path)
+        if info and info.get("token") == token:
+            with contextlib.suppress(FileNotFoundError):
+                os.unlink(path)
+
+    def release_all(self) -> None:
+        self._stop.set()
+        if self._thread is not None:
+            self._thread.join(timeout=5)
+        with self._mutex:
+            paths = list(self._held)
+        for p in paths:
+            self.release(p)
+
+    def _start(self) -> None:
+        if self._thread is None:
+            self._thread = threading.Thread(target=self._beat, daemon=True, name="psm-lock")
+            self._thread.start()
+
+    def _beat(self) -> None:
+        while not self._stop.wait(self._heartbeat):
+            with self._mutex:
+                held = dict(self._held)
+            for path, token in held.items():
+                info = _read(path)
+                if info and info.get("token") == token:
+                    with contextlib.suppress(Exception):
+                        atomic_write_json(path, self._info(token))
+
+    def __enter__(self) -> BlockLocks:
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self.release_all()
+
+
+def acquire_many(locks: BlockLocks, paths: Iterable[Path]) -> list[Path]:
+    """Acquire each path; return the ones this process now holds."""
+    return [p for p in paths if locks.acquire(p)]

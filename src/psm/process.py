@@ -1,0 +1,237 @@
+"""Forward processes: Gaussian probability paths ``x_t = α_t x0 + σ_t ε`` (data at t=0, noise at t=1).
+
+A :class:`Schedule` gives the path coefficients at time t; a :class:`Process` pairs a schedule
+with what the network predicts (ε for the paper's VP/DDPM setting, the velocity for OT flow
+matching, appendix F) and turns a network output into everything the rest of psm needs:
+
+* training: ``x_t`` and the regression target for a batch (paper eq. 26 / Algorithm 1);
+* inference: the probability-flow ODE field ``f(x, t)`` (eq. 30), the score, and the reverse-SDE
+  drift and diffusion (eq. 7).
+
+Generic identities used below, for any path with coefficients (α, σ) and derivatives (α', σ'):
+
+* forward SDE ``dx = (α'/α) x dt + g dW`` with ``g² = 2σσ' - 2(α'/α)σ²``;
+* probability-flow ODE ``f(x, t) = (α'/α) x - ½ g² ∇log p_t(x)`` (eq. 30 for VP);
+* ``∇log p_t(x) = -E[ε | x_t = x] / σ_t``; the velocity ``E[α' x0 + σ' ε | x_t = x]`` equals f.
+
+For VP with ``b(t) = b_min + (b_max - b_min) t`` these give ``g² = b(t)`` and
+``f = -½ b(t) (x + s(x, t))`` exactly as in the paper.
+"""
+
+from __future__ import annotations
+
+import math
+from abc import ABC, abstractmethod
+from dataclasses import dataclass
+from typing import Literal
+
+import torch
+from torch import Tensor
+
+Prediction = Literal["epsilon", "velocity"]
+
+
+@dataclass(frozen=True)
+class PathCoefficients:
+    """Coefficients of ``x_t = α_t x0 + σ_t ε`` at a batch of times, each of the shape of ``t``.
+
+    Attributes:
+        alpha: α_t.
+        sigma: σ_t.
+        d_alpha: dα/dt.
+        d_sigma: dσ/dt.
+        g2: squared diffusion ``g(t)²`` of the forward SDE with these marginals.
+    """
+
+    alpha: Tensor
+    sigma: Tensor
+    d_alpha: Tensor
+    d_sigma: Tensor
+    g2: Tensor
+
+
+class Schedule(ABC):
+    """Maps times ``t`` (any shape) to :class:`PathCoefficients` of the same shape."""
+
+    @abstractmethod
+    def __call__(self, t: Tensor) -> PathCoefficients: ...
+
+
+@dataclass(frozen=True)
+class VPSchedule(Schedule):
+    """Variance-preserving schedule with linear ``b(t) = b_min + (b_max - b_min) t`` (eqs. 28-29).
+
+    ``α_t = exp(-½ ∫₀ᵗ b)``, ``σ_t² = 1 - exp(-∫₀ᵗ b)``, computed with ``expm1`` so that σ stays
+    accurate in float32 near t = 0. The paper's default is ``b(t) = 10 t``.
+    """
+
+    b_min: float = 0.0
+    b_max: float = 10.0
+
+    def beta(self, t: Tensor) -> Tensor:
+        """``b(t)``, the shape of ``t``."""
+        return self.b_min + (self.b_max - self.b_min) * t
+
+    def integral(self, t: Tensor) -> Tensor:
+        """``∫₀ᵗ b(s) ds``, the shape of ``t``."""
+        return self.b_min * t + 0.5 * (self.b_max - self.b_min) * t * t
+
+    def __call__(self, t: Tensor) -> PathCoefficients:
+        big_b = self.integral(t)
+        b = self.beta(t)
+        alpha = torch.exp(-0.5 * big_b)
+        sigma2 = -torch.expm1(-big_b)
+        sigma = torch.sqrt(sigma2)
+        # σ σ' = ½ b exp(-B)  =>  σ' = b α² / (2σ)
+        d_sigma = b * alpha * alpha / (2.0 * sigma)
+        return PathCoefficients(alpha, sigma, -0.5 * b * alpha, d_sigma, b)
+
+
+@dataclass(frozen=True)
+class OTSchedule(Schedule):
+    """Optimal-transport flow-matching path ``x_t = (1 - (1 - σ_min) t) x0 + t ε`` (appendix F)."""
+
+    sigma_min: float = 1e-4
+
+    def __call__(self, t: Tensor) -> PathCoefficients:
+        c = 1.0 - self.sigma_min
+        alpha = 1.0 - c * t
+        sigma = t
+        d_alpha = torch.full_like(t, -c)
+        d_sigma = torch.ones_like(t)
+        # g² = 2σσ' - 2(α'/α)σ² = 2t + 2c t² / (1 - c t)
+        g2 = 2.0 * t + 2.0 * c * t * t / alpha
+        return PathCoefficients(alpha, sigma, d_alpha, d_sigma, g2)
+
+
+def _batch(c: Tensor, x: Tensor) -> Tensor:
+    """Reshape per-sample coefficients ``[B]`` (or a scalar) to broadcast against ``x [B, ...]``."""
+    if c.dim() == 0:
+        return c
+    return c.reshape(c.shape + (1,) * (x.dim() - c.dim()))
+
+
+class Process:
+    """A forward process: a schedule plus what the network predicts.
+
+    Args:
+        schedule: the path coefficients.
+        prediction: ``"epsilon"`` (network output ε̂, loss ‖ε̂ - ε‖², eq. 26) or ``"velocity"``
+            (network output v̂, loss ‖v̂ - (α' x0 + σ' ε)‖², flow matching).
+        t0: time floor; training and inference use ``t ∈ [t0, 1]`` (paper: 1e-4 for 2D).
+        name: the config name of this process (``"vp"`` or ``"ot"``).
+    """
+
+    def __init__(
+        self, schedule: Schedule, prediction: Prediction, *, t0: float, name: str = ""
+    ) -> None:
+        if prediction not in ("epsilon", "velocity"):
+            raise ValueError(f"unknown prediction {prediction!r}")
+        if not 0.0 < t0 < 1.0:
+            raise ValueError(f"t0 must lie in (0, 1), got {t0}")
+        self.schedule = schedule
+        self.prediction: Prediction = prediction
+        self.t0 = float(t0)
+        self.name = name
+
+    def __repr__(self) -> str:
+        return f"Process({self.schedule!r}, prediction={self.prediction!r}, t0={self.t0})"
+
+    # ---------------------------------------------------------------- training
+    def training_pair(self, x0: Tensor, t: Tensor, noise: Tensor) -> tuple[Tensor, Tensor]:
+        """Noisy input and regression target for one batch (eq. 29; Algorithm 1).
+
+        Args:
+            x0: data, ``[B, *D]``.
+            t: times, ``[B]``.
+            noise: ε ~ N(0, I), ``[B, *D]``.
+
+        Returns:
+            ``(x_t, target)``, both ``[B, *D]``.
+        """
+        c = self.schedule(t)
+        alpha, sigma = _batch(c.alpha, x0), _batch(c.sigma, x0)
+        x_t = alpha * x0 + sigma * noise
+        if self.prediction == "epsilon":
+            return x_t, noise
+        return x_t, _batch(c.d_alpha, x0) * x0 + _batch(c.d_sigma, x0) * noise
+
+    @staticmethod
+    def loss(output: Tensor, target: Tensor) -> Tensor:
+        """Mean squared error over the batch and all dimensions (a scalar)."""
+        return torch.mean((output - target) ** 2)
+
+    # ---------------------------------------------------------------- inference
+    def epsilon(self, output: Tensor, x: Tensor, t: Tensor) -> Tensor:
+        """E[ε | x_t = x] from a network output, ``[B, *D]``."""
+        if self.prediction == "epsilon":
+            return output
+        c = self.schedule(t)
+        dlog_alpha = c.d_alpha / c.alpha
+        # v = (α'/α) x + (σ' - (α'/α) σ) ε
+        scale = c.d_sigma - dlog_alpha * c.sigma
+        return (output - _batch(dlog_alpha, x) * x) / _batch(scale, x)
+
+    def score(self, output: Tensor, x: Tensor, t: Tensor) -> Tensor:
+        """``∇ log p_t(x) = -E[ε | x] / σ_t`` from a network output, ``[B, *D]``."""
+        return -self.epsilon(output, x, t) / _batch(self.schedule(t).sigma, x)
+
+    def velocity(self, output: Tensor, x: Tensor, t: Tensor) -> Tensor:
+        """Probability-flow ODE field ``f(x, t)`` (eq. 30) from a network output, ``[B, *D]``.
+
+        For ε-prediction ``f = (α'/α) x + ½ g² ε̂ / σ``, i.e. ``-½ b(t) (x - ε̂/σ_t)`` for VP.
+        """
+        if self.prediction == "velocity":
+            return output
+        c = self.schedule(t)
+        return _batch(c.d_alpha / c.alpha, x) * x + _batch(0.5 * c.g2 / c.sigma, x) * output
+
+    def reverse_sde(self, output: Tensor, x: Tensor, t: Tensor) -> tuple[Tensor, Tensor]:
+        """Drift and diffusion of the reverse-time SDE (eq. 7), to be integrated from 1 to t0.
+
+        ``dx = [(α'/α) x - g² ∇log p_t(x)] dt + g dW̄``; for VP ``-b(t) [½ x + s] dt + √b dW̄``.
+
+        Returns:
+            ``(drift [B, *D], g [B] or scalar)``.
+        """
+        c = self.schedule(t)
+        drift = _batch(c.d_alpha / c.alpha, x) * x - _batch(c.g2, x) * self.score(output, x, t)
+        return drift, torch.sqrt(c.g2)
+
+    def marginal(self, t: Tensor) -> PathCoefficients:
+        """The path coefficients at ``t``."""
+        return self.schedule(t)
+
+    @staticmethod
+    def prior_log_prob(x: Tensor) -> Tensor:
+        """``log N(x; 0, I)`` per sample, ``[B]``: the t=1 end of the likelihood (eq. 4)."""
+        d = x[0].numel()
+        return -0.5 * x.flatten(1).pow(2).sum(1) - 0.5 * d * math.log(2 * math.pi)
+
+
+def make_process(
+    name: str,
+    *,
+    t0: float,
+    b_min: float = 0.0,
+    b_max: float = 10.0,
+    sigma_min: float = 1e-4,
+    prediction: Prediction | None = None,
+) -> Process:
+    """Build a process by its config name.
+
+    Args:
+        name: ``"vp"`` (paper default, ε-prediction) or ``"ot"`` (flow matching, velocity).
+        t0: time floor.
+        b_min, b_max: VP ``b(t)`` endpoints.
+        sigma_min: OT path noise floor.
+        prediction: override what the network predicts; defaults to the process's own.
+    """
+    if name == "vp":
+        return Process(VPSchedule(b_min, b_max), prediction or "epsilon", t0=t0, name=name)
+    if name == "ot":
+        return Process(OTSchedule(sigma_min), prediction or "velocity", t0=t0, name=name)
+    raise ValueError(f"unknown process {name!r} (choose from vp, ot)")
+
+
+PROCESS_NAMES = ("vp", "ot")
