@@ -7,6 +7,7 @@ trainer and the block router treat all nets alike.
 
 from __future__ import annotations
 
+import itertools
 from collections.abc import Callable, Sequence
 
 import torch
@@ -50,7 +51,7 @@ class PaperMLP(nn.Module):
         self.time_repeats = time_repeats if time_conditioned else 0
         widths = [dim + self.time_repeats, *hidden, dim]
         layers: list[nn.Module] = []
-        for i, (w_in, w_out) in enumerate(zip(widths, widths[1:])):
+        for i, (w_in, w_out) in enumerate(itertools.pairwise(widths)):
             layers.append(nn.Linear(w_in, w_out))
             if i < len(widths) - 2:
                 layers.append(ACTIVATIONS[activation]())

@@ -12,6 +12,7 @@ Blocks are numbered from 0 in increasing time.
 
 from __future__ import annotations
 
+import itertools
 from collections.abc import Sequence
 from dataclasses import dataclass
 from typing import Literal
@@ -50,7 +51,7 @@ class Partition:
             raise PartitionError(f"partition points must lie in [0, 1], got {list(e)}")
         if e[0] != 0.0 or e[-1] != 1.0:
             raise PartitionError(f"partition must start at 0 and end at 1, got {list(e)}")
-        if any(b <= a for a, b in zip(e, e[1:])):
+        if any(b <= a for a, b in itertools.pairwise(e)):
             raise PartitionError(f"partition points must be strictly increasing, got {list(e)}")
 
     @property

@@ -186,7 +186,7 @@ class StopRequest:
     def is_set(self) -> bool:
         return self._set
 
-    def _handle(self, signum, frame) -> None:  # noqa: ARG002
+    def _handle(self, signum, frame) -> None:
         if self._set and signum == signal.SIGINT:
             raise KeyboardInterrupt
         self._set = True
@@ -274,7 +274,9 @@ def _train_locked(run: Run, block: int, stop: StopRequest) -> BlockOutcome:
         flat = [v[0] for v in vals]
         bad = first_nonfinite(flat, start)
         if bad is not None:
-            raise BlockError(f"block {block}: non-finite loss ({flat[bad - start - 1]}) at step {bad}")
+            raise BlockError(
+                f"block {block}: non-finite loss ({flat[bad - start - 1]}) at step {bad}"
+            )
         last_loss = float(np.mean(flat))
         from .atomic import append_line
 

@@ -7,7 +7,7 @@ from __future__ import annotations
 
 from collections.abc import Callable
 
-from .base import Dataset, DataError
+from .base import DataError, Dataset
 from .mixture import Mixture, paper_toy
 
 __all__ = ["DATASETS", "DataError", "Dataset", "Mixture", "dataset_names", "make_dataset"]

@@ -17,7 +17,7 @@ from typing import Any
 import torch
 from torch import Tensor
 
-from .base import Dataset, DataError
+from .base import DataError, Dataset
 
 
 class Mixture(Dataset):
