@@ -44,9 +44,9 @@ def _pid_alive(pid: int) -> bool:
 
 
 def _is_stale(path: Path, info: dict, stale_after: float) -> bool:
-    if info.get("host") == socket.gethostname() and isinstance(info.get("pid"), int):
-        if not _pid_alive(info["pid"]):
-            return True
+    same_host = info.get("host") == socket.gethostname()
+    if same_host and isinstance(info.get("pid"), int) and not _pid_alive(info["pid"]):
+        return True
     beat = info.get("heartbeat")
     if not isinstance(beat, (int, float)):
         try:

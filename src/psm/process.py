@@ -1,4 +1,4 @@
-"""Forward processes: Gaussian probability paths ``x_t = α_t x0 + σ_t ε`` (data at t=0, noise at t=1).
+"""Forward processes: Gaussian paths ``x_t = α_t x0 + σ_t ε`` (data at t=0, noise at t=1).
 
 A :class:`Schedule` gives the path coefficients at time t; a :class:`Process` pairs a schedule
 with what the network predicts (ε for the paper's VP/DDPM setting, the velocity for OT flow

@@ -25,6 +25,7 @@ import numpy as np
 import torch
 from torch import Tensor, nn
 
+from .atomic import append_line, atomic_write_text
 from .checkpoint import (
     BlockState,
     adam_moments,
@@ -154,8 +155,6 @@ def first_nonfinite(values: list[float], start: int) -> int | None:
 
 def truncate_metrics(path: Path, step: int) -> None:
     """Drop metric lines past ``step`` (they were logged after the checkpoint we resume from)."""
-    from .atomic import atomic_write_text
-
     if not path.exists():
         return
     keep = []
@@ -278,8 +277,6 @@ def _train_locked(run: Run, block: int, stop: StopRequest) -> BlockOutcome:
                 f"block {block}: non-finite loss ({flat[bad - start - 1]}) at step {bad}"
             )
         last_loss = float(np.mean(flat))
-        from .atomic import append_line
-
         append_line(
             run.metrics_path(block),
             json.dumps({"step": step, "loss": last_loss, "wall_time": round(wall(), 3)}),
