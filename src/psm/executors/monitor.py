@@ -1,0 +1,74 @@
+"""A progress bar for training, fed by the block status files on disk.
+
+It works the same for every executor (in-process, worker processes, Ray tasks, SLURM jobs on a
+shared file system): workers write ``blocks/NNNN.json`` as they go, the driver polls them.
+"""
+
+from __future__ import annotations
+
+import threading
+
+from tqdm.auto import tqdm
+
+from ..run import Run
+
+
+class ProgressMonitor:
+    """Context manager showing block-steps done of ``blocks`` until it exits.
+
+    Args:
+        run: the run.
+        blocks: the blocks being trained.
+        enabled: False shows nothing.
+        interval: seconds between polls.
+        desc: bar label.
+    """
+
+    def __init__(
+        self,
+        run: Run,
+        blocks: list[int],
+        *,
+        enabled: bool = True,
+        interval: float = 0.5,
+        desc: str | None = None,
+    ) -> None:
+        self.run, self.blocks, self.enabled, self.interval = run, blocks, enabled, interval
+        self.desc = desc or f"train {run.config.name}"
+        self._stop = threading.Event()
+        self._thread: threading.Thread | None = None
+        self._bar: tqdm | None = None
+
+    def _poll(self) -> None:
+        assert self._bar is not None
+        statuses = self.run.statuses(self.blocks)
+        self._bar.n = sum(min(s.step, s.target) for s in statuses)
+        counts: dict[str, int] = {}
+        for s in statuses:
+            counts[s.state] = counts.get(s.state, 0) + 1
+        shown = [f"{k} {counts[k]}" for k in ("done", "running", "failed") if counts.get(k)]
+        self._bar.set_postfix_str(", ".join(shown), refresh=False)
+        self._bar.refresh()
+
+    def _loop(self) -> None:
+        while not self._stop.wait(self.interval):
+            self._poll()
+
+    def __enter__(self) -> ProgressMonitor:
+        if self.enabled:
+            total = len(self.blocks) * self.run.target_steps
+            self._bar = tqdm(
+                total=total, desc=self.desc, unit="block-step", unit_scale=True, dynamic_ncols=True
+            )
+            self._poll()
+            self._thread = threading.Thread(target=self._loop, daemon=True, name="psm-progress")
+            self._thread.start()
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self._stop.set()
+        if self._thread is not None:
+            self._thread.join(timeout=5)
+        if self._bar is not None:
+            self._poll()
+            self._bar.close()
