@@ -8,6 +8,7 @@ from __future__ import annotations
 from collections.abc import Callable
 
 from .base import DataError, Dataset
+from .classic import CLASSIC
 from .mixture import Mixture, paper_toy
 
 __all__ = ["DATASETS", "DataError", "Dataset", "Mixture", "dataset_names", "make_dataset"]
@@ -16,6 +17,7 @@ __all__ = ["DATASETS", "DataError", "Dataset", "Mixture", "dataset_names", "make
 DATASETS: dict[str, Callable[..., Dataset]] = {
     "ty": lambda center=True: paper_toy("TY", center=center),
     "hg": lambda center=True: paper_toy("HG", center=center),
+    **CLASSIC,  # 8gaussians, checkerboard, moons, pinwheel, rings, spirals, swissroll
 }
 
 
