@@ -85,12 +85,19 @@ def _meta(run: Run, block: int, step: int) -> dict[str, str]:
     }
 
 
-def _read(path: Path, run: Run, block: int) -> tuple[dict[str, Tensor], dict[str, str]]:
+def _read(
+    path: Path, run: Run, block: int, *, tensors: bool = True
+) -> tuple[dict[str, Tensor], dict[str, str]]:
+    """Open a block file, check its metadata against the run, and read its tensors.
+
+    safetensors checks on open that the header covers the whole file, so a truncated file is
+    caught even when only the metadata is read (``tensors=False``).
+    """
     rel = path.relative_to(run.path) if path.is_relative_to(run.path) else path
     try:
         with safe_open(str(path), framework="pt") as f:
             meta = dict(f.metadata() or {})
-            tensors = {k: f.get_tensor(k) for k in f.keys()}  # noqa: SIM118
+            out = {k: f.get_tensor(k) for k in f.keys()} if tensors else {}  # noqa: SIM118
     except FileNotFoundError:
         raise CheckpointError(f"block {block}: {rel} is missing") from None
     except (SafetensorError, OSError, ValueError, RuntimeError) as e:
@@ -107,7 +114,16 @@ def _read(path: Path, run: Run, block: int) -> tuple[dict[str, Tensor], dict[str
         )
     if meta.get("block") != str(block):
         raise CheckpointError(f"block {block}: {rel} holds block {meta.get('block')}")
-    return tensors, meta
+    return out, meta
+
+
+def verify_checkpoints(run: Run, blocks: list[int]) -> None:
+    """Check that every existing checkpoint of ``blocks`` is readable and belongs to this run
+    (headers only, cheap); raise :class:`CheckpointError` on the first that is not."""
+    for b in blocks:
+        for path in (run.state_path(b), run.weights_path(b)):
+            if path.exists():
+                _read(path, run, b, tensors=False)
 
 
 def _check_keys(block: int, path: Path, got: dict[str, Tensor], want: dict[str, Tensor]) -> None:

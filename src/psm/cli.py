@@ -66,9 +66,10 @@ def _executor_options(args: argparse.Namespace) -> dict:
 
 
 def cmd_train(args: argparse.Namespace) -> int:
+    from .checkpoint import verify_checkpoints
     from .config import config_hash, load_config
     from .executors import make_executor
-    from .run import Run, parse_blocks
+    from .run import CONFIG_FILE, Run, parse_blocks
 
     if args.workers is not None and args.workers < 1:
         raise PSMError(f"--workers must be >= 1, got {args.workers}")
@@ -91,6 +92,10 @@ def cmd_train(args: argparse.Namespace) -> int:
     if args.dry_run:
         _print_plan(cfg, config_hash(cfg), blocks, executor.describe())
         return 0
+    if (cfg.out_dir / CONFIG_FILE).exists():
+        old = Run.open(cfg.out_dir)
+        if old.hash == config_hash(cfg):  # reuse: check its checkpoints before touching it
+            verify_checkpoints(old, blocks)
     run = Run.create(cfg)
     todo = run.unfinished(blocks)
     print(

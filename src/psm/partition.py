@@ -98,9 +98,12 @@ class Partition:
         Interval blocks own ``[t_i, t_{i+1})`` (the last one also owns 1); grid blocks own
         ``(t_i, t_{i+1}]`` (the first one also owns 0).
         """
-        t = torch.as_tensor(t, dtype=torch.float64)
-        inner = torch.tensor(self.edges[1:-1], dtype=torch.float64)
-        idx = torch.searchsorted(inner, t, right=self.kind == "interval")
+        t = torch.as_tensor(t)
+        if not t.is_floating_point():
+            t = t.to(torch.float64)
+        # compare in t's own precision, so that a float32 t equal to an edge counts as on it
+        inner = torch.tensor(self.edges[1:-1], dtype=t.dtype, device=t.device)
+        idx = torch.searchsorted(inner, t.contiguous(), right=self.kind == "interval")
         return idx.clamp_(0, self.num_blocks - 1)
 
     def describe(self, block: int) -> str:

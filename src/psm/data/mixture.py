@@ -56,12 +56,18 @@ class Mixture(Dataset):
         rot = torch.eye(2, dtype=torch.float64).repeat(k, 1, 1)
         offset = torch.zeros(k, 2, dtype=torch.float64)
         for i, c in enumerate(components):
+            if float(c["weight"]) <= 0:
+                raise DataError(f"mixture {name!r}: component {i} has weight <= 0")
             if c["kind"] == "gaussian":
+                if float(c["var"]) <= 0:
+                    raise DataError(f"mixture {name!r}: component {i} has var <= 0")
                 mean[i] = torch.tensor(c["mean"], dtype=torch.float64)
                 std[i] = math.sqrt(float(c["var"]))
             elif c["kind"] == "box":
                 low[i] = torch.tensor(c["low"], dtype=torch.float64)
                 high[i] = torch.tensor(c["high"], dtype=torch.float64)
+                if bool((high[i] <= low[i]).any()):
+                    raise DataError(f"mixture {name!r}: component {i} has high <= low")
                 a = math.radians(float(c.get("rotation_deg", 0.0)))
                 rot[i] = torch.tensor(
                     [[math.cos(a), -math.sin(a)], [math.sin(a), math.cos(a)]], dtype=torch.float64
@@ -95,6 +101,8 @@ class Mixture(Dataset):
     def sample(self, n: int, generator: torch.Generator) -> Tensor:
         """``n`` points ``[n, 2]``; four random draws from ``generator`` per call."""
         w, is_box, mean, std, low, width, rot, offset = self._tensors(generator.device)
+        if n == 0:
+            return torch.empty(0, 2, device=generator.device)
         comp = torch.multinomial(w, n, replacement=True, generator=generator)
         z = torch.randn(n, 2, generator=generator, device=generator.device)
         u = torch.rand(n, 2, generator=generator, device=generator.device)
@@ -115,7 +123,9 @@ class Mixture(Dataset):
         var = self._std**2
         log_gauss = -0.5 * diff.pow(2).sum(-1) / var - torch.log(2 * math.pi * var)
         u = torch.einsum("kji,nkj->nki", self._rot, xd[:, None, :] + self._offset[None])
-        inside = ((u >= self._low) & (u <= self._high)).all(-1)
+        # float32 points exactly on an edge may round just outside the float64 bounds
+        tol = 1e-6
+        inside = ((u >= self._low - tol) & (u <= self._high + tol)).all(-1)
         log_box = torch.where(inside, -self._log_area, torch.tensor(-math.inf, dtype=torch.float64))
         per_comp = lw + torch.where(self._is_box[None], log_box, log_gauss)
         return torch.logsumexp(per_comp, dim=1).to(device=x.device, dtype=x.dtype)

@@ -1,0 +1,125 @@
+"""Training blocks: idempotence, exact resume, the ensemble's equivalence, refused checkpoints."""
+
+from __future__ import annotations
+
+import shutil
+
+import pytest
+import torch
+from safetensors.torch import load_file
+
+from psm.checkpoint import load_weights
+from psm.ensemble import train_ensemble
+from psm.errors import CheckpointError
+from psm.run import Run
+from psm.train import BlockProblem, train_block
+
+
+def weights(run: Run, block: int) -> dict[str, torch.Tensor]:
+    return load_file(run.weights_path(block))
+
+
+def max_diff(a: dict, b: dict) -> float:
+    assert a.keys() == b.keys()
+    return max((a[k] - b[k]).abs().max().item() for k in a)
+
+
+def test_train_block_is_idempotent(make_run):
+    run = make_run()
+    out = train_block(run, 1)
+    assert out.state == "done" and out.step == 20 and out.last_loss > 0
+    before = run.weights_path(1).read_bytes()
+    again = train_block(run.path, 1)
+    assert again.state == "skipped"
+    assert run.weights_path(1).read_bytes() == before
+    st = run.block_status(1)
+    assert (st.state, st.step, st.target) == ("done", 20, 20)
+    assert run.block_status(0).state == "pending"
+
+
+def test_resume_continues_exactly(make_run, tmp_path):
+    straight = make_run(train={"steps": 40})
+    train_block(straight, 2)
+    resumed = make_run(path=tmp_path / "r", train={"steps": 20})
+    train_block(resumed, 2)
+    resumed = make_run(path=tmp_path / "r", train={"steps": 40})  # extend the same run
+    assert resumed.block_status(2).state == "stopped"
+    assert train_block(resumed, 2).step == 40
+    assert max_diff(weights(straight, 2), weights(resumed, 2)) == 0.0
+    # metrics are not duplicated by the resume
+    steps = [int(line.split('"step": ')[1].split(",")[0])
+             for line in resumed.metrics_path(2).read_text().splitlines()]  # fmt: skip
+    assert steps == sorted(set(steps))
+
+
+def test_ensemble_matches_blocks_trained_one_by_one(make_run):
+    """Issue 2: 3 blocks as an ensemble for 20 steps == the same 3 blocks one by one, 1e-5."""
+    one_by_one, stacked = make_run(), make_run()
+    for b in range(3):
+        train_block(one_by_one, b)
+    outs = train_ensemble(stacked)
+    assert [o.state for o in outs] == ["done"] * 3
+    for b in range(3):
+        assert max_diff(weights(one_by_one, b), weights(stacked, b)) < 1e-5
+        a_state = load_file(one_by_one.state_path(b))
+        e_state = load_file(stacked.state_path(b))
+        assert max_diff(a_state, e_state) < 1e-5  # Adam moments and RNG state too
+
+
+def test_ensemble_resumes_mixed_progress(make_run, tmp_path):
+    """Blocks at different steps are stacked by step group and end where one-by-one ends."""
+    ref = make_run(train={"steps": 30})
+    for b in range(3):
+        train_block(ref, b)
+    mixed = make_run(path=tmp_path / "m", train={"steps": 10})
+    train_block(mixed, 0)  # block 0 at step 10, others fresh
+    mixed = make_run(path=tmp_path / "m", train={"steps": 30})
+    train_ensemble(mixed)
+    for b in range(3):
+        assert max_diff(weights(ref, b), weights(mixed, b)) < 1e-5
+
+
+def test_dpsm_block_trains_at_its_fixed_time(make_run):
+    run = make_run(partition={"kind": "grid", "points": 4})
+    problem = BlockProblem.build(run, 1)
+    _, t, _ = problem.draw_batch(problem.new_generator())
+    assert torch.all(t == 0.5)
+    assert train_block(run, 1).state == "done"
+    net = problem.new_net()
+    assert load_weights(run, 1, net) == 20
+
+
+def test_foreign_checkpoint_is_refused_and_kept(make_run, tmp_path):
+    a = make_run()
+    train_block(a, 0)
+    b = make_run(train={"lr": 5e-4})
+    shutil.copy(a.state_path(0), b.state_path(0))
+    before = b.state_path(0).read_bytes()
+    with pytest.raises(CheckpointError, match="another config"):
+        train_block(b, 0)
+    assert b.state_path(0).read_bytes() == before
+    assert not b.weights_path(0).exists()
+
+
+def test_truncated_checkpoint_is_refused(make_run):
+    run = make_run(train={"steps": 10, "checkpoint_every": 5})
+    train_block(run, 0)
+    data = run.state_path(0).read_bytes()
+    run.state_path(0).write_bytes(data[: len(data) // 2])
+    run.write_status(0, state="stopped")  # pretend it was interrupted
+    with pytest.raises(CheckpointError, match="unreadable"):
+        train_block(run, 0)
+    assert len(run.state_path(0).read_bytes()) == len(data) // 2
+    with pytest.raises(CheckpointError, match="unreadable"):
+        train_ensemble(run, [0])
+
+
+def test_weights_must_match_the_net(make_run):
+    run = make_run()
+    train_block(run, 0)
+    assert load_weights(run, 0, BlockProblem.build(run, 0).new_net()) == 20
+    other = torch.nn.Sequential(torch.nn.Linear(4, 3))
+    with pytest.raises(CheckpointError, match="does not match the configured net"):
+        load_weights(run, 0, other)
+    with pytest.raises(CheckpointError, match="missing"):
+        load_weights(run, 1, other)
