@@ -123,3 +123,15 @@ def test_weights_must_match_the_net(make_run):
         load_weights(run, 0, other)
     with pytest.raises(CheckpointError, match="missing"):
         load_weights(run, 1, other)
+
+
+def test_time_budget_ends_blocks_and_can_be_raised(make_run, tmp_path):
+    run = make_run(train={"steps": 10**9, "max_seconds": 0.3})
+    out = train_block(run, 0)
+    assert out.state == "done" and 0 < out.step < 10**9
+    assert run.is_done(0) and run.block_status(0).wall_time >= 0.3
+    outs = train_ensemble(run, [1, 2])
+    assert all(o.state == "done" for o in outs) and run.is_done(1) and run.is_done(2)
+    more = make_run(path=run.path, train={"steps": 10**9, "max_seconds": 0.6})
+    assert not more.is_done(0)
+    assert train_block(more, 0).step > out.step

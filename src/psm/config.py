@@ -124,6 +124,7 @@ class TrainConfig(Section):
     """One block's optimisation (appendix H: Adam, lr 1e-3, batch 512, fresh samples)."""
 
     steps: int = Field(20000, ge=1)  # parameter updates per block
+    max_seconds: float | None = Field(None, gt=0)  # optional wall-clock budget per block
     batch_size: int = Field(512, ge=1)
     lr: float = Field(1e-3, gt=0.0)
     seed: int = 0  # block i uses seeds derived from (seed, i)

@@ -40,6 +40,7 @@ from .train import (
     StopRequest,
     _LossWindow,
     first_nonfinite,
+    time_budget,
     truncate_metrics,
 )
 
@@ -207,7 +208,8 @@ def _train_stack(
             outs += _train_stack(run, [blocks[k] for k in healthy], dataset, stop)
         return outs
 
-    while step < target:
+    out_of_time = time_budget(cfg.max_seconds)
+    while step < target and not out_of_time(max(walls())):
         if stop.is_set():
             bad = flush()
             if bad:
@@ -236,7 +238,10 @@ def _train_stack(
                 return split_off(bad)
             if at_ckpt and step < target:
                 checkpoint(final=False)
+    bad = flush()
+    if bad:
+        return split_off(bad)
     checkpoint(final=True)
     for b in blocks:
-        run.write_status(b, state="done", step=step)
+        run.write_status(b, state="done", step=step, budget_spent=step < target)
     return [BlockOutcome(b, "done", step, last_loss[k]) for k, b in enumerate(blocks)]

@@ -174,14 +174,14 @@ class Run:
         atomic_write_json(self.status_path(block), rec)
 
     def is_done(self, block: int) -> bool:
-        """Whether a block has reached the current step target with its weights written."""
+        """Whether a block reached its step target (or spent its time budget, if one is set)
+        with its weights written."""
         rec = self.read_status(block)
-        return bool(
-            rec
-            and rec.get("state") == "done"
-            and rec.get("step", 0) >= self.target_steps
-            and self.weights_path(block).exists()
-        )
+        if not rec or rec.get("state") != "done" or not self.weights_path(block).exists():
+            return False
+        budget = self.config.train.max_seconds
+        spent = budget is not None and float(rec.get("wall_time", 0.0)) >= budget
+        return rec.get("step", 0) >= self.target_steps or spent
 
     def block_status(self, block: int) -> BlockStatus:
         """The status of one block, with ``running`` checked against its lock."""

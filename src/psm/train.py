@@ -204,6 +204,13 @@ class StopRequest:
         self._old.clear()
 
 
+def time_budget(max_seconds: float | None):
+    """A predicate ``wall_time -> bool`` that says when a block's time budget is spent."""
+    if max_seconds is None:
+        return lambda wall: False
+    return lambda wall: wall >= max_seconds
+
+
 def train_block(run_dir: str | Path | Run, block: int) -> BlockOutcome:
     """Train one block of a run to its step target (see the module docstring).
 
@@ -257,6 +264,8 @@ def _train_locked(run: Run, block: int, stop: StopRequest) -> BlockOutcome:
     def wall() -> float:
         return wall0 + time.perf_counter() - t_start
 
+    out_of_time = time_budget(cfg.max_seconds)
+
     def checkpoint(final: bool) -> None:
         moments = adam_moments(opt, names)
         m, v = moments if moments else (None, None)
@@ -285,7 +294,7 @@ def _train_locked(run: Run, block: int, stop: StopRequest) -> BlockOutcome:
 
     try:
         net.train()
-        while step < target:
+        while step < target and not out_of_time(wall()):
             if stop.is_set():
                 raise _Stopped
             x_t, t, y = problem.draw_batch(gen)
@@ -300,8 +309,11 @@ def _train_locked(run: Run, block: int, stop: StopRequest) -> BlockOutcome:
                 flush()
                 if at_ckpt and step < target:
                     checkpoint(final=False)
+        flush()
         checkpoint(final=True)
-        run.write_status(block, state="done", step=step, wall_time=wall())
+        run.write_status(
+            block, state="done", step=step, wall_time=wall(), budget_spent=step < target
+        )
         return BlockOutcome(block, "done", step, last_loss)
     except BlockError as e:
         run.write_status(block, state="failed", error=str(e))
