@@ -7,6 +7,7 @@ write that fails (no space, no permission) removes its temp file and raises a on
 
 from __future__ import annotations
 
+import contextlib
 import errno
 import json
 import os
@@ -43,8 +44,8 @@ def atomic_write_bytes(path: str | Path, data: bytes) -> None:
     tmp = None
     try:
         fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
-        os.fchmod(fd, 0o666 & ~_umask())
         with os.fdopen(fd, "wb") as f:
+            os.fchmod(fd, 0o666 & ~_umask())
             f.write(data)
             f.flush()
             os.fsync(f.fileno())
@@ -71,10 +72,25 @@ def atomic_write_json(path: str | Path, obj: Any) -> None:
 
 
 def append_line(path: str | Path, line: str) -> None:
-    """Append one line to a log file (one writer per file)."""
+    """Append one line to a log file (one writer per file).
+
+    A failed append (no space) is cut back off, so the file never ends in a torn line.
+    """
     path = Path(path)
+    data = (line.rstrip("\n") + "\n").encode()
     try:
-        with open(path, "a") as f:
-            f.write(line.rstrip("\n") + "\n")
+        fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_APPEND, 0o666)
     except OSError as e:
         raise write_error(path, e) from None
+    try:
+        size = os.fstat(fd).st_size
+        try:
+            view = memoryview(data)
+            while view:
+                view = view[os.write(fd, view) :]
+        except OSError as e:
+            with contextlib.suppress(OSError):
+                os.ftruncate(fd, size)
+            raise write_error(path, e) from None
+    finally:
+        os.close(fd)

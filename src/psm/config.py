@@ -134,12 +134,40 @@ class TrainConfig(Section):
     threads: int | None = Field(None, ge=1)  # torch threads per worker (default: cores/workers)
 
 
+class SlurmConfig(Section):
+    """``executor.slurm``: the SLURM job array submitted through submitit (one block per task)."""
+
+    cluster: Literal["slurm", "local", "debug"] = "slurm"  # local/debug: submitit's own, here
+    partition: str | None = None  # sbatch --partition
+    time_min: int = Field(60, ge=1)  # wall-clock limit of one task, minutes (--time)
+    mem_gb: float | None = Field(None, gt=0)  # memory per task (--mem)
+    cpus_per_task: int = Field(1, ge=1)  # --cpus-per-task; also the torch threads of a task
+    gpus_per_node: int = Field(0, ge=0)  # --gpus-per-node
+    account: str | None = None  # --account
+    qos: str | None = None  # --qos
+    array_parallelism: int | None = Field(None, ge=1)  # most tasks running at once (--array %N)
+    folder: str | None = None  # submitit's pickles and logs; default <run>/slurm
+    max_timeouts: int = Field(3, ge=0)  # requeues after hitting the time limit (pre-emption: any)
+    signal_delay_s: int = Field(90, ge=1)  # time-out warning signal this long before the limit
+    setup: list[str] = Field(default_factory=list)  # shell lines before a task (module load ...)
+    extra: dict[str, Any] = Field(default_factory=dict)  # other sbatch options, e.g. constraint
+    wait: bool = True  # wait for the jobs with a progress bar; False: submit and return
+
+
 class ExecutorConfig(Section):
     """Who runs the blocks (see :mod:`psm.executors`)."""
 
     name: Literal["local", "ensemble", "ray", "slurm"] = "local"
     workers: int = Field(1, ge=1)  # local: processes; ensemble: stacks trained side by side
     ensemble_size: int | None = Field(None, ge=1)  # ensemble: most blocks stacked at once
+    address: str | None = None  # ray: 'auto', host:port or ray://...; None starts a local Ray
+    local_cpus: int | None = Field(None, ge=1)  # ray: CPUs of the local Ray psm starts
+    num_cpus: float = Field(1.0, gt=0)  # ray: CPUs per task (its torch threads, rounded down)
+    num_gpus: float = Field(0.0, ge=0)  # ray: GPUs per task (a fraction shares a GPU)
+    max_retries: int = Field(3, ge=0)  # ray: retries of a task that raised or whose worker died
+    group_size: int | None = Field(None, ge=1)  # ray: blocks per task, stacked (ensemble)
+    lock_wait_s: float = Field(150.0, ge=0)  # ray, slurm: wait for a lock held on another host
+    slurm: SlurmConfig = Field(default_factory=SlurmConfig)
 
 
 class EvalConfig(Section):

@@ -18,6 +18,7 @@ marked failed (its last good checkpoint stays) and the others carry on without i
 
 from __future__ import annotations
 
+import contextlib
 import copy
 import json
 import time
@@ -32,6 +33,7 @@ from torch.func import functional_call, stack_module_state, vmap
 from .atomic import append_line
 from .checkpoint import BlockState, load_state, save_state, save_weights
 from .data import Dataset
+from .errors import PSMError, RunError
 from .lock import BlockLocks, lock_holder
 from .run import Run
 from .train import (
@@ -40,6 +42,7 @@ from .train import (
     StopRequest,
     _LossWindow,
     first_nonfinite,
+    remove_stale_temps,
     time_budget,
     truncate_metrics,
 )
@@ -77,6 +80,7 @@ def train_ensemble(
         for b in todo:
             if locks.acquire(run.lock_path(b)):
                 held.append(b)
+                remove_stale_temps(run, b)
             else:
                 outcomes[b] = BlockOutcome(
                     b, "locked", error=f"held by {lock_holder(run.lock_path(b))}"
@@ -87,8 +91,14 @@ def train_ensemble(
                 for b in group:
                     outcomes[b] = BlockOutcome(b, "interrupted", error="not started")
                 continue
-            for out in _train_stack(run, group, dataset, stop):
-                outcomes[out.block] = out
+            try:
+                for out in _train_stack(run, group, dataset, stop):
+                    outcomes[out.block] = out
+            except RunError as e:  # a write failed (no space, no permission): say so, re-raise
+                for b in group:
+                    with contextlib.suppress(PSMError):
+                        run.write_status(b, state="failed", error=str(e))
+                raise
     return [outcomes[b] for b in ids]
 
 
@@ -142,7 +152,7 @@ def _train_stack(
     for b in blocks:
         truncate_metrics(run.metrics_path(b), step)
         run.write_status(
-            b, state="running", step=step, target=run.target_steps,
+            b, state="running", step=step, start_step=step, target=run.target_steps,
             span=run.partition.describe(b), device=str(problems[0].device), error=None,
         )  # fmt: skip
 
@@ -242,6 +252,7 @@ def _train_stack(
     if bad:
         return split_off(bad)
     checkpoint(final=True)
-    for b in blocks:
-        run.write_status(b, state="done", step=step, budget_spent=step < target)
+    w = walls()  # the final wall time: is_done compares it with a time budget
+    for k, b in enumerate(blocks):
+        run.write_status(b, state="done", step=step, wall_time=w[k], budget_spent=step < target)
     return [BlockOutcome(b, "done", step, last_loss[k]) for k, b in enumerate(blocks)]

@@ -56,6 +56,43 @@ def _is_stale(path: Path, info: dict, stale_after: float) -> bool:
     return time.time() - beat > stale_after
 
 
+def _take_over(path: Path, stale: dict, token: str) -> bool:
+    """Remove a dead holder's lock file; False if a live taker got there first.
+
+    Two workers may both judge the same lock stale. The first renames it away and creates its
+    own; the second's rename would then move that FRESH lock. So the renamed file is checked
+    against the stale record that was judged (same token and heartbeat), and a fresh or
+    refreshed one is put back (``link`` refuses to overwrite whatever was created meanwhile).
+    """
+    grave = path.with_name(f"{path.name}.stale-{token}")
+    try:
+        os.rename(path, grave)
+    except FileNotFoundError:
+        return True  # gone already: try to create it again
+    moved = _read(grave)
+    try:
+        if moved and stale and moved != stale:
+            with contextlib.suppress(OSError):  # FileExistsError: a newer lock is there
+                os.link(grave, path)
+            return False
+        return True
+    finally:
+        with contextlib.suppress(FileNotFoundError):
+            os.unlink(grave)
+
+
+def held_elsewhere(path: Path, stale_after: float = STALE_AFTER_SECONDS) -> bool:
+    """Whether a live-looking holder on ANOTHER host has the lock at ``path``.
+
+    Such a holder may have died with its machine; its lock turns stale ``stale_after`` seconds
+    after its last heartbeat. (A dead holder on this host is seen at once from its pid.)
+    """
+    info = _read(path)
+    if not info or info.get("host") == socket.gethostname():
+        return False
+    return not _is_stale(path, info, stale_after)
+
+
 def lock_holder_alive(path: Path, stale_after: float = STALE_AFTER_SECONDS) -> bool:
     """Whether a lock file exists and its holder looks alive."""
     info = _read(path)
@@ -111,13 +148,8 @@ class BlockLocks:
                     continue  # vanished: try again
                 if not _is_stale(path, info, self._stale_after):
                     return False
-                # take over a dead holder's lock: the rename succeeds for one taker only
-                grave = path.with_name(f"{path.name}.stale-{token}")
-                try:
-                    os.rename(path, grave)
-                    os.unlink(grave)
-                except FileNotFoundError:
-                    pass
+                if not _take_over(path, info, token):
+                    return False
                 continue
             with os.fdopen(fd, "w") as f:
                 json.dump(self._info(token), f)

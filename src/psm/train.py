@@ -14,6 +14,7 @@ block uses its fixed time ``t_i`` (Algorithm 2). ``train_block`` is
 
 from __future__ import annotations
 
+import contextlib
 import json
 import math
 import signal
@@ -35,8 +36,8 @@ from .checkpoint import (
     set_adam_moments,
 )
 from .data import Dataset
-from .errors import BlockError, RunError
-from .lock import BlockLocks, lock_holder
+from .errors import BlockError, PSMError, RunError
+from .lock import BlockLocks, lock_holder, lock_holder_alive
 from .process import Process
 from .run import Run
 
@@ -231,8 +232,37 @@ def train_block(run_dir: str | Path | Run, block: int) -> BlockOutcome:
         if not locks.acquire(run.lock_path(block)):
             holder = lock_holder(run.lock_path(block))
             return BlockOutcome(block, "locked", error=f"held by {holder}")
+        remove_stale_temps(run, block)
         with StopRequest() as stop:
-            return _train_locked(run, block, stop)
+            try:
+                return _train_locked(run, block, stop)
+            except RunError as e:  # a write failed (no space, no permission): say so, re-raise
+                with contextlib.suppress(PSMError):
+                    run.write_status(block, state="failed", error=str(e))
+                raise
+
+
+def note_failure(run: Run, out: BlockOutcome) -> None:
+    """Record a ``failed`` outcome in its block's status when the worker could not (it died),
+    so that ``psm status`` shows why. A block a live worker holds is left alone."""
+    if out.state != "failed" or not out.error:
+        return
+    rec = run.read_status(out.block) or {}
+    if rec.get("state") == "failed" or lock_holder_alive(run.lock_path(out.block)):
+        return
+    with contextlib.suppress(PSMError):
+        run.write_status(out.block, state="failed", error=out.error)
+
+
+def remove_stale_temps(run: Run, block: int) -> None:
+    """Delete temp files of a block's checkpoints left by a worker killed while writing one.
+
+    Only the lock holder writes a block's checkpoint files, so call this holding the lock.
+    """
+    for final in (run.state_path(block), run.weights_path(block)):
+        for tmp in final.parent.glob(f".{final.name}.*.tmp"):
+            with contextlib.suppress(OSError):
+                tmp.unlink()
 
 
 def _train_locked(run: Run, block: int, stop: StopRequest) -> BlockOutcome:
@@ -257,8 +287,8 @@ def _train_locked(run: Run, block: int, stop: StopRequest) -> BlockOutcome:
     t_start = time.perf_counter()
     last_loss: float | None = None
     run.write_status(
-        block, state="running", step=step, target=target, span=run.partition.describe(block),
-        device=str(problem.device), error=None,
+        block, state="running", step=step, start_step=step, target=target,
+        span=run.partition.describe(block), device=str(problem.device), error=None,
     )  # fmt: skip
 
     def wall() -> float:

@@ -18,7 +18,8 @@ from typing import Literal
 
 import torch.multiprocessing as mp
 
-from ..train import BlockOutcome
+from ..run import Run
+from ..train import BlockOutcome, note_failure
 
 TaskKind = Literal["block", "ensemble"]
 
@@ -138,6 +139,9 @@ def run_pool(
             if b not in outcomes:
                 state = "interrupted" if interrupted else "failed"
                 outcomes[b] = BlockOutcome(b, state, error="not run" if interrupted else None)
+    run = Run.open(run_path)
+    for o in outcomes.values():
+        note_failure(run, o)  # e.g. a killed worker: psm status says so
     return [outcomes[b] for t in tasks for b in t]
 
 

@@ -1,0 +1,276 @@
+"""``slurm``: a SLURM job array through submitit, one block per array task.
+
+``psm train CONFIG --executor slurm`` submits one array task per unfinished block with the
+resources of ``executor.slurm`` (or the ``--slurm-*`` flags), records the job of every block in
+``<run>/jobs.json`` (``psm status`` shows their SLURM state), and waits with a progress bar read
+from the block status files; ``--no-wait`` submits and returns.
+
+Pre-emption and time-outs: submitit has SLURM send ``USR2`` to a task before its time limit
+(``--signal USR2@90``) and, on pre-emption, ``SIGTERM`` and ``USR2``. An array task
+(:class:`BlockJob`) turns either into a clean stop of :func:`~psm.train.train_block`, which saves
+a checkpoint at the current step, then has submitit requeue it (``checkpoint`` /
+``scontrol requeue``); the requeued task resumes the block from that checkpoint. A task killed
+outright resumes from its last periodic checkpoint when the same command runs again.
+
+``executor.slurm.cluster: local`` (or ``debug``) runs the same job array with submitit's local
+executor (``debug``: inside this process) for trying it out and for tests. submitit is an
+optional extra: ``pip install 'psm[slurm]'``; it is imported only when used.
+"""
+
+from __future__ import annotations
+
+import os
+import shutil
+import signal
+import sys
+import time
+from pathlib import Path
+from typing import Any
+
+from ..config import RunConfig, SlurmConfig
+from ..errors import PSMError
+from ..run import Run
+from ..train import BlockOutcome, StopRequest, note_failure
+from .base import Executor
+from .options import SLURM_FLAGS, flag_name, override, record_jobs
+from .ray import train_task
+
+INSTALL_HINT = "pip install 'psm[slurm]'"
+
+
+def import_submitit() -> Any:
+    """The ``submitit`` module, or a one-line :class:`~psm.errors.PSMError` on how to install it."""
+    try:
+        import submitit
+    except ImportError:
+        raise PSMError(f"the slurm executor needs submitit: {INSTALL_HINT}") from None
+    return submitit
+
+
+def _training() -> bool:
+    """Whether train_block's stop handler is installed (a SIGTERM now is a clean stop)."""
+    return isinstance(getattr(signal.getsignal(signal.SIGTERM), "__self__", None), StopRequest)
+
+
+class BlockJob:
+    """What one array task runs: train one block, requeue it when pre-empted or timed out.
+
+    submitit calls :meth:`checkpoint` (it duck-types ``submitit.helpers.Checkpointable``) to
+    get the call to requeue; the block's progress itself lives in the run directory.
+
+    Args:
+        threads: torch threads of the task.
+        lock_wait_s: see :func:`psm.executors.ray.train_task`.
+    """
+
+    def __init__(self, threads: int | None = None, lock_wait_s: float = 150.0) -> None:
+        self.threads = threads
+        self.lock_wait_s = lock_wait_s
+
+    def __call__(self, run_path: str, block: int) -> BlockOutcome:
+        import submitit
+
+        usr = getattr(signal, "SIG" + submitit.JobEnvironment.USR_SIG)
+        requeue = signal.getsignal(usr)  # submitit's checkpoint-and-requeue, inside a job
+        in_job = callable(requeue)
+        preempted = False
+
+        def on_preempt(signum: int, frame: Any) -> None:
+            nonlocal preempted
+            preempted = True
+            if _training():
+                signal.raise_signal(signal.SIGTERM)  # stop at the next step with a checkpoint
+            else:
+                requeue(signum, frame)  # type: ignore[operator]  # not training: requeue now
+
+        rec = Run.open(run_path).read_status(block) or {}
+        print(
+            f"psm: block {block} of {run_path}: from step {rec.get('checkpoint_step') or 0}, "
+            f"pid {os.getpid()}",
+            flush=True,
+        )
+        if in_job:
+            signal.signal(usr, on_preempt)
+        try:
+            (out,) = train_task(
+                run_path, [block], threads=self.threads, lock_wait_s=self.lock_wait_s
+            )
+        finally:
+            if in_job:
+                signal.signal(usr, requeue)
+        print(f"psm: block {block}: {out.state} at step {out.step}", flush=True)
+        if in_job and preempted and out.state == "interrupted":
+            requeue(usr, None)  # type: ignore[operator]  # calls checkpoint(), requeues, exits
+        return out
+
+    def checkpoint(self, *args: Any, **kwargs: Any) -> Any:
+        """The call submitit requeues: the same block (it resumes from its checkpoint)."""
+        from submitit.helpers import DelayedSubmission
+
+        return DelayedSubmission(self, *args, **kwargs)
+
+
+class SlurmExecutor(Executor):
+    """Train blocks as a SLURM job array (one block per task) through submitit.
+
+    Args:
+        slurm: the resources and behaviour (``executor.slurm`` of the config).
+        job_name: the SLURM job name.
+        threads: torch threads per task (default: ``cpus_per_task``).
+        lock_wait_s: see :func:`psm.executors.ray.train_task`.
+        poll_s: seconds between looks at the jobs while waiting.
+    """
+
+    name = "slurm"
+
+    def __init__(
+        self,
+        slurm: SlurmConfig | None = None,
+        *,
+        job_name: str = "psm",
+        threads: int | None = None,
+        lock_wait_s: float = 150.0,
+        poll_s: float = 2.0,
+    ) -> None:
+        self.slurm = slurm or SlurmConfig()
+        self.job_name = job_name
+        self.threads = threads or self.slurm.cpus_per_task
+        self.lock_wait_s = lock_wait_s
+        self.poll_s = poll_s
+
+    @classmethod
+    def from_config(cls, config: RunConfig, **options: Any) -> SlurmExecutor:
+        """Build from ``executor.slurm`` of the config, overridden by the ``--slurm-*`` flags."""
+        import_submitit()  # a missing submitit fails here, before anything is written
+        slurm = override(
+            config.executor.slurm,
+            {field: options.get(flag) for flag, field in SLURM_FLAGS.items()},
+            {field: flag_name(flag) for flag, field in SLURM_FLAGS.items()},
+        )
+        ex = cls(
+            slurm, job_name=f"psm-{config.name}", threads=config.train.threads,
+            lock_wait_s=config.executor.lock_wait_s,
+        )  # fmt: skip
+        ex.check_cluster()  # before anything is written
+        return ex
+
+    def describe(self) -> str:
+        s = self.slurm
+        parts = [f"{s.time_min} min", f"{s.cpus_per_task} CPU"]
+        parts += [f"{s.gpus_per_node} GPU"] if s.gpus_per_node else []
+        parts += [f"{s.mem_gb:g} GB"] if s.mem_gb else []
+        parts += [f"partition {s.partition}"] if s.partition else []
+        parts += [f"at most {s.array_parallelism} at once"] if s.array_parallelism else []
+        where = "" if s.cluster == "slurm" else f" (submitit {s.cluster} executor)"
+        return f"slurm{where}: job array, 1 block per task; {', '.join(parts)} per task"
+
+    def parameters(self) -> dict[str, Any]:
+        """The ``submitit.AutoExecutor.update_parameters`` keywords for these resources."""
+        s = self.slurm
+        params: dict[str, Any] = {
+            "name": self.job_name,
+            "timeout_min": s.time_min,
+            "nodes": 1,
+            "tasks_per_node": 1,
+            "cpus_per_task": s.cpus_per_task,
+            "gpus_per_node": s.gpus_per_node,
+            "slurm_signal_delay_s": s.signal_delay_s,
+        }
+        optional = {
+            "mem_gb": s.mem_gb,
+            "slurm_partition": s.partition,
+            "slurm_account": s.account,
+            "slurm_qos": s.qos,
+            "slurm_array_parallelism": s.array_parallelism,
+            "slurm_setup": list(s.setup) or None,
+            "slurm_additional_parameters": dict(s.extra) or None,
+        }
+        params |= {k: v for k, v in optional.items() if v is not None}
+        return params
+
+    def folder(self, run: Run) -> Path:
+        """Where submitit keeps its pickles and the task logs."""
+        return Path(self.slurm.folder or run.path / "slurm").resolve()
+
+    def check_cluster(self) -> None:
+        """Refuse ``cluster: slurm`` where there is no ``sbatch`` (a one-line PSMError)."""
+        if self.slurm.cluster == "slurm" and shutil.which("sbatch") is None:
+            raise PSMError(
+                "the slurm executor found no sbatch here: run psm on a SLURM login node, or "
+                "use --slurm-cluster local to try the job array on this machine"
+            )
+
+    def make_submitit_executor(self, folder: Path) -> Any:
+        """The configured ``submitit.AutoExecutor`` for ``folder``."""
+        submitit = import_submitit()
+        cluster = self.slurm.cluster
+        self.check_cluster()
+        n = self.slurm.max_timeouts
+        kwargs = {"slurm_max_num_timeout": n, "local_max_num_timeout": n}
+        ex = submitit.AutoExecutor(folder=folder, cluster=cluster, **kwargs)
+        ex.update_parameters(**self.parameters())
+        return ex
+
+    def run(self, run: Run, blocks: list[int]) -> list[BlockOutcome]:
+        if not blocks:
+            return []
+        folder = self.folder(run)
+        ex = self.make_submitit_executor(folder)
+        path = str(Path(run.path).resolve())
+        task = BlockJob(threads=self.threads, lock_wait_s=self.lock_wait_s)
+        try:
+            jobs = ex.map_array(task, [path] * len(blocks), blocks)
+        except Exception as e:  # sbatch refused (bad partition, account, ...): say why
+            lines = str(e).strip().splitlines()
+            raise PSMError(f"SLURM refused the job array: {lines[-1] if lines else e}") from None
+        cluster = self.slurm.cluster
+        record_jobs(run, cluster, folder, {b: str(j.job_id) for b, j in zip(blocks, jobs)})
+        if cluster != "debug":
+            ids = sorted({str(j.job_id).split("_")[0] for j in jobs})
+            print(
+                f"slurm: {len(jobs)} task(s) submitted as job {', '.join(ids)}; logs in {folder}",
+                file=sys.stderr,
+            )
+        if not self.slurm.wait:
+            return [BlockOutcome(b, "submitted") for b in blocks]
+        outs = self._wait(dict(zip(blocks, jobs)))
+        for o in outs:
+            note_failure(run, o)  # e.g. a task killed by SLURM: psm status says so
+        return outs
+
+    def _wait(self, jobs: dict[int, Any]) -> list[BlockOutcome]:
+        outcomes: dict[int, BlockOutcome] = {}
+        pending = dict(jobs)
+        try:
+            while pending:
+                for b, job in list(pending.items()):
+                    if job.done():  # debug: runs the task now, in this process
+                        outcomes[b] = _outcome(b, job)
+                        del pending[b]
+                if pending:
+                    time.sleep(self.poll_s)
+        except KeyboardInterrupt:
+            # cancelled tasks get a signal that train_block turns into a checkpoint and a stop
+            for job in pending.values():
+                job.cancel(check=False)
+            deadline = time.monotonic() + 30.0
+            for b, job in pending.items():
+                while not job.done() and time.monotonic() < deadline:
+                    time.sleep(0.5)
+                outcomes[b] = BlockOutcome(b, "interrupted", error=f"job {job.job_id} cancelled")
+        return [outcomes[b] for b in jobs]
+
+
+def _outcome(block: int, job: Any) -> BlockOutcome:
+    """A finished job's outcome, or why it has none, in one line."""
+    from submitit.core.utils import UncompletedJobError
+
+    try:
+        out = job.result()
+    except UncompletedJobError as e:
+        lines = [ln for ln in str(e).strip().splitlines() if ln.strip()]
+        why = lines[-1].strip() if lines else type(e).__name__
+        return BlockOutcome(block, "failed", error=f"job {job.job_id}: {why}")
+    if isinstance(out, BlockOutcome):
+        return out
+    return BlockOutcome(block, "failed", error=f"job {job.job_id} returned {out!r}")
