@@ -39,14 +39,25 @@ class ProgressMonitor:
         self._thread: threading.Thread | None = None
         self._bar: tqdm | None = None
 
+    @property
+    def _budget(self) -> float | None:
+        """The per-block time budget when it, not the step target, ends the blocks."""
+        return self.run.config.train.max_seconds
+
     def _poll(self) -> None:
         assert self._bar is not None
         statuses = self.run.statuses(self.blocks)
-        self._bar.n = sum(min(s.step, s.target) for s in statuses)
+        budget = self._budget
+        if budget is not None:  # time-budgeted: the bar counts seconds, steps go to the postfix
+            self._bar.n = round(sum(min(s.wall_time, budget) for s in statuses) / len(statuses))
+        else:
+            self._bar.n = sum(min(s.step, s.target) for s in statuses)
         counts: dict[str, int] = {}
         for s in statuses:
             counts[s.state] = counts.get(s.state, 0) + 1
         shown = [f"{k} {counts[k]}" for k in ("done", "running", "failed") if counts.get(k)]
+        if budget is not None:
+            shown.insert(0, f"{sum(s.step for s in statuses):,} block-steps")
         self._bar.set_postfix_str(", ".join(shown), refresh=False)
         self._bar.refresh()
 
@@ -56,9 +67,12 @@ class ProgressMonitor:
 
     def __enter__(self) -> ProgressMonitor:
         if self.enabled:
-            total = len(self.blocks) * self.run.target_steps
+            if self._budget is not None:
+                total, unit, scale = round(self._budget), "s", False
+            else:
+                total, unit, scale = len(self.blocks) * self.run.target_steps, "block-step", True
             self._bar = tqdm(
-                total=total, desc=self.desc, unit="block-step", unit_scale=True, dynamic_ncols=True
+                total=total, desc=self.desc, unit=unit, unit_scale=scale, dynamic_ncols=True
             )
             self._poll()
             self._thread = threading.Thread(target=self._loop, daemon=True, name="psm-progress")
