@@ -32,6 +32,7 @@ from .run import Run
 
 TraceMethod = Literal["exact", "hutchinson"]
 TRACE_METHODS: tuple[str, ...] = ("exact", "hutchinson")
+EXACT_LOOP_MAX_DIM = 8  # exact trace by d separate products up to this dimension
 
 
 # ---------------------------------------------------------------------- traces
@@ -63,6 +64,18 @@ def divergence(
         if probe is not None:
             (vj,) = torch.autograd.grad(fz, z, probe, allow_unused=True)
             tr = (vj * probe).flatten(1).sum(1) if vj is not None else fz.new_zeros(b)
+            return fz.detach(), tr
+        if d <= EXACT_LOOP_MAX_DIM:
+            # low dimension: d reverse-mode products, one per coordinate, each over the whole
+            # batch (faster than one batched call here; measured in psm bench nll)
+            flat = fz.flatten(1)
+            tr = fz.new_zeros(b)
+            for k in range(d):
+                (g,) = torch.autograd.grad(
+                    flat[:, k].sum(), z, retain_graph=k < d - 1, allow_unused=True
+                )
+                if g is not None:
+                    tr = tr + g.flatten(1)[:, k]
             return fz.detach(), tr
         eye = torch.eye(d, dtype=x.dtype, device=x.device)
         basis = eye.reshape(d, 1, *x.shape[1:]).expand(d, b, *x.shape[1:])

@@ -106,6 +106,7 @@ class BlockModel:
         self.grid_field: GridField = grid_field
         self.shape = tuple(shape) if shape is not None else None
         self._segments = self._build_segments()
+        self._cell_cache: dict[int, tuple[float, float]] = {}
         # the same path read with ε-prediction: turns an ε into the field (velocity) at any t
         self._eps_process = Process(process.schedule, "epsilon", t0=process.t0, name=process.name)
 
@@ -243,10 +244,24 @@ class BlockModel:
         """
 
         def fn(x: Tensor, t: Tensor, b: int) -> Tensor:
+            if self.is_grid and self.grid_field == "constant":
+                # the paper's DPSM field is f_i(x) = a_i x + c_i net_i(x) on the whole cell:
+                # coefficients fixed per block, the time-free net needs no time input
+                a, c = self._cell_coefficients(b)
+                tau = torch.full_like(t, self.time_point(b))
+                return a * x + c * self.blocks[b](x, tau)
             out, t_eff = self._block_eval(x, t, b)
             return self.process.velocity(out, x, t_eff)
 
         return self._routed(x, t, block, fn)
+
+    def _cell_coefficients(self, block: int) -> tuple[float, float]:
+        """DPSM constant field: ``(a_i, c_i)`` with ``f_i(x) = a_i x + c_i net_i(x)`` (eq. 6)."""
+        if block not in self._cell_cache:
+            tau = torch.tensor(self.time_point(block), dtype=torch.float64)
+            a, c = self.process.field_coefficients(tau)
+            self._cell_cache[block] = (float(a), float(c))
+        return self._cell_cache[block]
 
     def score(self, x: Tensor, t: Tensor | float, block: int | None = None) -> Tensor:
         """``∇ log p_t(x)`` as modelled, ``[B, *D]``; routing as in :meth:`output`."""

@@ -183,8 +183,19 @@ class Process:
         """
         if self.prediction == "velocity":
             return output
-        c = self.schedule(t)
-        return _batch(c.d_alpha / c.alpha, x) * x + _batch(0.5 * c.g2 / c.sigma, x) * output
+        a, c = self.field_coefficients(t)
+        return _batch(a, x) * x + _batch(c, x) * output
+
+    def field_coefficients(self, t: Tensor) -> tuple[Tensor, Tensor]:
+        """``(a, c)`` with ``f(x, t) = a x + c · output``: the field is affine in the output.
+
+        ε-prediction: ``a = α'/α``, ``c = ½ g² / σ``; velocity prediction: ``a = 0``, ``c = 1``.
+        Both have the shape of ``t``.
+        """
+        if self.prediction == "velocity":
+            return torch.zeros_like(t), torch.ones_like(t)
+        k = self.schedule(t)
+        return k.d_alpha / k.alpha, 0.5 * k.g2 / k.sigma
 
     def reverse_sde(self, output: Tensor, x: Tensor, t: Tensor) -> tuple[Tensor, Tensor]:
         """Drift and diffusion of the reverse-time SDE (eq. 7), to be integrated from 1 to t0.

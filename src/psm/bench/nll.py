@@ -1,0 +1,91 @@
+"""Likelihood evaluation time: RK4 step counts, and SA vs TPSM vs DPSM at the same steps.
+
+The time of an ODE likelihood does not depend on how well the nets are trained, so the models
+here are freshly initialised paper MLPs (one per block) assembled exactly as a trained run
+would be (:class:`psm.model.BlockModel`); every model scores the same TY test points with the
+exact trace, side by side in one run.
+"""
+
+from __future__ import annotations
+
+import argparse
+from typing import Any
+
+import torch
+
+from ..config import validate_config
+from ..likelihood import evaluate_nll
+from ..model import BlockModel
+from .report import markdown_table
+
+METHODS = {
+    "SA": {"kind": "equal", "blocks": 1},
+    "TPSM-10": {"kind": "equal", "blocks": 10},
+    "TPSM-200": {"kind": "equal", "blocks": 200},
+    "DPSM-100": {"kind": "grid", "points": 100},
+    "DPSM-1000": {"kind": "grid", "points": 1000},
+}
+
+
+def add_arguments(p: argparse.ArgumentParser) -> None:
+    p.add_argument("--n", type=int, default=500, help="test points per evaluation")
+    p.add_argument("--steps", type=int, default=1000, help="RK4 steps for the method comparison")
+    p.add_argument("--sweep", default="100,250,500,1000", help="RK4 step counts for SA")
+    p.add_argument("--methods", default=",".join(METHODS), help="methods to compare")
+    p.add_argument("--threads", type=int, default=2, help="torch threads")
+    p.add_argument("--repeats", type=int, default=1, help="take the best of this many runs")
+
+
+def build_model(method: str, seed: int = 0) -> BlockModel:
+    """An untrained model of ``method`` with the paper's MLP in every block."""
+    cfg = validate_config({"name": method, "partition": METHODS[method]})
+    partition = cfg.build_partition()
+    torch.manual_seed(seed)
+    nets = [cfg.build_net(2).eval().requires_grad_(False) for _ in range(partition.num_blocks)]
+    return BlockModel(cfg.build_process(), partition, nets, shape=(2,))
+
+
+def time_nll(model: BlockModel, x: torch.Tensor, steps: int, repeats: int) -> float:
+    """Best wall time (s) of an exact-trace RK4 NLL of ``x``."""
+    best = float("inf")
+    for _ in range(repeats):
+        res = evaluate_nll(model, x, batch_size=x.shape[0], solver="rk4", steps=steps,
+                           progress=False)  # fmt: skip
+        best = min(best, res.seconds)
+    return best
+
+
+def run(args: argparse.Namespace) -> tuple[dict[str, Any], str]:
+    torch.set_num_threads(args.threads)
+    data = validate_config({}).build_dataset()
+    x = data.test_set(args.n, 12345)
+    sa = build_model("SA")
+    sweep = []
+    for steps in [int(s) for s in args.sweep.split(",") if s.strip()]:
+        sec = time_nll(sa, x, steps, args.repeats)
+        sweep.append({"steps": steps, "seconds": sec, "ms_per_point": 1e3 * sec / args.n})
+    compare = []
+    methods = [m.strip() for m in args.methods.split(",") if m.strip()]
+    for m in methods:
+        sec = time_nll(build_model(m), x, args.steps, args.repeats)
+        compare.append({"method": m, "blocks": build_model(m).num_blocks, "seconds": sec})
+    sa_time = next((c["seconds"] for c in compare if c["method"] == "SA"), None)
+    for c in compare:
+        c["vs_SA"] = c["seconds"] / sa_time if sa_time else None
+    t1 = markdown_table(
+        ["RK4 steps", "seconds", "ms per point"],
+        [[s["steps"], s["seconds"], s["ms_per_point"]] for s in sweep],
+    )
+    t2 = markdown_table(
+        ["method", "blocks", "seconds", "time / SA"],
+        [[c["method"], c["blocks"], c["seconds"], f"{c['vs_SA']:.2f}x"] for c in compare],
+    )
+    md = (
+        f"## Likelihood evaluation time (`psm bench nll`)\n\n"
+        f"Exact-trace NLL of {args.n} TY test points in one batch, paper MLP per block, "
+        f"{args.threads} torch threads, best of {args.repeats}; all rows measured side by "
+        f"side in one run.\n\nSA-DPM against the RK4 step count:\n\n{t1}\n\n"
+        f"Methods at RK4 with {args.steps} steps (DPSM: the paper's piecewise-constant "
+        f"field):\n\n{t2}\n"
+    )
+    return {"n": args.n, "steps": args.steps, "sweep": sweep, "methods": compare}, md
