@@ -1,0 +1,324 @@
+"""``psm nll RUN``: test NLL of a trained run, in nats, beside the data's true entropy.
+
+The NLL is the mean of ``-log p₀(x)`` over the dataset's test set, ``log p₀`` from the
+probability-flow ODE through the blocks (paper eqs. 4 and 6, :func:`psm.likelihood.evaluate_run`);
+defaults come from the run's ``eval`` section. The result is printed and appended, with every
+setting, as one JSON line to ``<run>/nll.jsonl`` (see :func:`nll_record`).
+
+This module also holds the ODE and model flags that ``psm sample`` and ``psm plot`` share.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import math
+import socket
+import sys
+import time
+from pathlib import Path
+from typing import TYPE_CHECKING, Any
+
+from ..errors import PSMError
+
+if TYPE_CHECKING:  # torch is imported when a command runs, not when `psm` parses its flags
+    import torch
+
+NLL_LOG = "nll.jsonl"
+"""The file in a run directory that collects one JSON line per ``psm nll`` evaluation."""
+
+DTYPES: tuple[str, ...] = ("float32", "float64")
+DEFAULT_TOL = 1e-5
+
+
+# --------------------------------------------------------------------------- shared flags
+def parse_steps(text: str) -> int | tuple[int, ...]:
+    """``"1000"`` → 1000 (a budget over ``[t0, 1]``); ``"100,900"`` → steps per block id."""
+    try:
+        values = tuple(int(v) for v in text.split(",") if v.strip())
+    except ValueError:
+        raise argparse.ArgumentTypeError(
+            f"expected N or N,N,... (per block), got {text!r}"
+        ) from None
+    if not values or any(v < 1 for v in values):
+        raise argparse.ArgumentTypeError(f"steps must be >= 1, got {text!r}")
+    return values[0] if len(values) == 1 and "," not in text else values
+
+
+def add_ode_arguments(p: argparse.ArgumentParser, *, steps_default: str) -> None:
+    """``--steps``, ``--solver``, ``--rtol``, ``--atol``."""
+    p.add_argument(
+        "--steps",
+        type=parse_steps,
+        metavar="N[,N...]",
+        help=f"fixed-step budget over [t0, 1], or steps per block (default: {steps_default})",
+    )
+    p.add_argument(
+        "--solver",
+        choices=["rk4", "euler", "dopri5"],
+        help="ODE solver (default: the run's eval.solver)",
+    )
+    p.add_argument("--rtol", type=float, help=f"dopri5 relative tolerance (default {DEFAULT_TOL})")
+    p.add_argument("--atol", type=float, help=f"dopri5 absolute tolerance (default {DEFAULT_TOL})")
+
+
+def add_model_arguments(p: argparse.ArgumentParser) -> None:
+    """``--grid-field``, ``--device``, ``--dtype``, ``--no-progress``."""
+    p.add_argument(
+        "--grid-field",
+        choices=["constant", "linear"],
+        help="DPSM runs: field between grid points, constant (paper) or linear (default constant)",
+    )
+    p.add_argument("--device", default="cpu", help="cpu, cuda, cuda:N or auto (default cpu)")
+    p.add_argument("--dtype", choices=DTYPES, default="float32", help="evaluation dtype")
+    p.add_argument("--no-progress", action="store_true", help="no progress bar")
+
+
+def ode_settings(
+    args: argparse.Namespace, *, solver: str, steps: int | tuple[int, ...], blocks: int
+) -> dict[str, Any]:
+    """Solver, steps and tolerances from the flags over the given defaults, checked.
+
+    Args:
+        args: the parsed flags (``solver``, ``steps``, ``rtol``, ``atol``).
+        solver: the default solver.
+        steps: the default steps.
+        blocks: the run's number of blocks (a per-block ``--steps`` list must match it).
+
+    Returns:
+        ``{"solver", "steps", "rtol", "atol"}``.
+
+    Raises:
+        PSMError: per-block steps of the wrong length; tolerances given for a fixed-step
+            solver, or not > 0.
+    """
+    solver = args.solver or solver
+    steps = args.steps if args.steps is not None else steps
+    if not isinstance(steps, int) and len(steps) != blocks:
+        raise PSMError(f"--steps: {len(steps)} per-block values for a run of {blocks} blocks")
+    for flag in ("rtol", "atol"):
+        value = getattr(args, flag)
+        if value is None:
+            continue
+        if solver != "dopri5":
+            raise PSMError(f"--{flag} applies to --solver dopri5 only (solver is {solver})")
+        if not value > 0:
+            raise PSMError(f"--{flag} must be > 0, got {value}")
+    return {
+        "solver": solver,
+        "steps": steps,
+        "rtol": args.rtol or DEFAULT_TOL,
+        "atol": args.atol or DEFAULT_TOL,
+    }
+
+
+def dtype_of(name: str) -> torch.dtype:
+    """``--dtype`` name → torch dtype."""
+    import torch
+
+    return getattr(torch, name)
+
+
+def resolve_device(name: str) -> torch.device:
+    """``--device``: ``auto`` → cuda if available else cpu; refuse a missing CUDA."""
+    import torch
+
+    if name == "auto":
+        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    try:
+        dev = torch.device(name)
+    except RuntimeError:
+        raise PSMError(f"--device {name!r} is not a device (cpu, cuda, cuda:N, auto)") from None
+    if dev.type == "cuda" and not torch.cuda.is_available():
+        raise PSMError(f"--device {name}: CUDA is not available here")
+    return dev
+
+
+def grid_field_for(args: argparse.Namespace, run) -> str:
+    """The DPSM field to use; a warning when ``--grid-field`` is given for a TPSM/SA run."""
+    if args.grid_field and run.partition.kind != "grid":
+        warn("--grid-field applies to DPSM (grid) runs only; ignored")
+    return args.grid_field or "constant"
+
+
+def check_positive(**values: int | None) -> None:
+    """Refuse flags (given as ``name=value``, ``_`` for ``-``) that are set and < 1."""
+    for name, value in values.items():
+        if value is not None and value < 1:
+            raise PSMError(f"--{name.replace('_', '-')} must be >= 1, got {value}")
+
+
+def warn(message: str) -> None:
+    """One warning line on stderr."""
+    print(f"psm: warning: {message}", file=sys.stderr)
+
+
+def steps_text(solver: str, steps: int | tuple[int, ...], rtol: float) -> str:
+    """``"rk4 1000 steps"``, ``"rk4 steps 100,900"`` or ``"dopri5 rtol 1e-05"``."""
+    if solver == "dopri5":
+        return f"dopri5 rtol {rtol:g}"
+    if isinstance(steps, int):
+        return f"{solver} {steps} steps"
+    return f"{solver} steps {','.join(map(str, steps))}"
+
+
+# --------------------------------------------------------------------------- psm nll
+def add(sub: argparse._SubParsersAction) -> None:
+    p = sub.add_parser(
+        "nll",
+        help="test negative log-likelihood of a trained run (nats)",
+        description="Exact NLL of the run's test set through the probability-flow ODE, with its "
+        "standard error and the data's true entropy (the floor) when known. Defaults come from "
+        "the run's eval section; the result is appended to <run>/nll.jsonl.",
+    )
+    p.add_argument("run", help="run directory")
+    p.add_argument("--n", type=int, help="test points (default: eval.n_test)")
+    add_ode_arguments(p, steps_default="eval.steps")
+    p.add_argument(
+        "--trace",
+        choices=["exact", "hutchinson"],
+        default="exact",
+        help="divergence: exact, or Hutchinson with one Rademacher probe per batch",
+    )
+    p.add_argument("--batch-size", type=int, default=1000, help="points per solve (default 1000)")
+    p.add_argument("--seed", type=int, help="seed of the test set (default: eval.test_seed)")
+    p.add_argument("--probe-seed", type=int, default=0, help="seed of the Hutchinson probes")
+    p.add_argument("--json", dest="json_out", metavar="FILE", help="also write the record here")
+    add_model_arguments(p)
+    p.set_defaults(func=cmd_nll)
+
+
+def cmd_nll(args: argparse.Namespace) -> int:
+    from ..atomic import append_line, atomic_write_json
+    from ..likelihood import evaluate_run
+    from ..run import Run
+
+    run = Run.open(args.run)
+    ev = run.config.eval
+    check_positive(n=args.n, batch_size=args.batch_size)
+    ode = ode_settings(args, solver=ev.solver, steps=ev.steps, blocks=run.num_blocks)
+    if args.json_out and not Path(args.json_out).parent.is_dir():
+        raise PSMError(
+            f"--json {args.json_out}: folder {Path(args.json_out).parent} does not exist"
+        )
+    device = resolve_device(args.device)
+    grid_field = grid_field_for(args, run)
+    n = args.n or ev.n_test
+    test_seed = ev.test_seed if args.seed is None else args.seed
+    res = evaluate_run(
+        run, n=n, **ode, trace=args.trace, test_seed=test_seed, probe_seed=args.probe_seed,
+        batch_size=args.batch_size, device=device, dtype=dtype_of(args.dtype),
+        grid_field=grid_field, progress=not args.no_progress,
+    )  # fmt: skip
+    record = nll_record(
+        run, res, **ode, trace=args.trace, test_seed=test_seed, probe_seed=args.probe_seed,
+        batch_size=args.batch_size, device=str(device), dtype=args.dtype,
+    )  # fmt: skip
+    print(format_nll(record))
+    append_line(run.path / NLL_LOG, json.dumps(record, allow_nan=False))
+    print(f"appended to {run.path / NLL_LOG}", file=sys.stderr)
+    if args.json_out:
+        atomic_write_json(args.json_out, record)
+        print(f"wrote {args.json_out}", file=sys.stderr)
+    if not record["finite"]:
+        import torch
+
+        bad = int((~torch.isfinite(res.result.values)).sum())
+        warn(f"{bad} of {record['n']} point(s) have a non-finite log-likelihood")
+        return 1
+    return 0
+
+
+def _finite(x: float | None) -> float | None:
+    """JSON-safe float: None for NaN/inf."""
+    return x if x is not None and math.isfinite(x) else None
+
+
+def nll_record(
+    run,
+    ev,
+    *,
+    solver: str,
+    steps: int | tuple[int, ...],
+    rtol: float,
+    atol: float,
+    trace: str,
+    test_seed: int,
+    probe_seed: int,
+    batch_size: int,
+    device: str,
+    dtype: str,
+) -> dict[str, Any]:
+    """The JSON line ``psm nll`` appends to ``<run>/nll.jsonl``.
+
+    Args:
+        run: the :class:`~psm.run.Run`.
+        ev: its :class:`~psm.likelihood.RunEvaluation`.
+        solver, steps, rtol, atol, trace, test_seed, probe_seed, batch_size, device, dtype: the
+            settings used.
+
+    Returns:
+        A JSON-safe dict: ``nll``, ``stderr`` (nats), ``n``, ``entropy`` (the floor, or null),
+        ``gap`` (``nll - entropy``), ``finite``, ``seconds``, the run (``run``, ``name``,
+        ``config_hash``, ``dataset``, ``process``, ``partition``, ``blocks``, ``train_steps``,
+        ``t0``) and every setting; ``steps`` is null for dopri5, ``rtol``/``atol`` null for
+        fixed-step solvers. Non-finite numbers are null.
+    """
+    from .. import __version__
+
+    r = ev.result
+    cfg = run.config
+    gap = r.nll - ev.entropy if ev.entropy is not None else None
+    adaptive = solver == "dopri5"
+    return {
+        "time": time.strftime("%Y-%m-%dT%H:%M:%S%z"),
+        "run": str(run.path),
+        "name": cfg.name,
+        "config_hash": run.hash,
+        "dataset": ev.dataset,
+        "process": cfg.process.name,
+        "partition": run.partition.kind,
+        "blocks": run.num_blocks,
+        "train_steps": cfg.train.steps,
+        "t0": cfg.process.t0,
+        "nll": _finite(r.nll),
+        "stderr": _finite(r.stderr),
+        "n": r.n,
+        "entropy": ev.entropy,
+        "gap": _finite(gap),
+        "finite": r.finite,
+        "seconds": round(r.seconds, 3),
+        "solver": solver,
+        "steps": None if adaptive else (steps if isinstance(steps, int) else list(steps)),
+        "rtol": rtol if adaptive else None,
+        "atol": atol if adaptive else None,
+        "trace": trace,
+        "grid_field": ev.grid_field,
+        "batch_size": batch_size,
+        "test_seed": test_seed,
+        "probe_seed": probe_seed if trace == "hutchinson" else None,
+        "device": device,
+        "dtype": dtype,
+        "host": socket.gethostname(),
+        "psm_version": __version__,
+    }
+
+
+def format_nll(rec: dict[str, Any]) -> str:
+    """Two lines for a person: the NLL ± s.e. beside the floor, then the settings."""
+
+    def num(x: float | None) -> str:
+        return f"{x:.4f}" if x is not None else "nan"
+
+    head = f"{rec['name']}: NLL {num(rec['nll'])} ± {num(rec['stderr'])} nats"
+    if rec["entropy"] is not None:
+        head += f"   (true entropy, the floor: {rec['entropy']:.4f} nats; gap {num(rec['gap'])})"
+    steps = rec["steps"] if rec["steps"] is not None else 0
+    steps = steps if isinstance(steps, int) else tuple(steps)
+    how = steps_text(rec["solver"], steps, rec["rtol"] or DEFAULT_TOL)
+    field = f", {rec['grid_field']} DPSM field" if rec["grid_field"] else ""
+    detail = (
+        f"  {rec['n']} test points of {rec['dataset']} (seed {rec['test_seed']}), {how}, "
+        f"{rec['trace']} trace{field}, {rec['dtype']} on {rec['device']}, {rec['seconds']:.1f}s"
+    )
+    return f"{head}\n{detail}"
