@@ -135,3 +135,33 @@ def test_time_budget_ends_blocks_and_can_be_raised(make_run, tmp_path):
     more = make_run(path=run.path, train={"steps": 10**9, "max_seconds": 0.6})
     assert not more.is_done(0)
     assert train_block(more, 0).step > out.step
+
+
+def test_stacked_forwards_match_each_net():
+    """The MLP's batched-matmul forward and the generic vmap forward give each net's output."""
+    from torch.func import stack_module_state
+
+    from psm.ensemble import stacked_forward
+    from psm.nets import build_net
+
+    torch.manual_seed(0)
+    x, t = torch.randn(3, 16, 2), torch.rand(3, 16)
+    for time_conditioned in (True, False):
+        nets = [build_net("mlp", 2, time_conditioned=time_conditioned) for _ in range(3)]
+        params, buffers = stack_module_state(nets)
+        want = torch.stack([n(x[k], t[k]) for k, n in enumerate(nets)])
+        got = stacked_forward(nets[0])(params, buffers, x, t)
+        torch.testing.assert_close(got, want, rtol=1e-5, atol=1e-6)
+
+    class Plain(torch.nn.Module):  # no stacked_forward: the vmap path
+        def __init__(self):
+            super().__init__()
+            self.lin = torch.nn.Linear(3, 2)
+
+        def forward(self, x, t):
+            return self.lin(torch.cat([x, t[:, None]], 1))
+
+    nets = [Plain() for _ in range(3)]
+    params, buffers = stack_module_state(nets)
+    want = torch.stack([n(x[k], t[k]) for k, n in enumerate(nets)])
+    torch.testing.assert_close(stacked_forward(nets[0])(params, buffers, x, t), want)

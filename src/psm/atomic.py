@@ -32,23 +32,33 @@ def _umask() -> int:
     return mask
 
 
+_FILE_MODE = 0o666 & ~_umask()  # what open() would give; mkstemp alone gives 0o600
+
+
 def write_error(path: Path, err: OSError) -> RunError:
     """A one-line error for a failed write of ``path``."""
     reason = _REASONS.get(err.errno or 0, err.strerror or str(err))
     return RunError(f"cannot write {path}: {reason}")
 
 
-def atomic_write_bytes(path: str | Path, data: bytes) -> None:
-    """Write ``data`` to ``path`` atomically."""
+def atomic_write_bytes(path: str | Path, data: bytes, *, durable: bool = True) -> None:
+    """Write ``data`` to ``path`` atomically.
+
+    Args:
+        path: the target.
+        data: the bytes.
+        durable: fsync before the rename (checkpoints); progress records may skip it.
+    """
     path = Path(path)
     tmp = None
     try:
         fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
         with os.fdopen(fd, "wb") as f:
-            os.fchmod(fd, 0o666 & ~_umask())
+            os.fchmod(fd, _FILE_MODE)
             f.write(data)
             f.flush()
-            os.fsync(f.fileno())
+            if durable:
+                os.fsync(f.fileno())
         os.replace(tmp, path)
         tmp = None
     except OSError as e:
@@ -61,14 +71,14 @@ def atomic_write_bytes(path: str | Path, data: bytes) -> None:
                 pass
 
 
-def atomic_write_text(path: str | Path, text: str) -> None:
+def atomic_write_text(path: str | Path, text: str, *, durable: bool = True) -> None:
     """Write ``text`` (UTF-8) to ``path`` atomically."""
-    atomic_write_bytes(path, text.encode())
+    atomic_write_bytes(path, text.encode(), durable=durable)
 
 
-def atomic_write_json(path: str | Path, obj: Any) -> None:
+def atomic_write_json(path: str | Path, obj: Any, *, durable: bool = True) -> None:
     """Write ``obj`` as indented JSON to ``path`` atomically."""
-    atomic_write_text(path, json.dumps(obj, indent=1, sort_keys=True) + "\n")
+    atomic_write_text(path, json.dumps(obj, indent=1, sort_keys=True) + "\n", durable=durable)
 
 
 def append_line(path: str | Path, line: str) -> None:

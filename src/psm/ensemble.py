@@ -27,7 +27,7 @@ from pathlib import Path
 
 import numpy as np
 import torch
-from torch import Tensor
+from torch import Tensor, nn
 from torch.func import functional_call, stack_module_state, vmap
 
 from .atomic import append_line
@@ -42,6 +42,7 @@ from .train import (
     StopRequest,
     _LossWindow,
     first_nonfinite,
+    make_adam,
     remove_stale_temps,
     time_budget,
     truncate_metrics,
@@ -102,6 +103,25 @@ def train_ensemble(
     return [outcomes[b] for b in ids]
 
 
+def stacked_forward(net: nn.Module):
+    """``f(params, buffers, x [K, B, *D], t [K, B]) -> [K, B, *D]`` for K stacked copies of
+    ``net``'s architecture: the net's own ``stacked_forward`` (batched matmuls) when it has one,
+    else ``vmap(functional_call)`` (any module without batch-coupled layers)."""
+    if hasattr(net, "stacked_forward"):
+        template = net
+
+        def own(p: dict[str, Tensor], b: dict[str, Tensor], x: Tensor, t: Tensor) -> Tensor:
+            return template.stacked_forward(p, x, t)
+
+        return own
+    base = copy.deepcopy(net).to("meta")
+
+    def one(p: dict[str, Tensor], b: dict[str, Tensor], x: Tensor, t: Tensor) -> Tensor:
+        return functional_call(base, (p, b), (x, t))
+
+    return vmap(one)
+
+
 def _step_groups(
     run: Run, blocks: list[int], dataset: Dataset, max_stack: int | None
 ) -> list[list[int]]:
@@ -135,13 +155,8 @@ def _train_stack(
             net.load_state_dict(st.net)
             gen.set_state(st.rng.to(torch.uint8))
     params, buffers = stack_module_state(nets)
-    base = copy.deepcopy(nets[0]).to("meta")
-
-    def one(p: dict[str, Tensor], b: dict[str, Tensor], x: Tensor, t: Tensor) -> Tensor:
-        return functional_call(base, (p, b), (x, t))
-
-    batched = vmap(one)
-    opt = torch.optim.Adam(list(params.values()), lr=cfg.lr)
+    batched = stacked_forward(nets[0])
+    opt = make_adam(list(params.values()), cfg.lr)
     if states[0] is not None and states[0].adam_m is not None:
         for name, p in params.items():
             opt.state[p] = {

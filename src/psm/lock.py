@@ -196,7 +196,7 @@ class BlockLocks:
                 info = _read(path)
                 if info and info.get("token") == token:
                     with contextlib.suppress(Exception):
-                        atomic_write_json(path, self._info(token))
+                        atomic_write_json(path, self._info(token), durable=False)
 
     def __enter__(self) -> BlockLocks:
         return self

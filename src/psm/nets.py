@@ -14,11 +14,20 @@ import torch
 from torch import Tensor, nn
 
 ACTIVATIONS: dict[str, Callable[[], nn.Module]] = {
-    "elu": nn.ELU,
-    "silu": nn.SiLU,
-    "relu": nn.ReLU,
+    "elu": lambda: nn.ELU(inplace=True),  # in place after a Linear: same values, less memory
+    "silu": lambda: nn.SiLU(inplace=True),
+    "relu": lambda: nn.ReLU(inplace=True),
     "tanh": nn.Tanh,
     "softplus": nn.Softplus,
+}
+
+# the functional form of each activation, for stacked (ensemble) forwards
+STACKED_ACTIVATIONS: dict[str, Callable[[Tensor], Tensor]] = {
+    "elu": lambda h: torch.nn.functional.elu(h, inplace=True),
+    "silu": lambda h: torch.nn.functional.silu(h, inplace=True),
+    "relu": lambda h: torch.relu_(h),
+    "tanh": torch.tanh,
+    "softplus": torch.nn.functional.softplus,
 }
 
 
@@ -47,6 +56,7 @@ class PaperMLP(nn.Module):
         if activation not in ACTIVATIONS:
             raise ValueError(f"unknown activation {activation!r}")
         self.dim = dim
+        self.activation = activation
         self.time_conditioned = time_conditioned
         self.time_repeats = time_repeats if time_conditioned else 0
         widths = [dim + self.time_repeats, *hidden, dim]
@@ -65,6 +75,32 @@ class PaperMLP(nn.Module):
             t = torch.as_tensor(t, dtype=x.dtype, device=x.device).expand(x.shape[0])
             x = torch.cat([x, t[:, None].expand(-1, self.time_repeats)], dim=1)
         return self.layers(x)
+
+    def stacked_forward(self, params: dict[str, Tensor], x: Tensor, t: Tensor) -> Tensor:
+        """K nets of this architecture at once, with batched matmuls (the ensemble trainer).
+
+        The same arithmetic as :meth:`forward` for each of the K nets, without vmap's overhead
+        (measured in ``psm bench train``).
+
+        Args:
+            params: this module's parameter names → stacked tensors ``[K, ...]``.
+            x: ``[K, B, d]``.
+            t: ``[K, B]``.
+
+        Returns:
+            ``[K, B, d]``.
+        """
+        h = x
+        if self.time_repeats:
+            h = torch.cat([x, t[..., None].expand(*t.shape, self.time_repeats)], dim=-1)
+        act = STACKED_ACTIVATIONS[self.activation]
+        linears = [i for i, m in enumerate(self.layers) if isinstance(m, nn.Linear)]
+        for j, i in enumerate(linears):
+            w, b = params[f"layers.{i}.weight"], params[f"layers.{i}.bias"]
+            h = torch.baddbmm(b[:, None, :], h, w.transpose(1, 2))
+            if j < len(linears) - 1:
+                h = act(h)
+        return h
 
 
 NetBuilder = Callable[..., nn.Module]

@@ -56,6 +56,11 @@ class Schedule(ABC):
     @abstractmethod
     def __call__(self, t: Tensor) -> PathCoefficients: ...
 
+    def alpha_sigma(self, t: Tensor) -> tuple[Tensor, Tensor]:
+        """Only ``(α_t, σ_t)``: what an ε-prediction training batch needs (a hot path)."""
+        c = self(t)
+        return c.alpha, c.sigma
+
 
 @dataclass(frozen=True)
 class VPSchedule(Schedule):
@@ -75,6 +80,10 @@ class VPSchedule(Schedule):
     def integral(self, t: Tensor) -> Tensor:
         """``∫₀ᵗ b(s) ds``, the shape of ``t``."""
         return self.b_min * t + 0.5 * (self.b_max - self.b_min) * t * t
+
+    def alpha_sigma(self, t: Tensor) -> tuple[Tensor, Tensor]:
+        big_b = self.integral(t)
+        return torch.exp(-0.5 * big_b), torch.sqrt(-torch.expm1(-big_b))
 
     def __call__(self, t: Tensor) -> PathCoefficients:
         big_b = self.integral(t)
@@ -149,11 +158,11 @@ class Process:
         Returns:
             ``(x_t, target)``, both ``[B, *D]``.
         """
-        c = self.schedule(t)
-        alpha, sigma = _batch(c.alpha, x0), _batch(c.sigma, x0)
-        x_t = alpha * x0 + sigma * noise
         if self.prediction == "epsilon":
-            return x_t, noise
+            alpha, sigma = self.schedule.alpha_sigma(t)
+            return torch.addcmul(_batch(alpha, x0) * x0, _batch(sigma, x0), noise), noise
+        c = self.schedule(t)
+        x_t = torch.addcmul(_batch(c.alpha, x0) * x0, _batch(c.sigma, x0), noise)
         return x_t, _batch(c.d_alpha, x0) * x0 + _batch(c.d_sigma, x0) * noise
 
     @staticmethod

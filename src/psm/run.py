@@ -171,7 +171,8 @@ class Run:
         rec = self.read_status(block) or {}
         rec.update(fields)
         rec.update(block=block, updated=time.time(), host=socket.gethostname(), pid=os.getpid())
-        atomic_write_json(self.status_path(block), rec)
+        # a progress record: atomic, not fsynced (the checkpoint is the durable truth)
+        atomic_write_json(self.status_path(block), rec, durable=False)
 
     def is_done(self, block: int) -> bool:
         """Whether a block reached its step target (or spent its time budget, if one is set)

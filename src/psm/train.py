@@ -103,8 +103,9 @@ class BlockProblem:
         n = self.batch_size
         x0 = self.dataset.sample(n, generator)
         if self.t_hi > self.t_lo:
-            u = torch.rand(n, generator=generator, device=self.device)
-            t = self.t_lo + (self.t_hi - self.t_lo) * u
+            t = torch.empty(n, device=self.device).uniform_(
+                self.t_lo, self.t_hi, generator=generator
+            )
         else:
             t = torch.full((n,), self.t_lo, device=self.device)
         noise = torch.randn(x0.shape, generator=generator, device=self.device)
@@ -205,6 +206,18 @@ class StopRequest:
         self._old.clear()
 
 
+def make_adam(params: list[Tensor], lr: float) -> torch.optim.Adam:
+    """Adam (appendix H) with the fused kernel where the device supports it.
+
+    Every trainer builds its optimizer here, so a block gets the same update arithmetic in any
+    executor (and the ensemble's stacked Adam is elementwise identical to K separate ones).
+    """
+    try:
+        return torch.optim.Adam(params, lr=lr, fused=True)
+    except (RuntimeError, ValueError):
+        return torch.optim.Adam(params, lr=lr)
+
+
 def time_budget(max_seconds: float | None):
     """A predicate ``wall_time -> bool`` that says when a block's time budget is spent."""
     if max_seconds is None:
@@ -271,7 +284,7 @@ def _train_locked(run: Run, block: int, stop: StopRequest) -> BlockOutcome:
     net = problem.new_net()
     gen = problem.new_generator()
     params = dict(net.named_parameters())
-    opt = torch.optim.Adam(params.values(), lr=cfg.lr)
+    opt = make_adam(list(params.values()), cfg.lr)
     state = load_state(run, block, net)
     step, wall0 = 0, 0.0
     if state is not None:

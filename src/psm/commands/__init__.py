@@ -8,7 +8,7 @@ from __future__ import annotations
 import argparse
 import importlib
 
-COMMAND_MODULES: tuple[str, ...] = ("nll", "sample", "plot", "bench")
+COMMAND_MODULES: tuple[str, ...] = ("nll", "sample", "plot", "demo", "bench")
 
 
 def add_commands(sub: argparse._SubParsersAction) -> None:

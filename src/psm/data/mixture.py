@@ -83,33 +83,36 @@ class Mixture(Dataset):
         self._mean, self._std = mean, std
         self._low, self._high, self._rot, self._offset = low, high, rot, offset
         self._log_area = torch.log((high - low).prod(1))
-        self._cache: dict[torch.device, tuple[Tensor, ...]] = {}
+        self._cache: dict[torch.device, tuple[Tensor, Tensor, Tensor, Tensor]] = {}
 
-    def _tensors(self, device: torch.device) -> tuple[Tensor, ...]:
-        """float32 copies of the parameters on ``device``, cached."""
+    def _affine(self, device: torch.device) -> tuple[Tensor, Tensor, Tensor, Tensor]:
+        """Per component, ``point = loc + mat @ v`` with ``v ~ N(0, I)`` (gaussian) or
+        ``v ~ U[0, 1]²`` (box): float32 ``(weights [k], is_box [k], loc [k, 2], mat [k, 2, 2])``
+        on ``device``, centred, cached."""
         if device not in self._cache:
+            eye = torch.eye(2, dtype=torch.float64)
+            box_mat = self._rot * (self._high - self._low)[:, None, :]  # R diag(width)
+            box_loc = torch.einsum("kij,kj->ki", self._rot, self._low) - self._offset
+            is_box = self._is_box
+            mat = torch.where(is_box[:, None, None], box_mat, self._std[:, None, None] * eye)
+            loc = torch.where(is_box[:, None], box_loc, self._mean) - self.shift
             f = torch.float32
-            self._cache[device] = tuple(
-                t.to(device=device, dtype=f if t.is_floating_point() else t.dtype)
-                for t in (
-                    self._weights, self._is_box, self._mean, self._std, self._low,
-                    self._high - self._low, self._rot, self._offset + self.shift,
-                )
+            self._cache[device] = (
+                self._weights.to(device, f), is_box.to(device), loc.to(device, f),
+                mat.to(device, f),
             )  # fmt: skip
         return self._cache[device]
 
     def sample(self, n: int, generator: torch.Generator) -> Tensor:
-        """``n`` points ``[n, 2]``; four random draws from ``generator`` per call."""
-        w, is_box, mean, std, low, width, rot, offset = self._tensors(generator.device)
+        """``n`` points ``[n, 2]``; three random draws from ``generator`` per call."""
+        w, is_box, loc, mat = self._affine(generator.device)
         if n == 0:
             return torch.empty(0, 2, device=generator.device)
         comp = torch.multinomial(w, n, replacement=True, generator=generator)
         z = torch.randn(n, 2, generator=generator, device=generator.device)
         u = torch.rand(n, 2, generator=generator, device=generator.device)
-        gauss = mean[comp] - self.shift.to(z) + std[comp, None] * z
-        box_u = low[comp] + width[comp] * u
-        box = torch.einsum("nij,nj->ni", rot[comp], box_u) - offset[comp]
-        return torch.where(is_box[comp, None], box, gauss)
+        v = torch.where(is_box[comp, None], u, z)
+        return torch.baddbmm(loc[comp, :, None], mat[comp], v[:, :, None]).squeeze(-1)
 
     @property
     def has_density(self) -> bool:
