@@ -153,7 +153,7 @@ def run_demo(
     if plots:
         from .viz.demo import demo_figures
 
-        demo_figures(runs, rows, out / "plots", progress=progress)
+        demo_figures(runs, [r.method for r in rows], out / "plots", progress=progress)
     return rows
 
 
