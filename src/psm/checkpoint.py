@@ -126,6 +126,18 @@ def verify_checkpoints(run: Run, blocks: list[int]) -> None:
                 _read(path, run, b, tensors=False)
 
 
+def resume_step(run: Run, block: int) -> int:
+    """The step a block would resume from (0 without a resume point); reads the header only."""
+    path = run.state_path(block)
+    if not path.exists():
+        return 0
+    _, meta = _read(path, run, block, tensors=False)
+    try:
+        return int(meta["step"])
+    except (KeyError, ValueError):
+        raise CheckpointError(f"block {block}: {path.name} has a malformed step") from None
+
+
 def _check_keys(block: int, path: Path, got: dict[str, Tensor], want: dict[str, Tensor]) -> None:
     missing = sorted(set(want) - set(got))
     extra = sorted(set(got) - set(want))

@@ -31,7 +31,7 @@ from torch import Tensor, nn
 from torch.func import functional_call, stack_module_state, vmap
 
 from .atomic import append_line
-from .checkpoint import BlockState, load_state, save_state, save_weights
+from .checkpoint import BlockState, load_state, resume_step, save_state, save_weights
 from .data import Dataset
 from .errors import PSMError, RunError
 from .lock import BlockLocks, lock_holder
@@ -87,7 +87,7 @@ def train_ensemble(
                     b, "locked", error=f"held by {lock_holder(run.lock_path(b))}"
                 )
         dataset = run.config.build_dataset()
-        for group in _step_groups(run, held, dataset, max_stack):
+        for group in _step_groups(run, held, max_stack):
             if stop.is_set():
                 for b in group:
                     outcomes[b] = BlockOutcome(b, "interrupted", error="not started")
@@ -122,15 +122,11 @@ def stacked_forward(net: nn.Module):
     return vmap(one)
 
 
-def _step_groups(
-    run: Run, blocks: list[int], dataset: Dataset, max_stack: int | None
-) -> list[list[int]]:
+def _step_groups(run: Run, blocks: list[int], max_stack: int | None) -> list[list[int]]:
     """Blocks grouped by their resume step (so Adam's step count is shared), then chunked."""
     by_step: dict[int, list[int]] = defaultdict(list)
     for b in blocks:
-        problem = BlockProblem.build(run, b, dataset)
-        st = load_state(run, b, problem.new_net())
-        by_step[st.step if st else 0].append(b)
+        by_step[resume_step(run, b)].append(b)
     size = max_stack or len(blocks) or 1
     groups = []
     for step in sorted(by_step):
