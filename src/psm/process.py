@@ -78,8 +78,8 @@ class VPSchedule(Schedule):
         return self.b_min + (self.b_max - self.b_min) * t
 
     def integral(self, t: Tensor) -> Tensor:
-        """``∫₀ᵗ b(s) ds``, the shape of ``t``."""
-        return self.b_min * t + 0.5 * (self.b_max - self.b_min) * t * t
+        """``∫₀ᵗ b(s) ds = t (b_min + ½ (b_max - b_min) t)``, the shape of ``t``."""
+        return t * (0.5 * (self.b_max - self.b_min) * t + self.b_min)
 
     def alpha_sigma(self, t: Tensor) -> tuple[Tensor, Tensor]:
         big_b = self.integral(t)
