@@ -67,13 +67,17 @@ class ProgressMonitor:
 
     def __enter__(self) -> ProgressMonitor:
         if self.enabled:
-            if self._budget is not None:
+            fmt = None
+            if self._budget is not None:  # seconds of the budget; no meaningless "s/s" rate
                 total, unit, scale = round(self._budget), "s", False
+                fmt = "{desc}: {percentage:3.0f}%|{bar}| {n}/{total} s "
+                fmt += "[{elapsed}<{remaining}{postfix}]"
             else:
                 total, unit, scale = len(self.blocks) * self.run.target_steps, "block-step", True
             self._bar = tqdm(
-                total=total, desc=self.desc, unit=unit, unit_scale=scale, dynamic_ncols=True
-            )
+                total=total, desc=self.desc, unit=unit, unit_scale=scale, dynamic_ncols=True,
+                bar_format=fmt,
+            )  # fmt: skip
             self._poll()
             self._thread = threading.Thread(target=self._loop, daemon=True, name="psm-progress")
             self._thread.start()
