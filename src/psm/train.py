@@ -50,13 +50,23 @@ def block_seed(seed: int, block: int, purpose: int) -> int:
 
 
 def resolve_device(name: str) -> torch.device:
-    """``auto`` → cuda if available else cpu; anything else as given."""
+    """``auto`` → cuda if available else cpu; anything else as given, checked."""
     if name == "auto":
         return torch.device("cuda" if torch.cuda.is_available() else "cpu")
-    dev = torch.device(name)
+    try:
+        dev = torch.device(name)
+    except RuntimeError:
+        raise RunError(f"{name!r} is not a device (cpu, cuda, cuda:N, auto)") from None
     if dev.type == "cuda" and not torch.cuda.is_available():
-        raise RunError(f"train.device={name} but CUDA is not available here")
+        raise RunError("CUDA is not available here")
     return dev
+
+
+def _train_device(name: str) -> torch.device:
+    try:
+        return resolve_device(name)
+    except RunError as e:
+        raise RunError(f"train.device: {e}") from None
 
 
 @dataclass
@@ -84,7 +94,7 @@ class BlockProblem:
         lo, hi = run.partition.train_range(block, process.t0)
         return cls(
             run, block, dataset or cfg.build_dataset(), process, lo, hi,
-            resolve_device(cfg.train.device), cfg.train.batch_size,
+            _train_device(cfg.train.device), cfg.train.batch_size,
         )  # fmt: skip
 
     def new_net(self) -> nn.Module:

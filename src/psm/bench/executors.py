@@ -21,14 +21,12 @@ from typing import Any
 
 import torch
 
-from ..config import validate_config
 from ..errors import PSMError
 from ..executors.base import Executor
 from ..executors.ensemble import EnsembleExecutor
 from ..executors.local import LocalExecutor
-from ..run import Run
 from ..train import train_block
-from .report import markdown_table
+from .report import markdown_table, toy_run
 
 ENGINES = ("local", "ensemble", "ray", "ray-warm")
 
@@ -47,29 +45,12 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--serial-blocks", type=int, default=2, help="blocks timed in the serial loop")
 
 
-def _run(root: Path, name: str, k: int, steps: int, batch: int) -> Run:
-    cfg = validate_config(
-        {
-            "name": name,
-            "data": {"name": "ty"},
-            "partition": {"kind": "equal", "blocks": k},
-            "train": {
-                "steps": steps,
-                "batch_size": batch,
-                "log_every": 100,
-                "checkpoint_every": steps,
-                "threads": 1,
-            },
-        }
-    )
-    return Run.create(cfg, root / name)
-
-
 def serial_block_seconds(root: Path, k: int, steps: int, batch: int, n: int) -> float:
     """Mean seconds to train one block with ``train_block`` in this process, one thread."""
     torch.set_num_threads(1)
-    train_block(_run(root, "warm-up", k, 20, batch), 0)  # first-call costs are not the loop's
-    run = _run(root, "serial", k, steps, batch)
+    warm = toy_run(root, "warm-up", k, 20, batch, threads=1)
+    train_block(warm, 0)  # first-call costs are not the loop's
+    run = toy_run(root, "serial", k, steps, batch, threads=1)
     ids = [round(i * (k - 1) / max(1, n - 1)) for i in range(n)] if n > 1 else [0]
     t = time.perf_counter()
     for b in ids:
@@ -89,7 +70,7 @@ def _executor(engine: str, cpus: int) -> Executor:
 
 def time_engine(root: Path, engine: str, args: argparse.Namespace) -> dict[str, Any]:
     """Wall seconds of ``Executor.run`` on a fresh run (``ray-warm``: Ray started beforehand)."""
-    run = _run(root, engine, args.blocks, args.steps, args.batch_size)
+    run = toy_run(root, engine, args.blocks, args.steps, args.batch_size, threads=1)
     ex = _executor(engine, args.cpus)
     rec: dict[str, Any] = {"engine": engine, "describe": ex.describe()}
     ray = None

@@ -15,6 +15,27 @@ import torch
 from ..atomic import atomic_write_text
 
 
+def toy_run(root: Path, name: str, blocks: int, steps: int, batch: int, **train: Any):
+    """A fresh TY run of ``blocks`` equal blocks under ``root`` for timing: status every 100
+    steps, one checkpoint at the end; ``train`` sets further ``train.*`` fields."""
+    from ..config import validate_config
+    from ..run import Run
+
+    settings = {"steps": steps, "batch_size": batch, "log_every": 100, "checkpoint_every": steps}
+    raw = {
+        "name": name,
+        "data": {"name": "ty"},
+        "partition": {"kind": "equal", "blocks": blocks},
+        "train": settings | train,
+    }
+    path = root / name
+    n = 0
+    while path.exists():
+        n += 1
+        path = root / f"{name}-{n}"
+    return Run.create(validate_config(raw), path)
+
+
 def machine_info() -> dict[str, Any]:
     """Where a benchmark ran: CPU, threads, torch version, GPU name if any."""
     info: dict[str, Any] = {

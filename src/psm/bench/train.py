@@ -16,11 +16,9 @@ from typing import Any
 
 import torch
 
-from ..config import validate_config
 from ..ensemble import train_ensemble
-from ..run import Run
 from ..train import BlockProblem, make_adam, train_block
-from .report import markdown_table
+from .report import markdown_table, toy_run
 
 
 def add_arguments(p: argparse.ArgumentParser) -> None:
@@ -39,27 +37,6 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--gpu-blocks", type=int, default=200, help="K measured on a GPU if present")
 
 
-_serial = iter(range(10**9))
-
-
-def _run(root: Path, name: str, k: int, steps: int, batch: int, device: str) -> Run:
-    cfg = validate_config(
-        {
-            "name": name,
-            "data": {"name": "ty"},
-            "partition": {"kind": "equal", "blocks": k},
-            "train": {
-                "steps": steps,
-                "batch_size": batch,
-                "log_every": 100,
-                "checkpoint_every": steps,
-                "device": device,
-            },
-        }
-    )
-    return Run.create(cfg, root / f"{name}-{next(_serial)}")
-
-
 def _sync(device: str) -> None:
     if device.startswith("cuda"):
         torch.cuda.synchronize()
@@ -67,7 +44,7 @@ def _sync(device: str) -> None:
 
 def time_loop(root: Path, k: int, steps: int, batch: int, device: str = "cpu") -> float:
     """Seconds to train K blocks one after another with ``train_block``."""
-    run = _run(root, f"loop{k}", k, steps, batch, device)
+    run = toy_run(root, f"loop{k}", k, steps, batch, device=device)
     t = time.perf_counter()
     for b in range(k):
         train_block(run, b)
@@ -77,7 +54,7 @@ def time_loop(root: Path, k: int, steps: int, batch: int, device: str = "cpu") -
 
 def time_ensemble(root: Path, k: int, steps: int, batch: int, device: str = "cpu") -> float:
     """Seconds to train K blocks stacked with ``train_ensemble``."""
-    run = _run(root, f"ens{k}-{device.replace(':', '')}", k, steps, batch, device)
+    run = toy_run(root, f"ens{k}-{device.replace(':', '')}", k, steps, batch, device=device)
     t = time.perf_counter()
     train_ensemble(run)
     _sync(device)
@@ -86,7 +63,7 @@ def time_ensemble(root: Path, k: int, steps: int, batch: int, device: str = "cpu
 
 def time_sampling(root: Path, batch: int, n: int = 300) -> dict[str, float]:
     """Microseconds per batch draw and per full training step of one block (draw included)."""
-    run = _run(root, "sampling", 10, 10, batch, "cpu")
+    run = toy_run(root, "sampling", 10, 10, batch)
     problem = BlockProblem.build(run, 3)
     net = problem.new_net()
     gen = problem.new_generator()

@@ -18,7 +18,7 @@ import time
 from pathlib import Path
 
 from ..errors import PSMError
-from .nll import (
+from .model_flags import (
     add_model_arguments,
     add_ode_arguments,
     check_positive,

@@ -20,7 +20,7 @@ from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
 from ..errors import PSMError
-from .nll import (
+from .model_flags import (
     add_model_arguments,
     add_ode_arguments,
     check_positive,

@@ -1,0 +1,140 @@
+"""Flags and helpers shared by the commands that load a trained model (nll, sample, plot)."""
+
+from __future__ import annotations
+
+import argparse
+import sys
+from typing import TYPE_CHECKING, Any
+
+from ..errors import PSMError
+
+if TYPE_CHECKING:  # torch is imported when a command runs, not when `psm` parses its flags
+    import torch
+
+DTYPES: tuple[str, ...] = ("float32", "float64")
+DEFAULT_TOL = 1e-5
+
+
+def parse_steps(text: str) -> int | tuple[int, ...]:
+    """``"1000"`` → 1000 (a budget over ``[t0, 1]``); ``"100,900"`` → steps per block id."""
+    try:
+        values = tuple(int(v) for v in text.split(",") if v.strip())
+    except ValueError:
+        raise argparse.ArgumentTypeError(
+            f"expected N or N,N,... (per block), got {text!r}"
+        ) from None
+    if not values or any(v < 1 for v in values):
+        raise argparse.ArgumentTypeError(f"steps must be >= 1, got {text!r}")
+    return values[0] if len(values) == 1 and "," not in text else values
+
+
+def add_ode_arguments(p: argparse.ArgumentParser, *, steps_default: str) -> None:
+    """``--steps``, ``--solver``, ``--rtol``, ``--atol``."""
+    p.add_argument(
+        "--steps",
+        type=parse_steps,
+        metavar="N[,N...]",
+        help=f"fixed-step budget over [t0, 1], or steps per block (default: {steps_default})",
+    )
+    p.add_argument(
+        "--solver",
+        choices=["rk4", "euler", "dopri5"],
+        help="ODE solver (default: the run's eval.solver)",
+    )
+    p.add_argument("--rtol", type=float, help=f"dopri5 relative tolerance (default {DEFAULT_TOL})")
+    p.add_argument("--atol", type=float, help=f"dopri5 absolute tolerance (default {DEFAULT_TOL})")
+
+
+def add_model_arguments(p: argparse.ArgumentParser) -> None:
+    """``--grid-field``, ``--device``, ``--dtype``, ``--no-progress``."""
+    p.add_argument(
+        "--grid-field",
+        choices=["constant", "linear"],
+        help="DPSM runs: field between grid points, constant (paper) or linear (default constant)",
+    )
+    p.add_argument("--device", default="cpu", help="cpu, cuda, cuda:N or auto (default cpu)")
+    p.add_argument("--dtype", choices=DTYPES, default="float32", help="evaluation dtype")
+    p.add_argument("--no-progress", action="store_true", help="no progress bar")
+
+
+def ode_settings(
+    args: argparse.Namespace, *, solver: str, steps: int | tuple[int, ...], blocks: int
+) -> dict[str, Any]:
+    """Solver, steps and tolerances from the flags over the given defaults, checked.
+
+    Args:
+        args: the parsed flags (``solver``, ``steps``, ``rtol``, ``atol``).
+        solver: the default solver.
+        steps: the default steps.
+        blocks: the run's number of blocks (a per-block ``--steps`` list must match it).
+
+    Returns:
+        ``{"solver", "steps", "rtol", "atol"}``.
+
+    Raises:
+        PSMError: per-block steps of the wrong length; tolerances given for a fixed-step
+            solver, or not > 0.
+    """
+    solver = args.solver or solver
+    steps = args.steps if args.steps is not None else steps
+    if not isinstance(steps, int) and len(steps) != blocks:
+        raise PSMError(f"--steps: {len(steps)} per-block values for a run of {blocks} blocks")
+    for flag in ("rtol", "atol"):
+        value = getattr(args, flag)
+        if value is None:
+            continue
+        if solver != "dopri5":
+            raise PSMError(f"--{flag} applies to --solver dopri5 only (solver is {solver})")
+        if not value > 0:
+            raise PSMError(f"--{flag} must be > 0, got {value}")
+    return {
+        "solver": solver,
+        "steps": steps,
+        "rtol": args.rtol or DEFAULT_TOL,
+        "atol": args.atol or DEFAULT_TOL,
+    }
+
+
+def dtype_of(name: str) -> torch.dtype:
+    """``--dtype`` name → torch dtype."""
+    import torch
+
+    return getattr(torch, name)
+
+
+def resolve_device(name: str) -> torch.device:
+    """``--device``: ``auto`` → cuda if available else cpu; refuse a missing CUDA."""
+    from ..train import resolve_device as resolve
+
+    try:
+        return resolve(name)
+    except PSMError as e:
+        raise PSMError(f"--device {name}: {e}") from None
+
+
+def grid_field_for(args: argparse.Namespace, run) -> str:
+    """The DPSM field to use; a warning when ``--grid-field`` is given for a TPSM/SA run."""
+    if args.grid_field and run.partition.kind != "grid":
+        warn("--grid-field applies to DPSM (grid) runs only; ignored")
+    return args.grid_field or "constant"
+
+
+def check_positive(**values: int | None) -> None:
+    """Refuse flags (given as ``name=value``, ``_`` for ``-``) that are set and < 1."""
+    for name, value in values.items():
+        if value is not None and value < 1:
+            raise PSMError(f"--{name.replace('_', '-')} must be >= 1, got {value}")
+
+
+def warn(message: str) -> None:
+    """One warning line on stderr."""
+    print(f"psm: warning: {message}", file=sys.stderr)
+
+
+def steps_text(solver: str, steps: int | tuple[int, ...], rtol: float) -> str:
+    """``"rk4 1000 steps"``, ``"rk4 steps 100,900"`` or ``"dopri5 rtol 1e-05"``."""
+    if solver == "dopri5":
+        return f"dopri5 rtol {rtol:g}"
+    if isinstance(steps, int):
+        return f"{solver} {steps} steps"
+    return f"{solver} steps {','.join(map(str, steps))}"
