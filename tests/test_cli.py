@@ -13,7 +13,7 @@ from pathlib import Path
 import pytest
 import yaml
 
-from helpers import tiny_config
+from helpers import one_line_error, run_cli, tiny_config
 from psm.cli import main
 from psm.run import Run
 
@@ -21,22 +21,6 @@ from psm.run import Run
 def write_config(path: Path, **sections) -> Path:
     path.write_text(yaml.safe_dump(tiny_config(**sections)))
     return path
-
-
-def run_cli(capsys, *argv) -> tuple[int, str, str]:
-    code = main([str(a) for a in argv])
-    out, err = capsys.readouterr()
-    return code, out, err
-
-
-def one_line_error(capsys, *argv, match: str) -> str:
-    code, _, err = run_cli(capsys, *argv)
-    assert code == 2, err
-    lines = [x for x in err.splitlines() if x.strip()]
-    assert len(lines) == 1, err
-    assert lines[0].startswith("psm: error: ")
-    assert match in lines[0], lines[0]
-    return lines[0]
 
 
 def snapshot(folder: Path) -> dict[str, bytes]:

@@ -10,8 +10,7 @@ import numpy as np
 import pytest
 from PIL import Image
 
-from helpers import tiny_config
-from psm.cli import main
+from helpers import one_line_error, run_cli, tiny_config
 from psm.config import validate_config
 from psm.likelihood import evaluate_run
 from psm.run import Run
@@ -39,21 +38,6 @@ def unfinished(make_run) -> Run:
     return run
 
 
-def cli(capsys, *argv) -> tuple[int, str, str]:
-    code = main([str(a) for a in argv])
-    out, err = capsys.readouterr()
-    return code, out, err
-
-
-def refused(capsys, *argv, match: str) -> str:
-    """Run a command that must fail with exit 2 and one line ``psm: error: ...``."""
-    code, _, err = cli(capsys, *argv)
-    lines = [x for x in err.splitlines() if x.strip()]
-    assert code == 2 and len(lines) == 1, err
-    assert lines[0].startswith("psm: error: ") and match in lines[0], lines[0]
-    return lines[0]
-
-
 def log_lines(run: Run) -> list[dict]:
     path = run.path / "nll.jsonl"
     return [json.loads(x) for x in path.read_text().splitlines()] if path.exists() else []
@@ -62,7 +46,7 @@ def log_lines(run: Run) -> list[dict]:
 # --------------------------------------------------------------------------- nll
 def test_nll_prints_nll_stderr_and_floor_and_appends_a_record(trained, capsys, tmp_path):
     before = len(log_lines(trained))
-    code, out, err = cli(
+    code, out, err = run_cli(
         capsys, "nll", trained.path, "--no-progress", "--json", tmp_path / "r.json"
     )
     assert code == 0, err
@@ -89,7 +73,7 @@ def test_nll_prints_nll_stderr_and_floor_and_appends_a_record(trained, capsys, t
 
 
 def test_nll_flags_override_the_defaults(trained, capsys):
-    code, out, err = cli(
+    code, out, err = run_cli(
         capsys, "nll", trained.path, "--n", 20, "--solver", "dopri5", "--rtol", 1e-3,
         "--atol", 1e-3, "--trace", "hutchinson", "--seed", 3, "--probe-seed", 5,
         "--batch-size", 8, "--no-progress",
@@ -103,27 +87,31 @@ def test_nll_flags_override_the_defaults(trained, capsys):
     assert (rec["trace"], rec["test_seed"], rec["probe_seed"], rec["batch_size"]) == (
         "hutchinson", 3, 5, 8,
     )  # fmt: skip
-    code, _, err = cli(capsys, "nll", trained.path, "--n", 9, "--steps", "3,4,5", "--no-progress")
+    code, _, err = run_cli(
+        capsys, "nll", trained.path, "--n", 9, "--steps", "3,4,5", "--no-progress"
+    )
     assert code == 0, err
     assert log_lines(trained)[-1]["steps"] == [3, 4, 5]
 
 
 def test_nll_refuses_bad_flags_and_writes_nothing(trained, capsys, tmp_path):
     before = log_lines(trained)
-    refused(capsys, "nll", trained.path, "--rtol", 1e-3, match="--rtol applies to --solver dopri5")
-    refused(capsys, "nll", trained.path, "--steps", "5,5", match="2 per-block values")
-    refused(capsys, "nll", trained.path, "--n", 0, match="--n must be >= 1")
-    refused(
+    one_line_error(
+        capsys, "nll", trained.path, "--rtol", 1e-3, match="--rtol applies to --solver dopri5"
+    )
+    one_line_error(capsys, "nll", trained.path, "--steps", "5,5", match="2 per-block values")
+    one_line_error(capsys, "nll", trained.path, "--n", 0, match="--n must be >= 1")
+    one_line_error(
         capsys, "nll", trained.path, "--json", tmp_path / "no" / "r.json", match="does not exist"
     )
-    refused(capsys, "nll", trained.path, "--device", "cuda:x", match="--device")
+    one_line_error(capsys, "nll", trained.path, "--device", "cuda:x", match="--device")
     assert log_lines(trained) == before
 
 
 @pytest.mark.parametrize("command", ["nll", "sample", "plot"])
 def test_commands_refuse_an_unfinished_run_in_one_line(unfinished, capsys, tmp_path, command):
     extra = ["--out", tmp_path / "x.npz"] if command == "sample" else []
-    line = refused(capsys, command, unfinished.path, *extra, match="not fully trained")
+    line = one_line_error(capsys, command, unfinished.path, *extra, match="not fully trained")
     assert "2 of 3 block(s) not done: 1 (pending), 2 (pending)" in line
     assert not (unfinished.path / "nll.jsonl").exists()
     assert not (unfinished.path / "plots").exists() and not (tmp_path / "x.npz").exists()
@@ -132,14 +120,14 @@ def test_commands_refuse_an_unfinished_run_in_one_line(unfinished, capsys, tmp_p
 @pytest.mark.parametrize("command", ["nll", "sample", "plot"])
 def test_commands_refuse_a_missing_run_dir(capsys, tmp_path, command):
     extra = ["--out", tmp_path / "x.png"] if command == "sample" else []
-    refused(capsys, command, tmp_path / "nope", *extra, match="does not exist")
+    one_line_error(capsys, command, tmp_path / "nope", *extra, match="does not exist")
 
 
 # --------------------------------------------------------------------------- sample
 def test_sample_npz_holds_the_samples_and_settings(trained, capsys, tmp_path):
     out = tmp_path / "s.npz"
     args = ["sample", trained.path, "-n", 30, "--steps", 10, "--seed", 4, "--no-progress"]
-    code, stdout, err = cli(capsys, *args, "--out", out)
+    code, stdout, err = run_cli(capsys, *args, "--out", out)
     assert code == 0, err
     assert stdout.strip() == str(out)
     with np.load(out) as f:
@@ -150,11 +138,11 @@ def test_sample_npz_holds_the_samples_and_settings(trained, capsys, tmp_path):
         "rk4", 10, trained.hash,
     )  # fmt: skip
     # same seed, same samples; --force overwrites
-    code, _, err = cli(capsys, *args, "--out", out, "--force")
+    code, _, err = run_cli(capsys, *args, "--out", out, "--force")
     assert code == 0, err
     with np.load(out) as f:
         np.testing.assert_array_equal(f["samples"], x)
-    code, _, err = cli(capsys, *args, "--out", out, "--force", "--method", "sde")
+    code, _, err = run_cli(capsys, *args, "--out", out, "--force", "--method", "sde")
     assert code == 0, err
     with np.load(out) as f:
         assert f["samples"].shape == (30, 2)
@@ -163,7 +151,7 @@ def test_sample_npz_holds_the_samples_and_settings(trained, capsys, tmp_path):
 
 def test_sample_png_is_a_valid_image(trained, capsys, tmp_path):
     out = tmp_path / "s.png"
-    code, _, err = cli(
+    code, _, err = run_cli(
         capsys, "sample", trained.path, "-n", 40, "--steps", 6, "--out", out, "--no-progress"
     )
     assert code == 0, err
@@ -173,14 +161,18 @@ def test_sample_png_is_a_valid_image(trained, capsys, tmp_path):
 
 
 def test_sample_refuses_bad_out_and_does_not_overwrite(trained, capsys, tmp_path):
-    refused(capsys, "sample", trained.path, "--out", tmp_path / "s.jpg", match="use .npz or .png")
-    refused(capsys, "sample", trained.path, "--out", tmp_path / "s", match="no suffix")
-    refused(capsys, "sample", trained.path, "--out", tmp_path / "no" / "s.npz", match="not exist")
+    one_line_error(
+        capsys, "sample", trained.path, "--out", tmp_path / "s.jpg", match="use .npz or .png"
+    )
+    one_line_error(capsys, "sample", trained.path, "--out", tmp_path / "s", match="no suffix")
+    one_line_error(
+        capsys, "sample", trained.path, "--out", tmp_path / "no" / "s.npz", match="not exist"
+    )
     existing = tmp_path / "old.npz"
     existing.write_bytes(b"keep me")
-    refused(capsys, "sample", trained.path, "--out", existing, match="--force")
+    one_line_error(capsys, "sample", trained.path, "--out", existing, match="--force")
     assert existing.read_bytes() == b"keep me"
-    refused(
+    one_line_error(
         capsys, "sample", trained.path, "--out", tmp_path / "t.npz", "--method", "sde",
         "--solver", "rk4", match="--method ode",
     )  # fmt: skip
@@ -190,7 +182,7 @@ def test_sample_refuses_bad_out_and_does_not_overwrite(trained, capsys, tmp_path
 # --------------------------------------------------------------------------- plot
 def test_plot_writes_the_pngs_and_an_animated_gif(trained, capsys, tmp_path):
     out = tmp_path / "figs"
-    code, stdout, err = cli(
+    code, stdout, err = run_cli(
         capsys, "plot", trained.path, "--out", out, "--grid", 12, "--steps", 8, "--n", 100,
         "--gif-points", 40, "--frames", 5, "--no-progress",
     )  # fmt: skip
@@ -207,7 +199,7 @@ def test_plot_writes_the_pngs_and_an_animated_gif(trained, capsys, tmp_path):
 
 
 def test_plot_defaults_to_the_run_folder_and_can_skip_the_gif(trained, capsys):
-    code, stdout, err = cli(
+    code, stdout, err = run_cli(
         capsys, "plot", trained.path, "--grid", 6, "--steps", 4, "--n", 20, "--no-gif",
         "--no-progress",
     )  # fmt: skip
