@@ -12,9 +12,9 @@ from PIL import Image
 
 from helpers import one_line_error, run_cli, tiny_config
 from psm.config import validate_config
-from psm.likelihood import evaluate_run
 from psm.run import Run
 from psm.train import train_block
+from psm.trained import evaluate_run
 
 # the eval section is what `psm nll` falls back on: small, so the defaults run fast
 EVAL = {"n_test": 48, "steps": 12, "solver": "rk4", "test_seed": 7}
@@ -54,7 +54,7 @@ def test_nll_prints_nll_stderr_and_floor_and_appends_a_record(trained, capsys, t
     assert m, out
     nll, se, floor = (float(v) for v in m.groups())
     assert math.isfinite(nll) and 0 < se < 1
-    assert floor == pytest.approx(trained.config.build_dataset().entropy, abs=1e-4)
+    assert floor == pytest.approx(trained.dataset.entropy, abs=1e-4)
     recs = log_lines(trained)
     assert len(recs) == before + 1
     rec = recs[-1]
@@ -97,7 +97,7 @@ def test_nll_flags_override_the_defaults(trained, capsys):
 def test_nll_refuses_bad_flags_and_writes_nothing(trained, capsys, tmp_path):
     before = log_lines(trained)
     one_line_error(
-        capsys, "nll", trained.path, "--rtol", 1e-3, match="--rtol applies to --solver dopri5"
+        capsys, "nll", trained.path, "--rtol", 1e-3, match="--rtol applies to adaptive solvers only"
     )
     one_line_error(capsys, "nll", trained.path, "--steps", "5,5", match="2 per-block values")
     one_line_error(capsys, "nll", trained.path, "--n", 0, match="--n must be >= 1")

@@ -25,8 +25,8 @@ def test_shipped_configs_hold_paper_settings(path):
     cfg = load_config(path)
     assert cfg.train.batch_size == 512 and cfg.train.lr == 1e-3
     assert cfg.net.name == "mlp" and cfg.net.hidden == [100, 150, 100]
-    assert cfg.net.activation == "elu" and cfg.process.t0 == 1e-4
-    k = cfg.build_partition().num_blocks
+    assert cfg.net.activation == "elu" and cfg.partition.t0 == 1e-4
+    k = cfg.partition.build().num_blocks
     method = path.stem.split("_", 1)[1]
     expected = {"sa": 1, "tpsm_a": 2, "tpsm_b": 4, "tpsm10": 10, "tpsm_c": 200, "dpsm": 100,
                 "fm_sa": 1, "fm_tpsm10": 10}[method]  # fmt: skip
@@ -37,12 +37,12 @@ def test_shipped_configs_hold_paper_settings(path):
 
 
 def test_paper_splits():
-    assert load_config(CONFIGS[0].with_name("ty_tpsm_a.yaml")).build_partition().edges == (
+    assert load_config(CONFIGS[0].with_name("ty_tpsm_a.yaml")).partition.build().edges == (
         0,
         0.1,
         1,
     )
-    b = load_config(CONFIGS[0].with_name("hg_tpsm_b.yaml")).build_partition()
+    b = load_config(CONFIGS[0].with_name("hg_tpsm_b.yaml")).partition.build()
     assert b.edges == (0, 0.02, 0.1, 0.3, 1)
 
 
@@ -53,7 +53,7 @@ def test_overrides(tmp_path):
         steps=77, out=str(tmp_path / "x"), seed=3,
     )  # fmt: skip
     assert cfg.train.lr == 2e-4 and cfg.train.steps == 77 and cfg.train.seed == 3
-    assert cfg.build_partition().num_blocks == 5 and cfg.net.hidden == [8, 8]
+    assert cfg.partition.build().num_blocks == 5 and cfg.net.hidden == [8, 8]
     assert cfg.out_dir == tmp_path / "x"
 
 

@@ -25,12 +25,12 @@ import pytest
 import torch
 from torch import Tensor
 
-from psm.data import DATASETS, DataError, Mixture, make_dataset
+from psm.data import TOYS, DataError, Mixture, make_dataset
 from psm.data.classic import ENTROPY, Rings, moons, spirals, swissroll
 from psm.data.mixture import load_paper_spec
 from psm.data.points import PointsDataset
 
-SYNTHETIC = sorted(DATASETS)
+SYNTHETIC = sorted(TOYS)
 DENSITY = [n for n in SYNTHETIC if make_dataset(n).has_density]
 
 # name -> (lo, h, cells per axis, fine cells per histogram bin); edges of boxes on cell edges
@@ -284,7 +284,7 @@ def test_points_npy_split(tmp_path: Path) -> None:
     path = tmp_path / "pts.npy"
     np.save(path, arr)
     ds = PointsDataset(path, test_fraction=0.2, center=False, seed=1)
-    assert (ds.dim, ds.n_train, ds.n_test) == (2, 40, 10) and not ds.has_density
+    assert (ds.shape, ds.n_train, ds.n_test) == ((2,), 40, 10) and not ds.has_density
     train, test = ds.train_points, ds.test_set(1000)
     assert _same_rows(torch.cat([train, test]), arr)
     assert not _in(train, test).any()
@@ -316,7 +316,7 @@ def test_points_csv(tmp_path: Path, header: str) -> None:
     body = "\n".join(",".join(f"{v:.6f}" for v in row) for row in arr)
     path.write_text(header + body + "\n\n")
     ds = PointsDataset(path, test_fraction=0.1, center=False, seed=0)
-    assert (ds.dim, ds.n_train, ds.n_test) == (3, 27, 3)
+    assert (ds.shape, ds.n_train, ds.n_test) == ((3,), 27, 3)
     both = torch.cat([ds.train_points, ds.test_set(100)]).double()
     assert _same_rows(both, arr)
     assert ds.sample(10, g(0)).shape == (10, 3)

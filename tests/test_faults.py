@@ -25,12 +25,11 @@ import psm.train
 from helpers import tiny_config
 from psm.checkpoint import load_state, load_weights
 from psm.cli import main
-from psm.ensemble import train_ensemble
 from psm.errors import RunError
 from psm.executors.ray import train_task
 from psm.lock import BlockLocks
 from psm.run import Run
-from psm.train import BlockProblem, train_block
+from psm.train import BlockProblem, train_block, train_ensemble
 
 
 def write_config(path: Path, **sections) -> Path:
@@ -334,9 +333,7 @@ def test_more_steps_on_the_same_run_continue_every_block(tmp_path, monkeypatch, 
     argv = ["train", str(cfg), "--out", str(out_dir), "--executor", executor,
             "--no-progress", "--no-plot"]  # fmt: skip
     assert main(argv) == 0
-    seen = spy_resume_steps(monkeypatch)
-    if executor == "ensemble":  # the ensemble reads resume points through its own import
-        monkeypatch.setattr("psm.ensemble.load_state", psm.train.load_state)
+    seen = spy_resume_steps(monkeypatch)  # one training loop: both executors resume through it
     assert main([*argv, "--steps", "50"]) == 0, capsys.readouterr().err
     assert {b: s[-1] for b, s in seen.items()} == {0: 30, 1: 30, 2: 30}
     run = Run.open(out_dir)

@@ -17,16 +17,18 @@ from torch import Tensor
 from psm.likelihood import (
     divergence,
     evaluate_nll,
-    evaluate_run,
     log_likelihood,
     rademacher,
 )
-from psm.model import BlockModel, load_model
+from psm.model import BlockModel
+from psm.ode import SolverSettings
 from psm.partition import equal, grid, splits
 from psm.process import Process, make_process
 from psm.train import train_block
+from psm.trained import evaluate_run, load_model
 
 D64 = torch.float64
+T0 = 1e-4  # the partitions' default time floor
 
 
 class GaussianMixture:
@@ -147,7 +149,7 @@ def test_divergence_works_under_no_grad_and_keeps_no_graph():
 def test_exact_trace_equals_analytic_divergence_of_the_gaussian_field(name):
     # p_t = N(α m, Σ_t): f = (α'/α) x - ½ g² s with s = -Σ_t⁻¹ (x - α m), so
     # tr ∂f/∂x = D α'/α + ½ g² tr Σ_t⁻¹
-    process = make_process(name, t0=1e-4)
+    process = make_process(name)
     model = exact_model(GAUSS, process)
     x = GAUSS.sample(6, torch.Generator().manual_seed(1))
     for t in (1e-3, 0.3, 0.97):
@@ -189,10 +191,10 @@ def test_rademacher_probe_is_signs_and_seeded():
 
 
 def test_hutchinson_probe_is_held_fixed_through_the_solve():
-    process = make_process("vp", t0=1e-4)
+    process = make_process("vp")
     model = exact_model(MIXTURE, process, UNEVEN7)
     x = MIXTURE.sample(8, torch.Generator().manual_seed(2))
-    kw = dict(solver="rk4", steps=40, prior_log_prob=exact_prior(MIXTURE, process))
+    kw = dict(solver=SolverSettings("rk4", 40), prior_log_prob=exact_prior(MIXTURE, process))
     drawn = log_likelihood(
         model, x, trace="hutchinson", generator=torch.Generator().manual_seed(5), **kw
     )
@@ -211,36 +213,38 @@ def test_hutchinson_probe_is_held_fixed_through_the_solve():
 @pytest.mark.parametrize("dist", [GAUSS, MIXTURE], ids=["gaussian", "mixture"])
 @pytest.mark.parametrize("name", ["vp", "ot"])
 def test_ode_likelihood_of_the_exact_model_is_the_true_density(name, dist, partition):
-    process = make_process(name, t0=1e-4)
+    process = make_process(name)
     model = exact_model(dist, process, partition)
     x = dist.sample(12, torch.Generator().manual_seed(0))
     got = log_likelihood(
-        model, x, solver="rk4", steps=1000, prior_log_prob=exact_prior(dist, process)
+        model, x, solver=SolverSettings("rk4", 1000), prior_log_prob=exact_prior(dist, process)
     )
-    want = dist.log_prob(process, x, process.t0)
+    want = dist.log_prob(process, x, T0)
     assert (got - want).abs().max().item() < 1e-3
 
 
 def test_flow_matching_prior_is_the_standard_normal():
     # for OT, p_1 = N(σ_min m, I + σ_min² S): the default N(0, I) prior is exact to ~1e-4
-    process = make_process("ot", t0=1e-4)
+    process = make_process("ot")
     model = exact_model(MIXTURE, process, UNEVEN7)
     x = MIXTURE.sample(12, torch.Generator().manual_seed(0))
-    got = log_likelihood(model, x, solver="dopri5", rtol=1e-7, atol=1e-7)
-    assert (got - MIXTURE.log_prob(process, x, process.t0)).abs().max().item() < 1e-3
+    got = log_likelihood(model, x, solver=SolverSettings("dopri5", rtol=1e-7, atol=1e-7))
+    assert (got - MIXTURE.log_prob(process, x, T0)).abs().max().item() < 1e-3
 
 
 @pytest.mark.parametrize("name", ["vp", "ot"])
 def test_dopri5_and_euler_converge_to_the_true_density(name):
-    process = make_process(name, t0=1e-4)
+    process = make_process(name)
     model = exact_model(MIXTURE, process, UNEVEN7)
     x = MIXTURE.sample(12, torch.Generator().manual_seed(4))
     prior = exact_prior(MIXTURE, process)
-    want = MIXTURE.log_prob(process, x, process.t0)
-    ada = log_likelihood(model, x, solver="dopri5", rtol=1e-7, atol=1e-7, prior_log_prob=prior)
+    want = MIXTURE.log_prob(process, x, T0)
+    ada = log_likelihood(
+        model, x, solver=SolverSettings("dopri5", rtol=1e-7, atol=1e-7), prior_log_prob=prior
+    )
     assert (ada - want).abs().max().item() < 1e-4
-    e1 = log_likelihood(model, x, solver="euler", steps=100, prior_log_prob=prior) - want
-    e2 = log_likelihood(model, x, solver="euler", steps=200, prior_log_prob=prior) - want
+    e1 = log_likelihood(model, x, solver=SolverSettings("euler", 100), prior_log_prob=prior) - want
+    e2 = log_likelihood(model, x, solver=SolverSettings("euler", 200), prior_log_prob=prior) - want
     ratio = e1.abs().max() / e2.abs().max()
     assert 1.6 < ratio < 2.5  # first order: halving the step halves the error
 
@@ -249,11 +253,11 @@ def test_dopri5_and_euler_converge_to_the_true_density(name):
 def test_dpsm_constant_field_with_one_euler_step_per_cell_is_eq6():
     # eq. 6 by hand, with the paper's VP formulas (b(t) = 10 t) and the Gaussian's exact score:
     # x ← x + ε f_i(x), log p ← log p + ε tr ∂f_i/∂x, f_i(x) = -½ b(t_i) (x + s_i(x))
-    process = make_process("vp", t0=1e-4)
+    process = make_process("vp")
     part = grid(25)
     model = exact_model(GAUSS, process, part, grid_field="constant")
     x = GAUSS.sample(10, torch.Generator().manual_seed(3))
-    got = log_likelihood(model, x, solver="euler", steps=25)
+    got = log_likelihood(model, x, solver=SolverSettings("euler", 25))
 
     m, s, eye = GAUSS.means[0], GAUSS.covs[0], torch.eye(2, dtype=D64)
     y, delta = x.clone(), torch.zeros(10, dtype=D64)
@@ -272,14 +276,17 @@ def test_dpsm_constant_field_with_one_euler_step_per_cell_is_eq6():
 
 @pytest.mark.parametrize("name", ["vp", "ot"])
 def test_dpsm_linear_field_beats_the_piecewise_constant_one(name):
-    process = make_process(name, t0=1e-4)
+    process = make_process(name)
     x = MIXTURE.sample(16, torch.Generator().manual_seed(5))
-    want = MIXTURE.log_prob(process, x, process.t0)
+    want = MIXTURE.log_prob(process, x, T0)
     err = {}
     for mode in ("constant", "linear"):
         model = exact_model(MIXTURE, process, grid(100), grid_field=mode)
         got = log_likelihood(
-            model, x, solver="rk4", steps=200, prior_log_prob=exact_prior(MIXTURE, process)
+            model,
+            x,
+            solver=SolverSettings("rk4", 200),
+            prior_log_prob=exact_prior(MIXTURE, process),
         )
         err[mode] = (got - want).pow(2).mean().sqrt().item()
     assert err["linear"] < 0.5 * err["constant"]
@@ -288,12 +295,12 @@ def test_dpsm_linear_field_beats_the_piecewise_constant_one(name):
 
 # ---------------------------------------------------------------------- evaluators
 def test_evaluate_nll_mean_stderr_and_batching():
-    process = make_process("vp", t0=1e-4)
+    process = make_process("vp")
     model = exact_model(MIXTURE, process, UNEVEN7)
     x = MIXTURE.sample(30, torch.Generator().manual_seed(6))
-    kw = dict(solver="rk4", steps=30, progress=False)
+    kw = dict(solver=SolverSettings("rk4", 30), progress=False)
     res = evaluate_nll(model, x, batch_size=7, **kw)
-    ref = -log_likelihood(model, x, solver="rk4", steps=30)
+    ref = -log_likelihood(model, x, solver=SolverSettings("rk4", 30))
     assert res.n == 30 and res.finite
     assert res.nll == pytest.approx(ref.mean().item(), abs=1e-12)
     assert res.stderr == pytest.approx(ref.std().item() / math.sqrt(30), abs=1e-12)
@@ -308,18 +315,20 @@ def test_evaluate_run_reports_the_entropy_floor(make_run):
     run = make_run(partition={"kind": "equal", "blocks": 2})
     for b in range(2):
         assert train_block(run, b).state == "done"
-    ev = evaluate_run(run, n=40, steps=40, batch_size=16, progress=False)
-    data = run.config.build_dataset()
+    ev = evaluate_run(run, n=40, solver=SolverSettings("rk4", 40), batch_size=16, progress=False)
+    data = run.dataset
     assert ev.dataset == "ty" and ev.entropy == data.entropy and ev.grid_field is None
     assert ev.result.n == 40 and ev.result.finite
     model = load_model(run)
     x = data.test_set(40, run.config.eval.test_seed)
-    ref = evaluate_nll(model, x, solver="rk4", steps=40, progress=False)
+    ref = evaluate_nll(model, x, solver=SolverSettings("rk4", 40), progress=False)
     assert ev.result.nll == pytest.approx(ref.nll, abs=1e-6)
     # a fixed-step answer agrees with an independent adaptive integration (the issue's check)
     ada = evaluate_nll(
-        load_model(run, dtype=D64), x.double(), solver="dopri5", rtol=1e-6, atol=1e-6,
+        load_model(run, dtype=D64),
+        x.double(),
+        solver=SolverSettings("dopri5", rtol=1e-6, atol=1e-6),
         progress=False,
-    )  # fmt: skip
-    rk4 = evaluate_run(run, n=40, steps=400, progress=False)
+    )
+    rk4 = evaluate_run(run, n=40, solver=SolverSettings("rk4", 400), progress=False)
     assert abs(rk4.result.nll - ada.nll) < 0.01

@@ -7,13 +7,14 @@ import torch
 
 from psm.checkpoint import load_weights, save_weights
 from psm.errors import IncompleteRunError, PSMError
-from psm.model import BlockModel, Segment, load_model
-from psm.partition import grid, splits
+from psm.model import BlockModel
+from psm.partition import Segment, grid, splits
 from psm.process import make_process
 from psm.train import train_block
+from psm.trained import load_model
 
 D64 = torch.float64
-VP = make_process("vp", t0=1e-4)
+VP = make_process("vp")
 
 
 def tagged(b: int):
@@ -28,8 +29,12 @@ def smooth(b: int):
 
 # ---------------------------------------------------------------------- structure
 def test_segments_apply_the_time_floor_and_skip_blocks_below_it():
-    model = BlockModel(VP, splits([0, 1e-5, 0.3, 1]), [tagged(b) for b in range(3)])
-    assert model.segments() == [Segment(1, 1e-4, 0.3), Segment(2, 0.3, 1.0)]
+    model = BlockModel(VP, splits([0, 0.3, 1]), [tagged(b) for b in range(2)])
+    assert model.segments() == [Segment(0, 1e-4, 0.3), Segment(1, 0.3, 1.0)]
+    assert model.t0 == 1e-4
+    # a DPSM cell that ends below t0 is left out of the integration
+    low = BlockModel(VP, grid([5e-5, 0.5, 1.0]), [tagged(b) for b in range(3)])
+    assert low.segments() == [Segment(1, 1e-4, 0.5), Segment(2, 0.5, 1.0)]
     g = BlockModel(VP, grid(4), [tagged(b) for b in range(4)])
     assert [s.block for s in g.segments()] == [0, 1, 2, 3]
     assert g.segments()[0] == Segment(0, 1e-4, 0.25)
@@ -58,7 +63,7 @@ def test_interval_routing_follows_block_of_and_the_explicit_index():
 
 def test_field_score_and_sde_are_the_process_applied_to_the_block():
     for name in ("vp", "ot"):
-        process = make_process(name, t0=1e-4)
+        process = make_process(name)
         model = BlockModel(process, splits([0, 0.4, 1]), [smooth(0), smooth(1)])
         x = torch.randn(5, 2, dtype=D64)
         t = torch.tensor([0.1, 0.39, 0.4, 0.8, 0.99], dtype=D64)
@@ -105,7 +110,7 @@ def test_dpsm_linear_field_interpolates_neighbouring_nets():
 
 @pytest.mark.parametrize("name", ["vp", "ot"])
 def test_dpsm_linear_first_cell_holds_net0s_score(name):
-    process = make_process(name, t0=1e-4)
+    process = make_process(name)
     model = BlockModel(process, grid(4), [smooth(b) for b in range(4)], grid_field="linear")
     x = torch.randn(3, 2, dtype=D64)
     tau = torch.full((3,), 0.25, dtype=D64)
@@ -119,10 +124,9 @@ def test_dpsm_linear_first_cell_holds_net0s_score(name):
 # ---------------------------------------------------------------------- loading a run
 def _finish(run, blocks, step=None):
     """Record ``blocks`` as trained the way train.py does: final weights, then status done."""
-    dim = run.config.build_dataset().dim
     for b in blocks:
         torch.manual_seed(b)
-        net = run.config.build_net(dim)
+        net = run.parts.new_net()
         save_weights(run, b, net.state_dict(), step or run.target_steps)
         run.write_status(b, state="done", step=step or run.target_steps)
 
@@ -157,12 +161,12 @@ def test_load_model_builds_the_trained_nets(make_run):
         assert train_block(run, b).state == "done"
     model = load_model(run.path, dtype=D64, grid_field="linear")
     assert model.is_grid and model.grid_field == "linear" and model.shape == (2,)
-    assert model.num_blocks == 3 and model.t0 == run.config.process.t0
+    assert model.num_blocks == 3 and model.t0 == run.config.partition.t0
     x = torch.randn(5, 2, dtype=D64)
     for b, net in enumerate(model.blocks):
         assert not net.training
         assert all(not p.requires_grad and p.dtype == D64 for p in net.parameters())
-        fresh = run.config.build_net(2).double()
+        fresh = run.parts.new_net().double()
         load_weights(run, b, fresh)
         tau = torch.full((5,), model.time_point(b), dtype=D64)
         torch.testing.assert_close(net(x, tau), fresh(x, tau))

@@ -5,7 +5,8 @@ from __future__ import annotations
 import pytest
 import torch
 
-from psm.nets import PaperMLP, build_net
+from psm.config import ConfigError, validate_config
+from psm.nets import MLPSpec, PaperMLP
 
 
 def test_paper_mlp_architecture():
@@ -22,7 +23,7 @@ def test_paper_mlp_architecture():
 
 
 def test_time_free_twin_ignores_t():
-    net = build_net("mlp", 2, time_conditioned=False)
+    net = MLPSpec().build((2,), time_conditioned=False)
     first = next(m for m in net.modules() if isinstance(m, torch.nn.Linear))
     assert first.in_features == 2
     x = torch.randn(5, 2)
@@ -30,9 +31,17 @@ def test_time_free_twin_ignores_t():
 
 
 def test_configurable_widths_and_errors():
-    net = build_net("mlp", 3, time_conditioned=True, hidden=[8], activation="silu")
+    net = MLPSpec(hidden=[8], activation="silu").build((3,), time_conditioned=True)
     assert net(torch.randn(2, 3), torch.rand(2)).shape == (2, 3)
-    with pytest.raises(ValueError, match="unknown net"):
-        build_net("unet9", 2, time_conditioned=True)
-    with pytest.raises(ValueError, match="unknown activation"):
-        build_net("mlp", 2, time_conditioned=True, activation="gelu2")
+    with pytest.raises(ConfigError, match=r"net\.name: unknown net 'unet9'"):
+        validate_config({"net": {"name": "unet9"}})
+    with pytest.raises(ConfigError, match=r"net\.activation: unknown activation 'gelu2'"):
+        validate_config({"net": {"activation": "gelu2"}})
+
+
+def test_mlp_flattens_points_of_any_shape():
+    net = MLPSpec(hidden=[8]).build((1, 4, 4), time_conditioned=True)
+    x = torch.randn(3, 1, 4, 4)
+    assert net(x, torch.rand(3)).shape == (3, 1, 4, 4)
+    first = next(m for m in net.modules() if isinstance(m, torch.nn.Linear))
+    assert first.in_features == 16 + 2

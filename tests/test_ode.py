@@ -7,16 +7,24 @@ import math
 import pytest
 import torch
 
-from psm.model import Segment
+from psm.model import BlockModel
 from psm.ode import (
+    SOLVER_NAMES,
+    SolverSettings,
     allocate_steps,
+    euler_step,
     integrate_adaptive,
     integrate_blocks,
     integrate_fixed,
+    probability_flow,
+    rk4_step,
     steps_for,
 )
+from psm.partition import Segment, splits
+from psm.process import make_process
 
 D64 = torch.float64
+STEPS = {"euler": euler_step, "rk4": rk4_step}
 
 
 def _dynamics(t, y):
@@ -32,7 +40,7 @@ Y0 = (torch.tensor([1.0, -0.5], dtype=D64), torch.tensor([2.0], dtype=D64))
 
 
 def _error(method: str, steps: int, t0: float = 0.1, t1: float = 1.3) -> float:
-    y, z = integrate_fixed(_dynamics, Y0, t0, t1, steps, method=method)
+    y, z = integrate_fixed(_dynamics, Y0, t0, t1, steps, step=STEPS[method])
     ye, ze = _exact(t0, t1, Y0[0], Y0[1])
     return max((y - ye).abs().max().item(), (z - ze).abs().max().item())
 
@@ -52,7 +60,7 @@ def test_rk4_and_euler_reach_the_analytic_end_point():
 def test_integration_backwards_in_time(method):
     # from the exact value at t1 back to t0
     ye, ze = _exact(0.1, 1.3, Y0[0], Y0[1])
-    y, z = integrate_fixed(_dynamics, (ye, ze), 1.3, 0.1, 400, method=method)
+    y, z = integrate_fixed(_dynamics, (ye, ze), 1.3, 0.1, 400, step=STEPS[method])
     tol = 1e-10 if method == "rk4" else 5e-3
     torch.testing.assert_close(y, Y0[0], rtol=0, atol=tol)
     torch.testing.assert_close(z, Y0[1], rtol=0, atol=tol)
@@ -110,9 +118,12 @@ def test_blocks_use_only_their_own_segment(solver, direction):
     growth = math.exp(sum(r * s.length for r, s in zip(RATES, SEGS)))
     y0 = torch.tensor([1.0, 2.0], dtype=D64)
     (y,) = integrate_blocks(
-        _block_dynamics, (y0,), SEGS, direction=direction, solver=solver, steps=300,
-        rtol=1e-10, atol=1e-10,
-    )  # fmt: skip
+        _block_dynamics,
+        (y0,),
+        SEGS,
+        direction=direction,
+        solver=SolverSettings(solver, 300, 1e-10, 1e-10),
+    )
     want = y0 * (growth if direction == "to_noise" else 1 / growth)
     torch.testing.assert_close(y, want, rtol=1e-8, atol=0)
 
@@ -120,14 +131,62 @@ def test_blocks_use_only_their_own_segment(solver, direction):
 def test_euler_with_one_step_per_block_is_a_product_of_block_steps():
     y0 = torch.tensor([1.0], dtype=D64)
     (y,) = integrate_blocks(
-        _block_dynamics, (y0,), SEGS, direction="to_noise", solver="euler", steps=[1, 1, 1]
+        _block_dynamics,
+        (y0,),
+        SEGS,
+        direction="to_noise",
+        solver=SolverSettings("euler", [1, 1, 1]),
     )
     want = math.prod(1 + r * s.length for r, s in zip(RATES, SEGS))
     assert y.item() == pytest.approx(want, rel=1e-14)
 
 
 def test_bad_solver_and_direction_are_refused():
-    with pytest.raises(ValueError, match="solver"):
-        integrate_blocks(_block_dynamics, Y0[:1], SEGS, direction="to_noise", solver="heun")
+    with pytest.raises(ValueError, match="unknown solver 'heun'"):
+        SolverSettings("heun")
     with pytest.raises(ValueError, match="direction"):
         integrate_blocks(_block_dynamics, Y0[:1], SEGS, direction="up")  # type: ignore[arg-type]
+
+
+@pytest.mark.parametrize("method", SOLVER_NAMES)
+@pytest.mark.parametrize("direction", ["to_noise", "to_data"])
+def test_every_solver_evaluates_a_block_only_inside_its_segment(method, direction):
+    """Every call of a block's dynamics lies in that block's own segment, for every solver and
+    both directions (dopri5 left alone steps past a block's end and interpolates back)."""
+    segs = [Segment(0, 1e-4, 0.3), Segment(1, 0.3, 0.4), Segment(2, 0.4, 1.0)]
+    calls: list[tuple[int, float]] = []
+
+    def dynamics(block, t, y):
+        calls.append((block, float(t)))
+        return (-(3.0 + block) * (0.5 + float(t)) * y[0],)  # a stiff-ish field, jumps at edges
+
+    y0 = torch.tensor([1.0, -2.0], dtype=D64)
+    integrate_blocks(
+        dynamics, (y0,), segs, direction=direction, solver=SolverSettings(method, 60, 1e-6, 1e-6)
+    )
+    assert {b for b, _ in calls} == {0, 1, 2}
+    outside = [(b, t) for b, t in calls if not segs[b].t_lo - 1e-12 <= t <= segs[b].t_hi + 1e-12]
+    assert outside == []
+
+
+@pytest.mark.parametrize("method", SOLVER_NAMES)
+@pytest.mark.parametrize("direction", ["to_noise", "to_data"])
+def test_a_block_model_is_only_asked_inside_each_block(method, direction):
+    """The same through a model: each block net is called only at times of its own block
+    (SA sampling towards the data must not go below t0, where b(t) < 0)."""
+    partition = splits([0, 0.3, 0.4, 1])
+    seen: dict[int, list[float]] = {0: [], 1: [], 2: []}
+
+    def net(b):
+        def f(x, t):
+            seen[b].extend(t.tolist())
+            return 0.3 * x + t[:, None]
+
+        return f
+
+    model = BlockModel(make_process("vp"), partition, [net(b) for b in range(3)])
+    x = torch.randn(4, 2, dtype=D64)
+    probability_flow(model, x, direction=direction, solver=SolverSettings(method, 30))
+    for seg in partition.segments():
+        ts = torch.tensor(seen[seg.block], dtype=D64)
+        assert len(ts) and ts.min() >= seg.t_lo - 1e-12 and ts.max() <= seg.t_hi + 1e-12

@@ -34,15 +34,19 @@ def test_grid_blocks_sit_at_their_right_edges():
     assert not g.time_conditioned and equal(3).time_conditioned
     # cell (t_i, t_{i+1}] belongs to the net at t_{i+1}
     assert g.block_of(torch.tensor([1e-4, 0.25, 0.2501, 0.5, 1.0])).tolist() == [0, 0, 1, 1, 3]
-    assert g.train_range(2, 1e-4) == (0.75, 0.75)
+    assert g.train_range(2) == (0.75, 0.75)
     assert grid([0.1, 0.5, 1.0]).time_point(0) == 0.1
 
 
 def test_train_range_applies_time_floor():
-    assert equal(10).train_range(0, 1e-4) == (1e-4, 0.1)
-    assert equal(10).train_range(3, 1e-4) == pytest.approx((0.3, 0.4))
-    with pytest.raises(PartitionError, match="below the time floor"):
-        splits([0, 1e-5, 1]).train_range(0, 1e-4)
+    assert equal(10).train_range(0) == (1e-4, 0.1)
+    assert equal(10, t0=1e-3).train_range(0) == (1e-3, 0.1)
+    assert equal(10).train_range(3) == pytest.approx((0.3, 0.4))
+    assert grid([5e-5, 1.0]).train_range(0) == (1e-4, 1e-4)  # a grid time below t0 sits at t0
+    with pytest.raises(PartitionError, match="wholly below t0"):
+        splits([0, 1e-5, 1])
+    with pytest.raises(PartitionError, match="t0 must lie in"):
+        equal(2, t0=0.0)
 
 
 @pytest.mark.parametrize(

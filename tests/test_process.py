@@ -42,7 +42,7 @@ def test_derivatives_and_diffusion_by_finite_differences(schedule):
 
 
 def test_vp_field_is_paper_eq30():
-    p = make_process("vp", t0=1e-4)
+    p = make_process("vp")
     x = torch.randn(8, 2, dtype=torch.float64)
     eps = torch.randn(8, 2, dtype=torch.float64)
     t = torch.rand(8, dtype=torch.float64) * 0.9 + 0.05
@@ -59,7 +59,7 @@ def test_vp_field_is_paper_eq30():
 @pytest.mark.parametrize("name", ["vp", "ot"])
 def test_training_target_is_conditional_velocity(name):
     """For velocity prediction the target is d x_t / dt along the conditional path."""
-    p = make_process(name, t0=1e-4, prediction="velocity")
+    p = make_process(name, prediction="velocity")
     x0 = torch.randn(16, 2, dtype=torch.float64)
     eps = torch.randn(16, 2, dtype=torch.float64)
     t = torch.rand(16, dtype=torch.float64) * 0.9 + 0.05
@@ -73,8 +73,8 @@ def test_training_target_is_conditional_velocity(name):
 @pytest.mark.parametrize("name", ["vp", "ot"])
 def test_epsilon_and_velocity_parametrisations_agree(name):
     """The conditional ε and the conditional velocity give the same field and score."""
-    pe = make_process(name, t0=1e-4, prediction="epsilon")
-    pv = make_process(name, t0=1e-4, prediction="velocity")
+    pe = make_process(name, prediction="epsilon")
+    pv = make_process(name, prediction="velocity")
     x0 = torch.randn(16, 2, dtype=torch.float64)
     eps = torch.randn(16, 2, dtype=torch.float64)
     t = torch.rand(16, dtype=torch.float64) * 0.9 + 0.05
@@ -86,7 +86,7 @@ def test_epsilon_and_velocity_parametrisations_agree(name):
 
 
 def test_ot_path_endpoints():
-    p = make_process("ot", t0=1e-4, sigma_min=0.0)
+    p = make_process("ot", sigma_min=0.0)
     x0, eps = torch.randn(4, 2), torch.randn(4, 2)
     x1, target = p.training_pair(x0, torch.ones(4), eps)
     torch.testing.assert_close(x1, eps)
@@ -96,11 +96,11 @@ def test_ot_path_endpoints():
 def test_prior_log_prob_is_standard_normal():
     x = torch.randn(5, 3, dtype=torch.float64)
     ref = torch.distributions.Normal(0.0, 1.0).log_prob(x).sum(1)
-    torch.testing.assert_close(make_process("vp", t0=1e-4).prior_log_prob(x), ref)
+    torch.testing.assert_close(make_process("vp").prior_log_prob(x), ref)
 
 
-def test_unknown_process_and_bad_t0():
+def test_unknown_process_and_prediction():
     with pytest.raises(ValueError, match="unknown process"):
-        make_process("ve", t0=1e-4)
-    with pytest.raises(ValueError, match="t0"):
-        make_process("vp", t0=0.0)
+        make_process("ve")
+    with pytest.raises(ValueError, match="unknown prediction"):
+        make_process("vp", prediction="score")  # type: ignore[arg-type]

@@ -9,10 +9,10 @@ import torch
 from safetensors.torch import load_file
 
 from psm.checkpoint import load_weights
-from psm.ensemble import train_ensemble
 from psm.errors import CheckpointError
 from psm.run import Run
-from psm.train import BlockProblem, train_block
+from psm.stack import stack_nets
+from psm.train import BlockProblem, train_block, train_ensemble
 
 
 def weights(run: Run, block: int) -> dict[str, torch.Tensor]:
@@ -43,7 +43,9 @@ def test_resume_continues_exactly(make_run, tmp_path):
     resumed = make_run(path=tmp_path / "r", train={"steps": 20})
     train_block(resumed, 2)
     resumed = make_run(path=tmp_path / "r", train={"steps": 40})  # extend the same run
-    assert resumed.block_status(2).state == "stopped"
+    st = resumed.block_status(2)  # done at its own target until it is trained further
+    assert (st.state, st.step, st.target) == ("done", 20, 20)
+    assert not resumed.is_done(2, target=resumed.target_steps)
     assert train_block(resumed, 2).step == 40
     assert max_diff(weights(straight, 2), weights(resumed, 2)) == 0.0
     # metrics are not duplicated by the resume
@@ -133,24 +135,20 @@ def test_time_budget_ends_blocks_and_can_be_raised(make_run, tmp_path):
     outs = train_ensemble(run, [1, 2])
     assert all(o.state == "done" for o in outs) and run.is_done(1) and run.is_done(2)
     more = make_run(path=run.path, train={"steps": 10**9, "max_seconds": 0.6})
-    assert not more.is_done(0)
+    assert more.is_done(0) and not more.is_done(0, target=more.target_steps)
     assert train_block(more, 0).step > out.step
 
 
 def test_stacked_forwards_match_each_net():
     """The MLP's batched-matmul forward and the generic vmap forward give each net's output."""
-    from torch.func import stack_module_state
-
-    from psm.ensemble import stacked_forward
-    from psm.nets import build_net
+    from psm.nets import MLPSpec
 
     torch.manual_seed(0)
     x, t = torch.randn(3, 16, 2), torch.rand(3, 16)
     for time_conditioned in (True, False):
-        nets = [build_net("mlp", 2, time_conditioned=time_conditioned) for _ in range(3)]
-        params, buffers = stack_module_state(nets)
+        nets = [MLPSpec().build((2,), time_conditioned=time_conditioned) for _ in range(3)]
         want = torch.stack([n(x[k], t[k]) for k, n in enumerate(nets)])
-        got = stacked_forward(nets[0])(params, buffers, x, t)
+        got = stack_nets(nets)(x, t)
         torch.testing.assert_close(got, want, rtol=1e-5, atol=1e-6)
 
     class Plain(torch.nn.Module):  # no stacked_forward: the vmap path
@@ -162,6 +160,5 @@ def test_stacked_forwards_match_each_net():
             return self.lin(torch.cat([x, t[:, None]], 1))
 
     nets = [Plain() for _ in range(3)]
-    params, buffers = stack_module_state(nets)
     want = torch.stack([n(x[k], t[k]) for k, n in enumerate(nets)])
-    torch.testing.assert_close(stacked_forward(nets[0])(params, buffers, x, t), want)
+    torch.testing.assert_close(stack_nets(nets)(x, t), want)

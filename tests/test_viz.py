@@ -11,6 +11,7 @@ from PIL import Image
 
 from psm.data import Dataset, make_dataset
 from psm.errors import PSMError
+from psm.ode import SolverSettings
 from psm.partition import grid
 from psm.process import make_process
 from psm.sample import sample_ode
@@ -23,7 +24,7 @@ from psm.viz.density import (
     true_density,
 )
 from psm.viz.samples import data_extent, plot_samples
-from test_likelihood import D64, GAUSS, UNEVEN7, exact_model, exact_prior
+from test_likelihood import D64, GAUSS, T0, UNEVEN7, exact_model, exact_prior
 
 # GAUSS is N((0.5, -1), [[1, 0.6], [0.6, 0.8]]): a window of ±6 around its mean holds all mass
 WINDOW = (0.5 - 6.0, 0.5 + 6.0, -1.0 - 6.0, -1.0 + 6.0)
@@ -33,7 +34,7 @@ class GaussData(Dataset):
     """GAUSS as a psm dataset (float32 points), with or without its closed-form density."""
 
     name = "gauss"
-    dim = 2
+    shape = (2,)
 
     def __init__(self, exact: bool = True) -> None:
         self.exact = exact
@@ -61,18 +62,26 @@ def test_grid_points_are_row_major_in_y():
 
 @pytest.mark.parametrize("name", ["vp", "ot"])
 def test_exact_model_heat_map_integrates_to_one_and_is_the_true_density(name):
-    process = make_process(name, t0=1e-4)
+    process = make_process(name)
     model = exact_model(GAUSS, process, UNEVEN7)
-    g = model_density(model, WINDOW, size=40, steps=40, dtype=D64, progress=False)
+    g = model_density(
+        model, WINDOW, size=40, solver=SolverSettings("rk4", 40), dtype=D64, progress=False
+    )
     # the flow carries N(0, I) onto a density: whatever the prior mismatch, the mass is 1
     assert g.mass() == pytest.approx(1.0, abs=1e-4)
     exact = model_density(
-        model, WINDOW, size=40, steps=40, dtype=D64, batch_size=700, progress=False,
+        model,
+        WINDOW,
+        size=40,
+        solver=SolverSettings("rk4", 40),
+        dtype=D64,
+        batch_size=700,
+        progress=False,
         prior_log_prob=exact_prior(GAUSS, process),
-    )  # fmt: skip
+    )
     assert exact.mass() == pytest.approx(1.0, abs=1e-4)
     _, _, pts = grid_points(WINDOW, 40)
-    want = GAUSS.log_prob(process, pts, process.t0).reshape(40, 40)
+    want = GAUSS.log_prob(process, pts, T0).reshape(40, 40)
     bulk = want > -12.0
     assert (exact.log_p - want)[bulk].abs().max().item() < 1e-3
     # orientation: the peak sits at the mean (0.5, -1), not at its transpose
@@ -102,12 +111,17 @@ def test_data_extent_is_square_and_ignores_a_far_outlier():
 
 @pytest.mark.parametrize("exact", [True, False], ids=["true-density", "histogram"])
 def test_plot_density_comparison_writes_a_png(tmp_path, exact):
-    process = make_process("vp", t0=1e-4)
+    process = make_process("vp")
     models = {"K=1": exact_model(GAUSS, process), "K=7": exact_model(GAUSS, process, UNEVEN7)}
     out = plot_density_comparison(
-        models, GaussData(exact), tmp_path / "d.png", size=10, steps=6, dtype=D64,
+        models,
+        GaussData(exact),
+        tmp_path / "d.png",
+        size=10,
+        solver=SolverSettings("rk4", 6),
+        dtype=D64,
         progress=False,
-    )  # fmt: skip
+    )
     assert out == tmp_path / "d.png"
     with Image.open(out) as im:
         im.verify()
@@ -126,24 +140,32 @@ def test_plot_samples_writes_a_png_and_refuses_non_2d(tmp_path):
 
 
 def test_trajectory_runs_from_noise_to_the_samplers_result():
-    process = make_process("vp", t0=1e-4)
+    process = make_process("vp")
     model = exact_model(GAUSS, process, UNEVEN7, shape=(2,))
     x1 = torch.randn(20, 2, generator=torch.Generator().manual_seed(3), dtype=D64)
-    traj = record_trajectory(model, x1, steps=30, frames=6)
+    traj = record_trajectory(model, x1, solver=SolverSettings("rk4", 30), frames=6)
     assert len(traj.times) == traj.states.shape[0] == 6 and traj.states.shape[1:] == (20, 2)
     assert traj.times[0] == 1.0 and traj.times[-1] == pytest.approx(1e-4)
     assert all(a > b for a, b in zip(traj.times, traj.times[1:]))
     torch.testing.assert_close(traj.states[0], x1.float())
-    torch.testing.assert_close(traj.states[-1], sample_ode(model, x1, steps=30).float())
+    torch.testing.assert_close(
+        traj.states[-1], sample_ode(model, x1, solver=SolverSettings("rk4", 30)).float()
+    )
 
 
 def test_animation_is_a_multi_frame_gif_also_for_a_dpsm_grid(tmp_path):
-    process = make_process("vp", t0=1e-4)
+    process = make_process("vp")
     model = exact_model(GAUSS, process, grid(50), shape=(2,))  # 50 faint edges on the time bar
     data = GAUSS.sample(200, torch.Generator().manual_seed(4))
     out = animate_samples(
-        model, tmp_path / "a.gif", n=60, steps=50, solver="euler", frames=8, data=data,
-        dtype=D64, progress=False,
-    )  # fmt: skip
+        model,
+        tmp_path / "a.gif",
+        n=60,
+        solver=SolverSettings("euler", 50),
+        frames=8,
+        data=data,
+        dtype=D64,
+        progress=False,
+    )
     with Image.open(out) as im:
         assert im.format == "GIF" and im.n_frames == 8

@@ -4,7 +4,8 @@ Two files per block:
 
 * ``blocks/NNNN.state.safetensors``: the resume point, written every ``checkpoint_every`` steps
   and on interruption: weights (``net.*``), Adam moments (``adam_m.*``, ``adam_v.*``) and the
-  block's RNG state (``rng``), with step, wall time and config hash in the metadata.
+  block's RNG state (``rng``), with step, wall time and config hash in the metadata; nets with
+  random layers (dropout) also keep the global generator's state (``rng_global``).
 * ``blocks/NNNN.safetensors``: the final weights, written when the block reaches its target.
 
 Every load checks the file's config hash and block id against the run, and the tensor names
@@ -18,7 +19,6 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import TYPE_CHECKING
 
-import torch
 from safetensors import SafetensorError, safe_open
 from safetensors.torch import save as st_save
 from torch import Tensor, nn
@@ -43,6 +43,7 @@ class BlockState:
         adam_v: Adam second moments by parameter name.
         rng: the block generator's state (``uint8``).
         wall_time: seconds spent training so far.
+        global_rng: the global generator's state (dropout masks), when the trainer kept it.
     """
 
     step: int
@@ -51,26 +52,30 @@ class BlockState:
     adam_v: dict[str, Tensor] | None
     rng: Tensor
     wall_time: float
+    global_rng: Tensor | None = None
 
 
-def _owned(t: Tensor) -> Tensor:
+def _cpu_copy(t: Tensor) -> Tensor:
+    """A contiguous CPU copy that owns its memory (safetensors refuses shared views)."""
     return t.detach().to("cpu").contiguous().clone()
 
 
 def save_state(run: Run, block: int, state: BlockState) -> None:
     """Write a block's resume point atomically."""
-    tensors = {f"net.{k}": _owned(v) for k, v in state.net.items()}
+    tensors = {f"net.{k}": _cpu_copy(v) for k, v in state.net.items()}
     if state.adam_m is not None and state.adam_v is not None:
-        tensors |= {f"adam_m.{k}": _owned(v) for k, v in state.adam_m.items()}
-        tensors |= {f"adam_v.{k}": _owned(v) for k, v in state.adam_v.items()}
-    tensors["rng"] = _owned(state.rng)
+        tensors |= {f"adam_m.{k}": _cpu_copy(v) for k, v in state.adam_m.items()}
+        tensors |= {f"adam_v.{k}": _cpu_copy(v) for k, v in state.adam_v.items()}
+    tensors["rng"] = _cpu_copy(state.rng)
+    if state.global_rng is not None:
+        tensors["rng_global"] = _cpu_copy(state.global_rng)
     meta = _meta(run, block, state.step) | {"wall_time": repr(float(state.wall_time))}
     atomic_write_bytes(run.state_path(block), st_save(tensors, metadata=meta))
 
 
 def save_weights(run: Run, block: int, net_state: dict[str, Tensor], step: int) -> None:
     """Write a block's final weights atomically."""
-    tensors = {k: _owned(v) for k, v in net_state.items()}
+    tensors = {k: _cpu_copy(v) for k, v in net_state.items()}
     atomic_write_bytes(run.weights_path(block), st_save(tensors, metadata=_meta(run, block, step)))
 
 
@@ -177,7 +182,7 @@ def load_state(run: Run, block: int, net: nn.Module) -> BlockState | None:
         wall = float(meta.get("wall_time", "0"))
     except (KeyError, ValueError):
         raise CheckpointError(f"block {block}: {path.name} has a malformed step") from None
-    return BlockState(step, net_t, adam_m, adam_v, tensors["rng"], wall)
+    return BlockState(step, net_t, adam_m, adam_v, tensors["rng"], wall, tensors.get("rng_global"))
 
 
 def load_weights(run: Run, block: int, net: nn.Module) -> int:
@@ -192,30 +197,3 @@ def load_weights(run: Run, block: int, net: nn.Module) -> int:
 def _zip_state(tensors: dict[str, Tensor], net: nn.Module):
     ref = net.state_dict()
     return [((k, tensors[k]), ref[k]) for k in ref]
-
-
-def adam_moments(opt: torch.optim.Adam, names: dict[Tensor, str]) -> tuple[dict, dict] | None:
-    """Adam's (exp_avg, exp_avg_sq) by parameter name, or None before the first step."""
-    m, v = {}, {}
-    for p, name in names.items():
-        st = opt.state.get(p)
-        if not st:
-            return None
-        m[name], v[name] = st["exp_avg"], st["exp_avg_sq"]
-    return m, v
-
-
-def set_adam_moments(
-    opt: torch.optim.Adam,
-    params: dict[str, Tensor],
-    m: dict[str, Tensor],
-    v: dict[str, Tensor],
-    step: int,
-) -> None:
-    """Restore Adam's per-parameter state (moments and step count) for ``params`` by name."""
-    for name, p in params.items():
-        opt.state[p] = {
-            "step": torch.tensor(float(step)),
-            "exp_avg": m[name].to(device=p.device, dtype=p.dtype).clone(),
-            "exp_avg_sq": v[name].to(device=p.device, dtype=p.dtype).clone(),
-        }

@@ -2,8 +2,11 @@
 that ties every block checkpoint to the problem it was trained on.
 
 A config file is a mapping of sections (``data``, ``process``, ``partition``, ``net``,
-``train``, ``executor``, ``eval``). Unknown fields and wrong types are refused with a message
-that names the field (``train.lr: Input should be a valid number``).
+``train``, ``executor``, ``eval``). ``data`` and ``net`` are discriminated by ``name``: each
+member is a spec registered next to its code (:data:`psm.data.DATASETS`, :data:`psm.nets.NETS`),
+which builds the part. Unknown fields and wrong types are refused with a message that names the
+field (``train.lr: Input should be a valid number``). Configs in psm 0.1's layout (t0 under
+``process``) still load (:func:`migrate_layout`).
 """
 
 from __future__ import annotations
@@ -12,37 +15,26 @@ import copy
 import hashlib
 import json
 from pathlib import Path
-from typing import Any, Literal
+from typing import Any, ClassVar, Literal
 
 import yaml
-from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
+from pydantic import (
+    Field,
+    SerializeAsAny,
+    ValidationError,
+    field_validator,
+    model_validator,
+)
+from pydantic_core import PydanticCustomError
 
+from .data import DATASETS, DataSpec
+from .data.toy import ToyData
 from .errors import ConfigError
-from .partition import Partition, PartitionError, equal, grid, splits
-
-
-class Section(BaseModel):
-    """A config section: unknown fields are errors, assignments are validated."""
-
-    model_config = ConfigDict(extra="forbid", validate_assignment=True)
-
-
-class DataConfig(Section):
-    """What to train on."""
-
-    name: str = "ty"  # ty | hg | moons | 8gaussians | checkerboard | pinwheel | spirals | points
-    center: bool = True  # subtract the mean (exact for the synthetic sets)
-    path: str | None = None  # .npy / .csv of points, for name=points
-    test_fraction: float = Field(0.1, gt=0.0, lt=1.0)  # held-out share of a points file
-
-    @field_validator("name")
-    @classmethod
-    def _known(cls, v: str) -> str:
-        from .data import dataset_names
-
-        if v not in dataset_names():
-            raise ValueError(f"unknown dataset {v!r} (choose from {', '.join(dataset_names())})")
-        return v
+from .nets import NETS, MLPSpec, NetSpec
+from .ode import SOLVER_NAMES
+from .partition import DEFAULT_T0, Partition, PartitionError, equal, grid, splits
+from .process import Process, make_process
+from .spec import Registry, Section, SpecError, canonical
 
 
 class ProcessConfig(Section):
@@ -52,29 +44,38 @@ class ProcessConfig(Section):
     b_min: float = Field(0.0, ge=0.0)  # VP b(t) = b_min + (b_max - b_min) t
     b_max: float = Field(10.0, gt=0.0)
     sigma_min: float = Field(1e-4, ge=0.0, lt=1.0)  # OT path noise floor
-    t0: float = Field(1e-4, gt=0.0, lt=1.0)  # time floor for training and inference
     prediction: Literal["epsilon", "velocity"] | None = None  # default: the process's own
+
+    def build(self) -> Process:
+        """The :class:`~psm.process.Process` this section describes."""
+        return make_process(
+            self.name, b_min=self.b_min, b_max=self.b_max, sigma_min=self.sigma_min,
+            prediction=self.prediction,
+        )  # fmt: skip
 
 
 class PartitionConfig(Section):
-    """How [0, 1] is cut into blocks (see :mod:`psm.partition`)."""
+    """How the time domain ``[t0, 1]`` is cut into blocks (see :mod:`psm.partition`)."""
+
+    discriminator: ClassVar[str] = "kind"
 
     kind: Literal["equal", "splits", "grid"] = "equal"
     blocks: int = 1  # kind=equal: K (1 = SA-DPM)
     splits: list[float] | None = None  # kind=splits: e.g. [0, 0.1, 1]
     points: int | list[float] | None = None  # kind=grid: N, or explicit times
+    t0: float = Field(DEFAULT_T0, gt=0.0, lt=1.0)  # smallest time, training and inference
 
     def build(self) -> Partition:
         """The :class:`~psm.partition.Partition` this section describes."""
         if self.kind == "equal":
-            return equal(self.blocks)
+            return equal(self.blocks, t0=self.t0)
         if self.kind == "splits":
             if self.splits is None:
                 raise PartitionError("partition.splits is required for kind=splits")
-            return splits(self.splits)
+            return splits(self.splits, t0=self.t0)
         if self.points is None:
             raise PartitionError("partition.points is required for kind=grid")
-        return grid(self.points)
+        return grid(self.points, t0=self.t0)
 
     @model_validator(mode="after")
     def _valid(self) -> PartitionConfig:
@@ -83,41 +84,6 @@ class PartitionConfig(Section):
         except PartitionError as e:
             raise ValueError(str(e)) from None
         return self
-
-
-class NetConfig(Section):
-    """The block network (see :mod:`psm.nets`)."""
-
-    name: str = "mlp"
-    hidden: list[int] = Field(default_factory=lambda: [100, 150, 100])
-    activation: str = "elu"
-
-    @field_validator("name")
-    @classmethod
-    def _known(cls, v: str) -> str:
-        from .nets import NETS
-
-        if v not in NETS:
-            raise ValueError(f"unknown net {v!r} (choose from {', '.join(sorted(NETS))})")
-        return v
-
-    @field_validator("activation")
-    @classmethod
-    def _known_activation(cls, v: str) -> str:
-        from .nets import ACTIVATIONS
-
-        if v not in ACTIVATIONS:
-            raise ValueError(
-                f"unknown activation {v!r} (choose from {', '.join(sorted(ACTIVATIONS))})"
-            )
-        return v
-
-    @field_validator("hidden")
-    @classmethod
-    def _positive(cls, v: list[int]) -> list[int]:
-        if not v or any(w < 1 for w in v):
-            raise ValueError("hidden widths must be a non-empty list of positive integers")
-        return v
 
 
 class TrainConfig(Section):
@@ -154,10 +120,14 @@ class SlurmConfig(Section):
     wait: bool = True  # wait for the jobs with a progress bar; False: submit and return
 
 
+EXECUTOR_NAMES: tuple[str, ...] = ("local", "ensemble", "ray", "slurm")
+"""Who can run the blocks (:func:`psm.executors.make_executor` builds each)."""
+
+
 class ExecutorConfig(Section):
     """Who runs the blocks (see :mod:`psm.executors`)."""
 
-    name: Literal["local", "ensemble", "ray", "slurm"] = "local"
+    name: str = "local"  # one of EXECUTOR_NAMES
     workers: int = Field(1, ge=1)  # local: processes; ensemble: stacks trained side by side
     ensemble_size: int | None = Field(None, ge=1)  # ensemble: most blocks stacked at once
     address: str | None = None  # ray: 'auto', host:port or ray://...; None starts a local Ray
@@ -169,14 +139,28 @@ class ExecutorConfig(Section):
     lock_wait_s: float = Field(150.0, ge=0)  # ray, slurm: wait for a lock held on another host
     slurm: SlurmConfig = Field(default_factory=SlurmConfig)
 
+    @field_validator("name")
+    @classmethod
+    def _known(cls, v: str) -> str:
+        if v not in EXECUTOR_NAMES:
+            raise ValueError(f"unknown executor {v!r} (choose from {', '.join(EXECUTOR_NAMES)})")
+        return v
+
 
 class EvalConfig(Section):
     """Defaults for ``psm nll`` / ``psm sample``."""
 
     n_test: int = Field(30000, ge=1)  # test points for the NLL
     steps: int = Field(1000, ge=1)  # RK4 steps over [t0, 1] (paper: 1000)
-    solver: Literal["rk4", "euler", "dopri5"] = "rk4"
+    solver: str = "rk4"  # a name of psm.ode.SOLVERS
     test_seed: int = 12345  # seed of the synthetic test set
+
+    @field_validator("solver")
+    @classmethod
+    def _known_solver(cls, v: str) -> str:
+        if v not in SOLVER_NAMES:
+            raise ValueError(f"unknown solver {v!r} (choose from {', '.join(SOLVER_NAMES)})")
+        return v
 
 
 class RunConfig(Section):
@@ -184,60 +168,83 @@ class RunConfig(Section):
 
     name: str = "run"
     out: str | None = None  # run directory; default runs/<name>
-    data: DataConfig = Field(default_factory=DataConfig)
+    data: SerializeAsAny[DataSpec] = Field(default_factory=ToyData)  # a member of DATASETS
     process: ProcessConfig = Field(default_factory=ProcessConfig)
     partition: PartitionConfig = Field(default_factory=PartitionConfig)
-    net: NetConfig = Field(default_factory=NetConfig)
+    net: SerializeAsAny[NetSpec] = Field(default_factory=MLPSpec)  # a member of NETS
     train: TrainConfig = Field(default_factory=TrainConfig)
     executor: ExecutorConfig = Field(default_factory=ExecutorConfig)
     eval: EvalConfig = Field(default_factory=EvalConfig)
+
+    @field_validator("data", mode="before")
+    @classmethod
+    def _data_member(cls, v: Any) -> DataSpec:
+        return _member(DATASETS, v)
+
+    @field_validator("net", mode="before")
+    @classmethod
+    def _net_member(cls, v: Any) -> NetSpec:
+        return _member(NETS, v)
 
     @property
     def out_dir(self) -> Path:
         """Where the run lives on disk."""
         return Path(self.out) if self.out else Path("runs") / self.name
 
-    def build_partition(self) -> Partition:
-        return self.partition.build()
 
-    def build_process(self):  # -> psm.process.Process
-        from .process import make_process
-
-        p = self.process
-        return make_process(
-            p.name, t0=p.t0, b_min=p.b_min, b_max=p.b_max, sigma_min=p.sigma_min,
-            prediction=p.prediction,
-        )  # fmt: skip
-
-    def build_dataset(self):  # -> psm.data.Dataset
-        from .data import make_dataset
-
-        d = self.data
-        return make_dataset(
-            d.name, center=d.center, path=d.path, test_fraction=d.test_fraction,
-            seed=self.train.seed,
-        )  # fmt: skip
-
-    def build_net(self, dim: int):  # -> torch.nn.Module
-        from .nets import build_net
-
-        return build_net(
-            self.net.name, dim, time_conditioned=self.build_partition().time_conditioned,
-            hidden=self.net.hidden, activation=self.net.activation,
-        )  # fmt: skip
+def _member(registry: Registry, raw: Any):
+    """Validate a ``data:``/``net:`` mapping into the registered member its name picks."""
+    try:
+        return registry.validate(raw)
+    except SpecError as e:
+        raise PydanticCustomError(
+            "member", "{message}", {"message": e.message, "loc": e.loc}
+        ) from None
 
 
-# Fields that define the learning problem. Two configs with the same values here train
-# interchangeable blocks; steps, logging, devices and executors may differ.
+# Fields of ``train`` that define the learning problem. Two configs with the same values here
+# (and the same data, process, partition and net) train interchangeable blocks; steps, logging,
+# devices and executors may differ.
 HASHED_TRAIN_FIELDS = ("batch_size", "lr", "seed")
+HASHED_SECTIONS = ("data", "process", "partition", "net")
 
 
 def config_hash(cfg: RunConfig) -> str:
     """A 16-hex-digit fingerprint of the problem a block solves (data, process, partition, net,
-    batch size, learning rate and seed)."""
-    d = cfg.model_dump(mode="json")
-    keyed = {k: d[k] for k in ("data", "process", "partition", "net")}
-    keyed["train"] = {k: d["train"][k] for k in HASHED_TRAIN_FIELDS}
+    batch size, learning rate and seed).
+
+    Fields at their default value are left out (:func:`psm.spec.canonical`), so a new option
+    whose default keeps the old behaviour never changes an existing run's hash.
+    """
+    keyed: dict[str, Any] = {k: canonical(getattr(cfg, k)) for k in HASHED_SECTIONS}
+    train = cfg.train.model_dump(mode="json")
+    keyed["train"] = {k: train[k] for k in HASHED_TRAIN_FIELDS}
+    return _digest(keyed)
+
+
+def legacy_config_hash(cfg: RunConfig) -> str | None:
+    """The hash psm 0.1 gave this problem (every field of its sections, t0 in ``process``), or
+    None if psm 0.1 could not express it. Runs made by psm 0.1 keep their hash, so their
+    checkpoints stay valid."""
+    data, net = cfg.data.model_dump(mode="json"), cfg.net.model_dump(mode="json")
+    if data["name"] not in LEGACY_DATA or net.get("name") != "mlp" or net.get("dropout"):
+        return None
+    partition = cfg.partition.model_dump(mode="json")
+    keyed = {
+        "data": {"center": True, "path": None, "test_fraction": 0.1, **data},
+        "process": {**cfg.process.model_dump(mode="json"), "t0": partition.pop("t0")},
+        "partition": partition,
+        "net": {k: net[k] for k in ("name", "hidden", "activation")},
+        "train": {k: getattr(cfg.train, k) for k in HASHED_TRAIN_FIELDS},
+    }
+    return _digest(keyed)
+
+
+LEGACY_DATA = ("ty", "hg", "8gaussians", "checkerboard", "moons", "pinwheel", "rings", "spirals",
+               "swissroll", "points")  # fmt: skip
+
+
+def _digest(keyed: dict[str, Any]) -> str:
     blob = json.dumps(keyed, sort_keys=True, separators=(",", ":"))
     return hashlib.sha256(blob.encode()).hexdigest()[:16]
 
@@ -246,26 +253,56 @@ def hashed_differences(a: RunConfig, b: RunConfig) -> list[str]:
     """Dotted names of the hashed fields whose values differ between two configs."""
     da, db = a.model_dump(mode="json"), b.model_dump(mode="json")
     out = []
-    for sec in ("data", "process", "partition", "net", "train"):
+    for sec in (*HASHED_SECTIONS, "train"):
         keys = HASHED_TRAIN_FIELDS if sec == "train" else sorted(set(da[sec]) | set(db[sec]))
         out += [f"{sec}.{k}" for k in keys if da[sec].get(k) != db[sec].get(k)]
     return out
 
 
+def migrate_layout(raw: dict[str, Any]) -> dict[str, Any]:
+    """A raw config in psm 0.1's layout, moved to today's (a new dict; others pass unchanged).
+
+    psm 0.1 kept t0 in ``process`` and wrote ``path``/``test_fraction`` for every dataset;
+    t0 now belongs to the partition (the time domain the blocks split).
+    """
+    process = raw.get("process")
+    if not isinstance(process, dict) or "t0" not in process:
+        return raw
+    out = copy.deepcopy(raw)
+    t0 = out["process"].pop("t0")
+    partition = out.setdefault("partition", {})
+    if isinstance(partition, dict):
+        if "t0" in partition and partition["t0"] != t0:
+            raise ConfigError("t0 is given in both process and partition; keep partition.t0")
+        partition["t0"] = t0
+    data = out.get("data")
+    if isinstance(data, dict) and data.get("name") != "points":
+        if data.get("path") is None:
+            data.pop("path", None)
+        if data.get("test_fraction", 0.1) == 0.1:
+            data.pop("test_fraction", None)
+    return out
+
+
 def _format_validation_error(err: ValidationError, source: str) -> str:
     first = err.errors()[0]
-    loc = ".".join(str(p) for p in first["loc"]) or "(top level)"
+    loc = [str(p) for p in first["loc"]]
+    ctx = first.get("ctx") or {}
+    if first["type"] == "member" and ctx.get("loc"):
+        loc.append(ctx["loc"])
+    where = ".".join(loc) or "(top level)"
     msg = first["msg"].removeprefix("Value error, ")
     more = f" (and {err.error_count() - 1} more)" if err.error_count() > 1 else ""
-    return f"{source}: {loc}: {msg}{more}"
+    return f"{source}: {where}: {msg}{more}"
 
 
 def validate_config(raw: Any, source: str = "config") -> RunConfig:
-    """Validate a raw mapping into a :class:`RunConfig`, or raise :class:`ConfigError`."""
+    """Validate a raw mapping (either layout) into a :class:`RunConfig`, or raise
+    :class:`ConfigError`."""
     if not isinstance(raw, dict):
         raise ConfigError(f"{source}: expected a mapping of sections, got {type(raw).__name__}")
     try:
-        return RunConfig.model_validate(raw)
+        return RunConfig.model_validate(migrate_layout(raw))
     except ValidationError as e:
         raise ConfigError(_format_validation_error(e, source)) from None
 
@@ -327,7 +364,7 @@ def load_config(
     """
     raw = read_yaml(path)
     if raw is None:
-        raw = {}
+        raise ConfigError(f"{path}: the config file is empty")
     if not isinstance(raw, dict):
         raise ConfigError(f"{path}: expected a mapping of sections, got {type(raw).__name__}")
     raw.setdefault("name", Path(path).stem)

@@ -21,11 +21,10 @@ import torch
 
 from .atomic import atomic_write_text
 from .config import RunConfig, validate_config
-from .ensemble import train_ensemble
 from .executors.monitor import ProgressMonitor
-from .likelihood import evaluate_run
 from .run import Run
-from .train import train_block
+from .train import train_block, train_ensemble
+from .trained import evaluate_run
 
 
 @dataclass
@@ -73,7 +72,7 @@ def demo_config(
 
 def _train(run: Run, stacked: bool, progress: bool) -> float:
     """Train a demo run; seconds of training recorded in its blocks."""
-    todo = run.unfinished()
+    todo = run.unfinished(target=run.target_steps)
     if todo:
         with ProgressMonitor(run, todo, enabled=progress, desc=f"train {run.config.name}"):
             if stacked:
@@ -81,7 +80,7 @@ def _train(run: Run, stacked: bool, progress: bool) -> float:
             else:
                 for b in todo:
                     train_block(run, b)
-    if run.unfinished():
+    if run.unfinished(target=run.target_steps):
         raise KeyboardInterrupt  # a block stopped early: Ctrl-C reached the trainer
     return max(s.wall_time for s in run.statuses())
 

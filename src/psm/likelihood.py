@@ -19,16 +19,14 @@ import math
 import time
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
-from pathlib import Path
 from typing import Literal
 
 import torch
 from torch import Tensor
 from tqdm.auto import tqdm
 
-from .model import BlockModel, GridField, load_model
-from .ode import Solver, State, integrate_blocks
-from .run import Run
+from .model import BlockModel
+from .ode import PAPER_SOLVER, SolverSettings, State, integrate_blocks, solve_units
 
 TraceMethod = Literal["exact", "hutchinson"]
 TRACE_METHODS: tuple[str, ...] = ("exact", "hutchinson")
@@ -111,31 +109,26 @@ def log_likelihood(
     model: BlockModel,
     x: Tensor,
     *,
-    solver: Solver = "rk4",
-    steps: int | Sequence[int] = 1000,
-    rtol: float = 1e-5,
-    atol: float = 1e-5,
+    solver: SolverSettings = PAPER_SOLVER,
     trace: TraceMethod = "exact",
     probe: Tensor | None = None,
     generator: torch.Generator | None = None,
     prior_log_prob: Callable[[Tensor], Tensor] | None = None,
+    on_step: Callable[[float, State], None] | None = None,
 ) -> Tensor:
     """``log p(x)`` in nats per point under the model (eqs. 4 and 6).
 
     Args:
         model: the assembled blocks.
         x: data points ``[B, *D]`` (read as the state at ``t0``).
-        solver: ``"rk4"``, ``"euler"`` or ``"dopri5"``.
-        steps: fixed-step budget over ``[t0, 1]`` or steps per block id (see
-            :func:`psm.ode.steps_for`); the paper uses RK4 with 1000 steps.
-        rtol: dopri5 relative tolerance.
-        atol: dopri5 absolute tolerance.
+        solver: the ODE solver and its steps (the paper: RK4 with 1000 steps over ``[t0, 1]``).
         trace: ``"exact"`` or ``"hutchinson"``.
         probe: Hutchinson probe ``[B, *D]``; drawn from ``generator`` (Rademacher) if None.
             It is held fixed through the whole solve.
         generator: random source of the probe.
         prior_log_prob: log-density at t = 1, ``[B, *D] -> [B]``; default ``log N(0, I)``
             (:meth:`Process.prior_log_prob`).
+        on_step: hook after each solver step (progress).
 
     Returns:
         ``[B]`` log-likelihoods.
@@ -155,7 +148,7 @@ def log_likelihood(
         delta0 = torch.zeros(x.shape[0], dtype=x.dtype, device=x.device)
         x1, delta = integrate_blocks(
             dynamics, (x, delta0), model.segments(), direction="to_noise", solver=solver,
-            steps=steps, rtol=rtol, atol=atol,
+            on_step=on_step,
         )  # fmt: skip
         prior = prior_log_prob or model.process.prior_log_prob
         return prior(x1) + delta
@@ -171,8 +164,7 @@ class NLLResult:
         stderr: its standard error (sample std / √n).
         n: number of points.
         seconds: wall time of the evaluation.
-        solver: the ODE solver.
-        steps: fixed-step budget (or per-block steps); unused by dopri5.
+        solver: the ODE solver settings.
         trace: ``"exact"`` or ``"hutchinson"``.
         values: per-point NLL ``[n]`` (float64, CPU).
     """
@@ -181,8 +173,7 @@ class NLLResult:
     stderr: float
     n: int
     seconds: float
-    solver: str
-    steps: int | tuple[int, ...]
+    solver: SolverSettings
     trace: str
     values: Tensor = field(repr=False)
 
@@ -197,10 +188,7 @@ def evaluate_nll(
     data: Tensor,
     *,
     batch_size: int = 1000,
-    solver: Solver = "rk4",
-    steps: int | Sequence[int] = 1000,
-    rtol: float = 1e-5,
-    atol: float = 1e-5,
+    solver: SolverSettings = PAPER_SOLVER,
     trace: TraceMethod = "exact",
     seed: int = 0,
     device: str | torch.device | None = None,
@@ -214,12 +202,13 @@ def evaluate_nll(
         model: the assembled blocks.
         data: points ``[N, *D]``.
         batch_size: points per solve.
-        solver, steps, rtol, atol, trace: as in :func:`log_likelihood`.
+        solver, trace: as in :func:`log_likelihood`.
         seed: seed of the Hutchinson probes (one generator for the whole evaluation, one probe
             drawn per batch).
         device: where to evaluate (default: the data's device).
         dtype: evaluation dtype (default: the data's).
-        progress: show a tqdm bar over the points.
+        progress: show a tqdm bar; it moves at every solver step (every block for adaptive
+            solvers), so a long solve never looks stuck.
         desc: the bar's label.
 
     Returns:
@@ -235,89 +224,22 @@ def evaluate_nll(
     gen = torch.Generator().manual_seed(seed)
     start = time.perf_counter()
     parts = []
-    with tqdm(total=n, desc=desc, unit="pt", disable=not progress, leave=False) as bar:
-        for i in range(0, n, batch_size):
+    batches = math.ceil(n / batch_size)
+    units = solve_units(model.segments(), solver)
+    with tqdm(
+        total=batches * units, desc=desc, unit="step", disable=not progress, leave=False
+    ) as bar:
+        for j, i in enumerate(range(0, n, batch_size)):
+            bar.set_postfix_str(f"batch {j + 1}/{batches}", refresh=False)
             xb = data[i : i + batch_size].to(device=device, dtype=dtype)
             lp = log_likelihood(
-                model, xb, solver=solver, steps=steps, rtol=rtol, atol=atol, trace=trace,
-                generator=gen,
+                model, xb, solver=solver, trace=trace, generator=gen,
+                on_step=lambda t, y: bar.update(1),
             )  # fmt: skip
             parts.append(-lp.detach().to("cpu", torch.float64))
-            bar.update(xb.shape[0])
     values = torch.cat(parts)
     se = float(values.std() / math.sqrt(n)) if n > 1 else float("nan")
     return NLLResult(
         nll=float(values.mean()), stderr=se, n=n, seconds=time.perf_counter() - start,
-        solver=solver, steps=steps if isinstance(steps, int) else tuple(steps), trace=trace,
-        values=values,
+        solver=solver, trace=trace, values=values,
     )  # fmt: skip
-
-
-@dataclass(frozen=True)
-class RunEvaluation:
-    """A run's test NLL beside what the data allow.
-
-    Attributes:
-        result: the NLL on the test set.
-        dataset: the dataset's name.
-        entropy: the data's true entropy in nats (the NLL floor), when known.
-        grid_field: the DPSM field used (``None`` for interval partitions).
-    """
-
-    result: NLLResult
-    dataset: str
-    entropy: float | None
-    grid_field: str | None
-
-
-def evaluate_run(
-    run: str | Path | Run,
-    *,
-    n: int | None = None,
-    solver: Solver | None = None,
-    steps: int | Sequence[int] | None = None,
-    rtol: float = 1e-5,
-    atol: float = 1e-5,
-    trace: TraceMethod = "exact",
-    test_seed: int | None = None,
-    probe_seed: int = 0,
-    batch_size: int = 1000,
-    device: str | torch.device = "cpu",
-    dtype: torch.dtype = torch.float32,
-    grid_field: GridField = "constant",
-    progress: bool = True,
-) -> RunEvaluation:
-    """Test NLL of a trained run on its dataset's test set (``data.test_set(n, seed)``).
-
-    Defaults come from the run's ``eval`` config section (``n_test``, ``solver``, ``steps``,
-    ``test_seed``).
-
-    Args:
-        run: a run directory or an open :class:`~psm.run.Run`.
-        n: test points.
-        solver, steps, rtol, atol, trace: as in :func:`log_likelihood`.
-        test_seed: seed of the synthetic test set.
-        probe_seed: seed of the Hutchinson probes.
-        batch_size: points per solve.
-        device: where to evaluate.
-        dtype: evaluation dtype.
-        grid_field: DPSM field, ``"constant"`` (paper) or ``"linear"``.
-        progress: show a progress bar.
-
-    Returns:
-        A :class:`RunEvaluation` (NLL ± s.e., and the true-entropy floor when the data have one).
-
-    Raises:
-        IncompleteRunError: the run has missing or unfinished blocks.
-    """
-    r = run if isinstance(run, Run) else Run.open(run)
-    ev = r.config.eval
-    model = load_model(r, device=device, dtype=dtype, grid_field=grid_field)
-    data = r.config.build_dataset()
-    x = data.test_set(n or ev.n_test, ev.test_seed if test_seed is None else test_seed)
-    result = evaluate_nll(
-        model, x, batch_size=batch_size, solver=solver or ev.solver,
-        steps=ev.steps if steps is None else steps, rtol=rtol, atol=atol, trace=trace,
-        seed=probe_seed, device=device, dtype=dtype, progress=progress,
-    )  # fmt: skip
-    return RunEvaluation(result, data.name, data.entropy, grid_field if model.is_grid else None)

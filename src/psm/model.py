@@ -32,17 +32,13 @@ of cell i both fields are net i's at ``τ_i``.
 from __future__ import annotations
 
 from collections.abc import Callable, Sequence
-from dataclasses import dataclass
-from pathlib import Path
 from typing import Literal
 
 import torch
 from torch import Tensor
 
-from .errors import IncompleteRunError
-from .partition import Partition
+from .partition import Partition, Segment
 from .process import Process
-from .run import Run
 
 Block = Callable[[Tensor, Tensor], Tensor]
 """``block(x [B, *D], t [B]) -> network output [B, *D]`` (ε or velocity, as the process says)."""
@@ -51,32 +47,12 @@ GridField = Literal["constant", "linear"]
 GRID_FIELDS: tuple[str, ...] = ("constant", "linear")
 
 
-@dataclass(frozen=True)
-class Segment:
-    """The time interval over which one block's field is integrated.
-
-    Attributes:
-        block: the block id.
-        t_lo: lower end, with the time floor t0 applied.
-        t_hi: upper end.
-    """
-
-    block: int
-    t_lo: float
-    t_hi: float
-
-    @property
-    def length(self) -> float:
-        """``t_hi - t_lo``."""
-        return self.t_hi - self.t_lo
-
-
 class BlockModel:
     """K blocks assembled into one model over ``[t0, 1]``.
 
     Args:
         process: the forward process (turns network outputs into fields and scores).
-        partition: the block boundaries.
+        partition: the block boundaries and the time floor t0.
         blocks: K callables ``block(x [B, *D], t [B]) -> output [B, *D]``, block i for
             partition block i.
         grid_field: for grid (DPSM) partitions, ``"constant"`` (paper eqs. 5-6) or
@@ -105,10 +81,10 @@ class BlockModel:
         self.blocks: tuple[Block, ...] = tuple(blocks)
         self.grid_field: GridField = grid_field
         self.shape = tuple(shape) if shape is not None else None
-        self._segments = self._build_segments()
+        self._segments = partition.segments()
         self._cell_cache: dict[int, tuple[float, float]] = {}
         # the same path read with ε-prediction: turns an ε into the field (velocity) at any t
-        self._eps_process = Process(process.schedule, "epsilon", t0=process.t0, name=process.name)
+        self._eps_process = process.with_prediction("epsilon")
 
     def __repr__(self) -> str:
         mode = f", grid_field={self.grid_field!r}" if self.is_grid else ""
@@ -125,39 +101,22 @@ class BlockModel:
 
     @property
     def t0(self) -> float:
-        """The time floor: integration runs over ``[t0, 1]``."""
-        return self.process.t0
+        """The time floor: integration runs over ``[t0, 1]`` (the partition's)."""
+        return self.partition.t0
 
     @property
     def is_grid(self) -> bool:
         """Whether this is a DPSM (grid) model."""
         return self.partition.kind == "grid"
 
-    def with_grid_field(self, grid_field: GridField) -> BlockModel:
-        """The same blocks with another DPSM field (``"constant"`` or ``"linear"``)."""
-        return BlockModel(
-            self.process, self.partition, self.blocks, grid_field=grid_field, shape=self.shape
-        )
-
     def segments(self) -> list[Segment]:
-        """Each block's integration interval in increasing time, with the floor t0 applied.
-
-        Blocks that lie wholly below t0 are left out.
-        """
+        """Each block's integration interval in increasing time, with the floor t0 applied
+        (:meth:`Partition.segments`)."""
         return list(self._segments)
-
-    def _build_segments(self) -> list[Segment]:
-        out = []
-        for b in range(self.num_blocks):
-            lo, hi = self.partition.interval(b)
-            if hi <= self.t0:
-                continue
-            out.append(Segment(b, max(lo, self.t0), hi))
-        return out
 
     def time_point(self, block: int) -> float:
         """DPSM: the time ``τ_i`` a grid block's net was trained at (t0 floor applied)."""
-        return self.partition.train_range(block, self.t0)[0]
+        return self.partition.train_range(block)[0]
 
     # ------------------------------------------------------------------ evaluation
     def _times(self, t: Tensor | float, x: Tensor) -> Tensor:
@@ -286,50 +245,3 @@ class BlockModel:
         t = self._times(t, x)
         out, t_eff = self._block_eval(x, t, block)
         return self.process.reverse_sde(out, x, t_eff)
-
-
-def load_model(
-    run: str | Path | Run,
-    *,
-    device: str | torch.device = "cpu",
-    dtype: torch.dtype = torch.float32,
-    grid_field: GridField = "constant",
-) -> BlockModel:
-    """Build a run's nets from its config and load every block's final weights.
-
-    Args:
-        run: a run directory or an open :class:`~psm.run.Run`.
-        device: where the nets live.
-        dtype: the nets' dtype (float64 for reference integrations).
-        grid_field: DPSM field, ``"constant"`` (paper) or ``"linear"``.
-
-    Returns:
-        A :class:`BlockModel` whose blocks are the nets, in eval mode with gradients off.
-
-    Raises:
-        IncompleteRunError: some blocks are missing or unfinished (named in the message); no
-            block is ever replaced by an untrained network.
-        CheckpointError: a weights file is unreadable or belongs to another config.
-    """
-    from .checkpoint import load_weights
-
-    r = run if isinstance(run, Run) else Run.open(run)
-    missing = r.unfinished()
-    if missing:
-        states = [r.block_status(b).state for b in missing]
-        listed = ", ".join(f"{b} ({s})" for b, s in zip(missing[:20], states[:20]))
-        more = f" and {len(missing) - 20} more" if len(missing) > 20 else ""
-        raise IncompleteRunError(
-            f"run {r.path} is not fully trained: {len(missing)} of {r.num_blocks} block(s) "
-            f"not done: {listed}{more}; train them first (psm train with this run's config)"
-        )
-    cfg = r.config
-    dim = cfg.build_dataset().dim
-    nets = []
-    for b in range(r.num_blocks):
-        net = cfg.build_net(dim)
-        load_weights(r, b, net)
-        net = net.to(device=device, dtype=dtype).eval()
-        net.requires_grad_(False)
-        nets.append(net)
-    return BlockModel(cfg.build_process(), r.partition, nets, grid_field=grid_field, shape=(dim,))

@@ -9,7 +9,13 @@ A model is integrated block by block: block i's field is used only on its own su
 sum over blocks in eq. 4 for likelihood). Fixed-step solvers split a total step budget over the
 blocks in proportion to their lengths (at least one step each) unless steps are given per
 block; the adaptive solver (dopri5 through :func:`torchdiffeq.odeint`) restarts at each block
-boundary, where the field may jump.
+boundary, where the field may jump, and is made to land exactly on the block's end (its
+``step_t`` option) and to start with a step inside the block, so that it never evaluates a
+block's field outside the block's own segment (by default dopri5 steps past the end and
+interpolates back).
+
+Solver settings travel as one :class:`SolverSettings` value; :data:`SOLVERS` lists the methods,
+so a new solver is one step (or one torchdiffeq method name) and one registry entry.
 
 Directions: ``"to_noise"`` runs ``t0 → 1`` (data to noise, likelihood); ``"to_data"`` runs
 ``1 → t0`` (noise to data, generation).
@@ -19,13 +25,17 @@ from __future__ import annotations
 
 import math
 from collections.abc import Callable, Sequence
-from typing import Literal
+from dataclasses import dataclass
+from typing import TYPE_CHECKING, Literal, Protocol
 
 import torch
 from torch import Tensor
 from torchdiffeq import odeint
 
-from .model import BlockModel, Segment
+from .partition import Segment
+
+if TYPE_CHECKING:
+    from .model import BlockModel
 
 State = tuple[Tensor, ...]
 Dynamics = Callable[[Tensor, State], State]
@@ -35,20 +45,19 @@ BlockDynamics = Callable[[int, Tensor, State], State]
 """``f(block, t, y) -> dy/dt``: the dynamics inside block ``block``."""
 
 StepHook = Callable[[float, State], None]
-"""Called as ``hook(t, y)`` after each step (fixed-step solvers) or each block (dopri5)."""
+"""Called as ``hook(t, y)`` after each step (fixed-step solvers) or each block (adaptive)."""
 
-Solver = Literal["euler", "rk4", "dopri5"]
-SOLVERS: tuple[str, ...] = ("euler", "rk4", "dopri5")
 Direction = Literal["to_noise", "to_data"]
+DIRECTIONS: tuple[str, ...] = ("to_noise", "to_data")
 
 
 # ---------------------------------------------------------------------- single steps
-def _axpy(y: State, h: float, *ks: tuple[float, State]) -> State:
-    """``y + h Σ_j c_j k_j`` for tuple states."""
+def _linear_combination(y: State, h: float, *terms: tuple[float, State]) -> State:
+    """``y + h Σ_j c_j k_j`` for tuple states, ``terms = ((c_1, k_1), ...)``."""
     out = []
     for i, yi in enumerate(y):
         acc = yi
-        for c, k in ks:
+        for c, k in terms:
             acc = acc + (h * c) * k[i]
         out.append(acc)
     return tuple(out)
@@ -66,7 +75,7 @@ def euler_step(f: Dynamics, t: Tensor, h: float, y: State) -> State:
     Returns:
         The state at ``t + h``.
     """
-    return _axpy(y, h, (1.0, f(t, y)))
+    return _linear_combination(y, h, (1.0, f(t, y)))
 
 
 def rk4_step(f: Dynamics, t: Tensor, h: float, y: State) -> State:
@@ -75,16 +84,117 @@ def rk4_step(f: Dynamics, t: Tensor, h: float, y: State) -> State:
     Args and return as in :func:`euler_step`.
     """
     k1 = f(t, y)
-    k2 = f(t + 0.5 * h, _axpy(y, 0.5 * h, (1.0, k1)))
-    k3 = f(t + 0.5 * h, _axpy(y, 0.5 * h, (1.0, k2)))
-    k4 = f(t + h, _axpy(y, h, (1.0, k3)))
-    return _axpy(y, h / 6.0, (1.0, k1), (2.0, k2), (2.0, k3), (1.0, k4))
+    k2 = f(t + 0.5 * h, _linear_combination(y, 0.5 * h, (1.0, k1)))
+    k3 = f(t + 0.5 * h, _linear_combination(y, 0.5 * h, (1.0, k2)))
+    k4 = f(t + h, _linear_combination(y, h, (1.0, k3)))
+    return _linear_combination(y, h / 6.0, (1.0, k1), (2.0, k2), (2.0, k3), (1.0, k4))
 
 
-_STEPPERS = {"euler": euler_step, "rk4": rk4_step}
+# ---------------------------------------------------------------------- settings
+@dataclass(frozen=True)
+class SolverSettings:
+    """How to integrate: the method and its step budget or tolerances.
+
+    Attributes:
+        method: a key of :data:`SOLVERS` (``"rk4"``, ``"euler"``, ``"dopri5"``).
+        steps: fixed-step methods: a budget over ``[t0, 1]`` split by block length, or steps
+            per block id (e.g. ``(100, 900)`` for the paper's TPSM0 images); unused by adaptive
+            methods.
+        rtol: adaptive methods: relative tolerance.
+        atol: adaptive methods: absolute tolerance.
+    """
+
+    method: str = "rk4"
+    steps: int | tuple[int, ...] = 1000
+    rtol: float = 1e-5
+    atol: float = 1e-5
+
+    def __post_init__(self) -> None:
+        if self.method not in SOLVERS:
+            raise ValueError(f"unknown solver {self.method!r} (choose from {', '.join(SOLVERS)})")
+        steps = (self.steps,) if isinstance(self.steps, int) else tuple(self.steps)
+        if not steps or any(int(n) < 1 for n in steps):
+            raise ValueError(f"steps must be >= 1, got {self.steps}")
+        if not isinstance(self.steps, int):
+            object.__setattr__(self, "steps", tuple(int(n) for n in self.steps))
+        if not (self.rtol > 0 and self.atol > 0):
+            raise ValueError(f"tolerances must be > 0, got rtol={self.rtol}, atol={self.atol}")
+
+    @property
+    def fixed_step(self) -> bool:
+        """Whether the method takes a fixed number of steps (``steps`` applies)."""
+        return SOLVERS[self.method].fixed_step
+
+    def describe(self) -> str:
+        """``"rk4 1000 steps"``, ``"rk4 steps 100,900"`` or ``"dopri5 rtol 1e-05"``."""
+        if not self.fixed_step:
+            return f"{self.method} rtol {self.rtol:g}"
+        if isinstance(self.steps, int):
+            return f"{self.method} {self.steps} steps"
+        return f"{self.method} steps {','.join(map(str, self.steps))}"
 
 
 # ---------------------------------------------------------------------- one interval
+class SegmentSolver(Protocol):
+    """Integrates ``dy/dt = f(t, y)`` over one segment (one block)."""
+
+    fixed_step: bool
+
+    def __call__(
+        self, f: Dynamics, y0: State, t_start: float, t_end: float, *, steps: int,
+        settings: SolverSettings, on_step: StepHook | None,
+    ) -> State: ...  # fmt: skip
+
+
+@dataclass(frozen=True)
+class FixedStep:
+    """``steps`` equal steps of a one-step method (:func:`euler_step`, :func:`rk4_step`)."""
+
+    step: Callable[[Dynamics, Tensor, float, State], State]
+    fixed_step: bool = True
+
+    def __call__(
+        self, f: Dynamics, y0: State, t_start: float, t_end: float, *, steps: int,
+        settings: SolverSettings, on_step: StepHook | None,
+    ) -> State:  # fmt: skip
+        return integrate_fixed(f, y0, t_start, t_end, steps, step=self.step, on_step=on_step)
+
+
+@dataclass(frozen=True)
+class Adaptive:
+    """An adaptive torchdiffeq method (e.g. ``"dopri5"``), kept inside the segment."""
+
+    method: str
+    fixed_step: bool = False
+
+    def __call__(
+        self, f: Dynamics, y0: State, t_start: float, t_end: float, *, steps: int,
+        settings: SolverSettings, on_step: StepHook | None,
+    ) -> State:  # fmt: skip
+        y = integrate_adaptive(
+            f, y0, t_start, t_end, method=self.method, rtol=settings.rtol, atol=settings.atol
+        )
+        if on_step is not None:
+            on_step(t_end, y)
+        return y
+
+
+SOLVERS: dict[str, SegmentSolver] = {
+    "rk4": FixedStep(rk4_step),
+    "euler": FixedStep(euler_step),
+    "dopri5": Adaptive("dopri5"),
+}
+"""The solvers by name: one entry per method."""
+
+SOLVER_NAMES: tuple[str, ...] = tuple(SOLVERS)
+
+PAPER_SOLVER = SolverSettings("rk4", 1000)
+"""The paper's likelihood solver: RK4 with 1000 steps over ``[t0, 1]`` (section 3.1)."""
+
+PLOT_SOLVER = SolverSettings("rk4", 100)
+"""What the figures integrate with by default (the NLL's 1000 steps would be 10x slower)."""
+
+
 def integrate_fixed(
     f: Dynamics,
     y0: State,
@@ -92,7 +202,7 @@ def integrate_fixed(
     t_end: float,
     steps: int,
     *,
-    method: Literal["euler", "rk4"] = "rk4",
+    step: Callable[[Dynamics, Tensor, float, State], State] = rk4_step,
     on_step: StepHook | None = None,
 ) -> State:
     """Integrate ``dy/dt = f(t, y)`` from ``t_start`` to ``t_end`` with ``steps`` equal steps.
@@ -103,7 +213,7 @@ def integrate_fixed(
         t_start: start time.
         t_end: end time (may be below ``t_start``).
         steps: number of steps, >= 1.
-        method: ``"euler"`` or ``"rk4"``.
+        step: the one-step method.
         on_step: hook called after each step.
 
     Returns:
@@ -111,9 +221,6 @@ def integrate_fixed(
     """
     if steps < 1:
         raise ValueError(f"steps must be >= 1, got {steps}")
-    if method not in _STEPPERS:
-        raise ValueError(f"unknown fixed-step method {method!r} (choose from euler, rk4)")
-    step = _STEPPERS[method]
     ref = y0[0]
     h = (t_end - t_start) / steps
     y = y0
@@ -125,22 +232,33 @@ def integrate_fixed(
     return y
 
 
+FIRST_STEP_FRACTION = 0.01
+"""The adaptive solver's first step, as a fraction of the segment (it then adapts)."""
+
+
 def integrate_adaptive(
     f: Dynamics,
     y0: State,
     t_start: float,
     t_end: float,
     *,
+    method: str = "dopri5",
     rtol: float = 1e-5,
     atol: float = 1e-5,
 ) -> State:
-    """Integrate ``dy/dt = f(t, y)`` with adaptive dopri5 (:func:`torchdiffeq.odeint`).
+    """Integrate ``dy/dt = f(t, y)`` adaptively with :func:`torchdiffeq.odeint`, evaluating
+    ``f`` only at times between ``t_start`` and ``t_end``.
+
+    The end time is a prescribed step point (``step_t``: the last step lands on it instead of
+    stepping past and interpolating back), and the first step is a fixed fraction of the segment
+    (torchdiffeq's own first-step probe may look outside it).
 
     Args:
         f: the dynamics.
         y0: the state at ``t_start``.
         t_start: start time.
         t_end: end time (may be below ``t_start``).
+        method: the torchdiffeq method.
         rtol: relative tolerance.
         atol: absolute tolerance.
 
@@ -148,8 +266,12 @@ def integrate_adaptive(
         The state at ``t_end``.
     """
     ref = y0[0]
-    ts = torch.tensor([t_start, t_end], dtype=ref.dtype, device=ref.device)
-    sol = odeint(f, tuple(y0), ts, rtol=rtol, atol=atol, method="dopri5")
+    ts = torch.tensor([t_start, t_end], dtype=torch.float64, device=ref.device)
+    options = {
+        "step_t": ts[1:],
+        "first_step": FIRST_STEP_FRACTION * abs(t_end - t_start),
+    }
+    sol = odeint(f, tuple(y0), ts, rtol=rtol, atol=atol, method=method, options=options)
     return tuple(s[-1] for s in sol)
 
 
@@ -203,16 +325,21 @@ def steps_for(segments: Sequence[Segment], steps: int | Sequence[int]) -> list[i
     return out
 
 
+def solve_units(segments: Sequence[Segment], solver: SolverSettings) -> int:
+    """How many times ``on_step`` fires in one solve (for progress bars): every step of a
+    fixed-step method, every block of an adaptive one."""
+    if solver.fixed_step:
+        return sum(steps_for(segments, solver.steps))
+    return len(segments)
+
+
 def integrate_blocks(
     dynamics: BlockDynamics,
     y0: State,
     segments: Sequence[Segment],
     *,
     direction: Direction,
-    solver: Solver = "rk4",
-    steps: int | Sequence[int] = 1000,
-    rtol: float = 1e-5,
-    atol: float = 1e-5,
+    solver: SolverSettings = PAPER_SOLVER,
     on_step: StepHook | None = None,
 ) -> State:
     """Integrate block by block, each block's dynamics over its own segment.
@@ -220,23 +347,19 @@ def integrate_blocks(
     Args:
         dynamics: ``f(block, t, y)``.
         y0: the state at the start (``t0`` for ``"to_noise"``, 1 for ``"to_data"``).
-        segments: the blocks' segments in increasing time (:meth:`BlockModel.segments`).
+        segments: the blocks' segments in increasing time (:meth:`Partition.segments`).
         direction: ``"to_noise"`` (t0 → 1) or ``"to_data"`` (1 → t0).
-        solver: ``"euler"``, ``"rk4"`` or ``"dopri5"``.
-        steps: fixed-step solvers: a total budget or steps per block id (see :func:`steps_for`).
-        rtol: dopri5 relative tolerance.
-        atol: dopri5 absolute tolerance.
-        on_step: hook called after each step (each block for dopri5).
+        solver: the method and its steps or tolerances.
+        on_step: hook called after each step (each block for adaptive methods).
 
     Returns:
         The state at the far end.
     """
-    if direction not in ("to_noise", "to_data"):
-        raise ValueError(f"unknown direction {direction!r} (choose from to_noise, to_data)")
-    if solver not in SOLVERS:
-        raise ValueError(f"unknown solver {solver!r} (choose from {', '.join(SOLVERS)})")
+    if direction not in DIRECTIONS:
+        raise ValueError(f"unknown direction {direction!r} (choose from {', '.join(DIRECTIONS)})")
+    method = SOLVERS[solver.method]
     segs = list(segments)
-    counts = steps_for(segs, steps) if solver != "dopri5" else [0] * len(segs)
+    counts = steps_for(segs, solver.steps) if method.fixed_step else [0] * len(segs)
     order = range(len(segs)) if direction == "to_noise" else range(len(segs) - 1, -1, -1)
     y = tuple(y0)
     for i in order:
@@ -246,12 +369,7 @@ def integrate_blocks(
         def f(t: Tensor, y: State, _block: int = seg.block) -> State:
             return dynamics(_block, t, y)
 
-        if solver == "dopri5":
-            y = integrate_adaptive(f, y, a, b, rtol=rtol, atol=atol)
-            if on_step is not None:
-                on_step(b, y)
-        else:
-            y = integrate_fixed(f, y, a, b, counts[i], method=solver, on_step=on_step)
+        y = method(f, y, a, b, steps=counts[i], settings=solver, on_step=on_step)
     return y
 
 
@@ -260,10 +378,7 @@ def probability_flow(
     x: Tensor,
     *,
     direction: Direction,
-    solver: Solver = "rk4",
-    steps: int | Sequence[int] = 1000,
-    rtol: float = 1e-5,
-    atol: float = 1e-5,
+    solver: SolverSettings = PAPER_SOLVER,
     on_step: StepHook | None = None,
 ) -> Tensor:
     """Carry points along the probability-flow ODE ``dx/dt = f(x, t)`` (eq. 30) through a model.
@@ -271,7 +386,7 @@ def probability_flow(
     Args:
         model: the assembled blocks.
         x: ``[B, *D]`` at ``t0`` (``"to_noise"``) or at 1 (``"to_data"``).
-        direction, solver, steps, rtol, atol, on_step: as in :func:`integrate_blocks`.
+        direction, solver, on_step: as in :func:`integrate_blocks`.
 
     Returns:
         ``[B, *D]`` at the far end.
@@ -281,7 +396,6 @@ def probability_flow(
         return (model.field(y[0], t, block),)
 
     (out,) = integrate_blocks(
-        dynamics, (x,), model.segments(), direction=direction, solver=solver, steps=steps,
-        rtol=rtol, atol=atol, on_step=on_step,
-    )  # fmt: skip
+        dynamics, (x,), model.segments(), direction=direction, solver=solver, on_step=on_step
+    )
     return out

@@ -7,7 +7,9 @@
   ``t_0 = 0``; block i (0-based) is the time-free net trained at the single time ``t_{i+1}`` and
   owns the cell ``(t_i, t_{i+1}]`` (eqs. 5-6).
 
-Blocks are numbered from 0 in increasing time.
+Blocks are numbered from 0 in increasing time. The partition also owns the smallest time used,
+``t0`` (paper: 1e-4 for 2D): training and inference run over ``[t0, 1]``, so a block's
+effective span is its interval with t0 as a floor (:meth:`Partition.segments`).
 """
 
 from __future__ import annotations
@@ -24,22 +26,47 @@ from .errors import PSMError
 
 PartitionKind = Literal["interval", "grid"]
 
+DEFAULT_T0 = 1e-4
+"""The paper's smallest diffusion time for 2D data."""
+
 
 class PartitionError(PSMError, ValueError):
     """A partition that is not a valid cut of [0, 1]."""
 
 
 @dataclass(frozen=True)
+class Segment:
+    """The time interval over which one block's field is trained and integrated.
+
+    Attributes:
+        block: the block id.
+        t_lo: lower end, with the floor t0 applied.
+        t_hi: upper end.
+    """
+
+    block: int
+    t_lo: float
+    t_hi: float
+
+    @property
+    def length(self) -> float:
+        """``t_hi - t_lo``."""
+        return self.t_hi - self.t_lo
+
+
+@dataclass(frozen=True)
 class Partition:
-    """Block boundaries of [0, 1].
+    """Block boundaries of the time domain ``[t0, 1]``.
 
     Attributes:
         edges: ``(t_0 = 0, ..., t_K = 1)``, strictly increasing; ``K`` blocks.
         kind: ``"interval"`` (TPSM/SA) or ``"grid"`` (DPSM: block i sits at ``edges[i + 1]``).
+        t0: the smallest time; no block is trained or integrated below it.
     """
 
     edges: tuple[float, ...]
     kind: PartitionKind = "interval"
+    t0: float = DEFAULT_T0
 
     def __post_init__(self) -> None:
         e = self.edges
@@ -53,6 +80,13 @@ class Partition:
             raise PartitionError(f"partition must start at 0 and end at 1, got {list(e)}")
         if any(b <= a for a, b in itertools.pairwise(e)):
             raise PartitionError(f"partition points must be strictly increasing, got {list(e)}")
+        if not 0.0 < self.t0 < 1.0:
+            raise PartitionError(f"t0 must lie in (0, 1), got {self.t0}")
+        if self.kind == "interval" and e[1] <= self.t0:
+            raise PartitionError(
+                f"block 0 [0, {e[1]:.4g}] lies wholly below t0={self.t0:g}; "
+                "use fewer blocks or a smaller t0"
+            )
 
     @property
     def num_blocks(self) -> int:
@@ -76,21 +110,29 @@ class Partition:
             raise PartitionError("time_point is defined for grid (DPSM) partitions only")
         return self.edges[block + 1]
 
-    def train_range(self, block: int, t0: float) -> tuple[float, float]:
+    def train_range(self, block: int) -> tuple[float, float]:
         """Times block ``block`` is trained on, with the floor t0 applied.
 
-        Interval blocks draw ``t ~ U[lo, hi]``; grid blocks return ``(t_i, t_i)``.
+        Interval blocks draw ``t ~ U[lo, hi]``; grid blocks return ``(τ_i, τ_i)`` with
+        ``τ_i = max(t_{i+1}, t0)``.
         """
         if self.kind == "grid":
-            t = max(self.time_point(block), t0)
+            t = max(self.time_point(block), self.t0)
             return t, t
         lo, hi = self.interval(block)
-        lo = max(lo, t0)
-        if lo >= hi:
-            raise PartitionError(
-                f"block {block} [{self.edges[block]}, {hi}] lies below the time floor t0={t0}"
-            )
-        return lo, hi
+        return max(lo, self.t0), hi
+
+    def segments(self) -> list[Segment]:
+        """Each block's integration interval in increasing time, with the floor t0 applied.
+
+        Grid blocks below t0 (their cell ends at or below it) are left out.
+        """
+        out = []
+        for b in range(self.num_blocks):
+            lo, hi = self.interval(b)
+            if hi > self.t0:
+                out.append(Segment(b, max(lo, self.t0), hi))
+        return out
 
     def block_of(self, t: Tensor | float) -> Tensor:
         """Index of the block that owns each time ``t`` (any shape), a ``long`` tensor.
@@ -118,25 +160,26 @@ class Partition:
             raise PartitionError(f"block {block} out of range 0..{self.num_blocks - 1}")
 
 
-def equal(num_blocks: int) -> Partition:
+def equal(num_blocks: int, *, t0: float = DEFAULT_T0) -> Partition:
     """K equal blocks ``[i/K, (i+1)/K]`` (TPSM_C is ``equal(200)``; ``equal(1)`` is SA-DPM)."""
     if num_blocks < 1:
         raise PartitionError(f"number of blocks must be >= 1, got {num_blocks}")
-    return Partition(tuple(i / num_blocks for i in range(num_blocks)) + (1.0,), "interval")
+    edges = tuple(i / num_blocks for i in range(num_blocks)) + (1.0,)
+    return Partition(edges, "interval", t0)
 
 
-def splits(points: Sequence[float]) -> Partition:
+def splits(points: Sequence[float], *, t0: float = DEFAULT_T0) -> Partition:
     """Explicit split points, e.g. TPSM_A ``[0, 0.1, 1]`` or TPSM_B ``[0, 0.02, 0.1, 0.3, 1]``."""
-    return Partition(tuple(float(p) for p in points), "interval")
+    return Partition(tuple(float(p) for p in points), "interval", t0)
 
 
-def grid(points: int | Sequence[float]) -> Partition:
+def grid(points: int | Sequence[float], *, t0: float = DEFAULT_T0) -> Partition:
     """DPSM grid: N equal points ``t_i = i/N`` (i = 1..N), or explicit ``t_1 < ... < t_N = 1``."""
     if isinstance(points, int):
         if points < 1:
             raise PartitionError(f"number of grid points must be >= 1, got {points}")
-        return Partition(tuple(i / points for i in range(points)) + (1.0,), "grid")
+        return Partition(tuple(i / points for i in range(points)) + (1.0,), "grid", t0)
     pts = [float(p) for p in points]
     if pts and pts[0] <= 0.0:
         raise PartitionError(f"grid points must be > 0, got {pts}")
-    return Partition((0.0, *pts), "grid")
+    return Partition((0.0, *pts), "grid", t0)

@@ -29,6 +29,7 @@ import torch
 from torch import Tensor
 
 Prediction = Literal["epsilon", "velocity"]
+PREDICTIONS: tuple[str, ...] = ("epsilon", "velocity")
 
 
 @dataclass(frozen=True)
@@ -113,7 +114,7 @@ class OTSchedule(Schedule):
         return PathCoefficients(alpha, sigma, d_alpha, d_sigma, g2)
 
 
-def _batch(c: Tensor, x: Tensor) -> Tensor:
+def _per_sample(c: Tensor, x: Tensor) -> Tensor:
     """Reshape per-sample coefficients ``[B]`` (or a scalar) to broadcast against ``x [B, ...]``."""
     if c.dim() == 0:
         return c
@@ -127,24 +128,25 @@ class Process:
         schedule: the path coefficients.
         prediction: ``"epsilon"`` (network output ε̂, loss ‖ε̂ - ε‖², eq. 26) or ``"velocity"``
             (network output v̂, loss ‖v̂ - (α' x0 + σ' ε)‖², flow matching).
-        t0: time floor; training and inference use ``t ∈ [t0, 1]`` (paper: 1e-4 for 2D).
         name: the config name of this process (``"vp"`` or ``"ot"``).
+
+    The smallest time used, t0, belongs to the time domain the blocks split
+    (:class:`psm.partition.Partition`), not to the process.
     """
 
-    def __init__(
-        self, schedule: Schedule, prediction: Prediction, *, t0: float, name: str = ""
-    ) -> None:
-        if prediction not in ("epsilon", "velocity"):
+    def __init__(self, schedule: Schedule, prediction: Prediction, *, name: str = "") -> None:
+        if prediction not in PREDICTIONS:
             raise ValueError(f"unknown prediction {prediction!r}")
-        if not 0.0 < t0 < 1.0:
-            raise ValueError(f"t0 must lie in (0, 1), got {t0}")
         self.schedule = schedule
         self.prediction: Prediction = prediction
-        self.t0 = float(t0)
         self.name = name
 
     def __repr__(self) -> str:
-        return f"Process({self.schedule!r}, prediction={self.prediction!r}, t0={self.t0})"
+        return f"Process({self.schedule!r}, prediction={self.prediction!r})"
+
+    def with_prediction(self, prediction: Prediction) -> Process:
+        """The same path read with another network parametrization."""
+        return Process(self.schedule, prediction, name=self.name)
 
     # ---------------------------------------------------------------- training
     def training_pair(self, x0: Tensor, t: Tensor, noise: Tensor) -> tuple[Tensor, Tensor]:
@@ -160,15 +162,19 @@ class Process:
         """
         if self.prediction == "epsilon":
             alpha, sigma = self.schedule.alpha_sigma(t)
-            return torch.addcmul(_batch(alpha, x0) * x0, _batch(sigma, x0), noise), noise
+            return torch.addcmul(_per_sample(alpha, x0) * x0, _per_sample(sigma, x0), noise), noise
         c = self.schedule(t)
-        x_t = torch.addcmul(_batch(c.alpha, x0) * x0, _batch(c.sigma, x0), noise)
-        return x_t, _batch(c.d_alpha, x0) * x0 + _batch(c.d_sigma, x0) * noise
+        x_t = torch.addcmul(_per_sample(c.alpha, x0) * x0, _per_sample(c.sigma, x0), noise)
+        return x_t, _per_sample(c.d_alpha, x0) * x0 + _per_sample(c.d_sigma, x0) * noise
 
     @staticmethod
     def loss(output: Tensor, target: Tensor) -> Tensor:
-        """Mean squared error over the batch and all dimensions (a scalar)."""
-        return torch.mean((output - target) ** 2)
+        """Mean squared error per block (eq. 26; Algorithm 1): ``[K, B, *D] -> [K]``.
+
+        The mean runs over each block's batch and dimensions; the trainer sums the K values,
+        so each block's gradient is exactly that of its own loss.
+        """
+        return torch.mean((output - target) ** 2, dim=tuple(range(1, output.dim())))
 
     # ---------------------------------------------------------------- inference
     def epsilon(self, output: Tensor, x: Tensor, t: Tensor) -> Tensor:
@@ -179,11 +185,11 @@ class Process:
         dlog_alpha = c.d_alpha / c.alpha
         # v = (α'/α) x + (σ' - (α'/α) σ) ε
         scale = c.d_sigma - dlog_alpha * c.sigma
-        return (output - _batch(dlog_alpha, x) * x) / _batch(scale, x)
+        return (output - _per_sample(dlog_alpha, x) * x) / _per_sample(scale, x)
 
     def score(self, output: Tensor, x: Tensor, t: Tensor) -> Tensor:
         """``∇ log p_t(x) = -E[ε | x] / σ_t`` from a network output, ``[B, *D]``."""
-        return -self.epsilon(output, x, t) / _batch(self.schedule(t).sigma, x)
+        return -self.epsilon(output, x, t) / _per_sample(self.schedule(t).sigma, x)
 
     def velocity(self, output: Tensor, x: Tensor, t: Tensor) -> Tensor:
         """Probability-flow ODE field ``f(x, t)`` (eq. 30) from a network output, ``[B, *D]``.
@@ -193,7 +199,7 @@ class Process:
         if self.prediction == "velocity":
             return output
         a, c = self.field_coefficients(t)
-        return _batch(a, x) * x + _batch(c, x) * output
+        return _per_sample(a, x) * x + _per_sample(c, x) * output
 
     def field_coefficients(self, t: Tensor) -> tuple[Tensor, Tensor]:
         """``(a, c)`` with ``f(x, t) = a x + c · output``: the field is affine in the output.
@@ -215,12 +221,10 @@ class Process:
             ``(drift [B, *D], g [B] or scalar)``.
         """
         c = self.schedule(t)
-        drift = _batch(c.d_alpha / c.alpha, x) * x - _batch(c.g2, x) * self.score(output, x, t)
+        drift = _per_sample(c.d_alpha / c.alpha, x) * x - _per_sample(c.g2, x) * self.score(
+            output, x, t
+        )
         return drift, torch.sqrt(c.g2)
-
-    def marginal(self, t: Tensor) -> PathCoefficients:
-        """The path coefficients at ``t``."""
-        return self.schedule(t)
 
     @staticmethod
     def prior_log_prob(x: Tensor) -> Tensor:
@@ -232,7 +236,6 @@ class Process:
 def make_process(
     name: str,
     *,
-    t0: float,
     b_min: float = 0.0,
     b_max: float = 10.0,
     sigma_min: float = 1e-4,
@@ -242,15 +245,14 @@ def make_process(
 
     Args:
         name: ``"vp"`` (paper default, ε-prediction) or ``"ot"`` (flow matching, velocity).
-        t0: time floor.
         b_min, b_max: VP ``b(t)`` endpoints.
         sigma_min: OT path noise floor.
         prediction: override what the network predicts; defaults to the process's own.
     """
     if name == "vp":
-        return Process(VPSchedule(b_min, b_max), prediction or "epsilon", t0=t0, name=name)
+        return Process(VPSchedule(b_min, b_max), prediction or "epsilon", name=name)
     if name == "ot":
-        return Process(OTSchedule(sigma_min), prediction or "velocity", t0=t0, name=name)
+        return Process(OTSchedule(sigma_min), prediction or "velocity", name=name)
     raise ValueError(f"unknown process {name!r} (choose from vp, ot)")
 
 

@@ -5,6 +5,7 @@ and metrics.
 
     runs/ty-tpsm10/
       config.yaml                   resolved config + its hash
+      data.json                     the data's shape and a content digest of each data file
       blocks/0003.safetensors       final weights (inference reads these)
       blocks/0003.state.safetensors resume point: weights + Adam moments + RNG state
       blocks/0003.json              status: state, step, last loss, wall time, checkpoint time
@@ -17,6 +18,7 @@ on different machines never write the same file.
 
 from __future__ import annotations
 
+import hashlib
 import json
 import os
 import socket
@@ -28,12 +30,21 @@ from typing import Any
 import yaml
 
 from .atomic import atomic_write_json, atomic_write_text
-from .config import RunConfig, config_hash, hashed_differences, validate_config
+from .config import (
+    RunConfig,
+    config_hash,
+    hashed_differences,
+    legacy_config_hash,
+    validate_config,
+)
+from .data import DataError, Dataset
 from .errors import RunError
 from .partition import Partition
+from .parts import Parts
+from .process import Process
 
 CONFIG_FILE = "config.yaml"
-BLOCK_STATES = ("pending", "running", "stopped", "done", "failed")
+DATA_FILE = "data.json"
 
 
 @dataclass
@@ -59,14 +70,47 @@ class Run:
     """A run directory with a validated config.
 
     Use :meth:`create` to start or reopen a run from a config, :meth:`open` to reopen one by
-    path.
+    path. Its parts (dataset, process, partition) are built once, on first use, and shared by
+    everything that works on the run in this process.
+
+    Attributes:
+        hash: the config hash every block file carries.
+        legacy_hash: True for a run made by psm 0.1, whose hash is
+            :func:`~psm.config.legacy_config_hash` (so its checkpoints stay valid).
     """
 
-    def __init__(self, path: Path, config: RunConfig, hash_: str) -> None:
+    def __init__(
+        self, path: Path, config: RunConfig, hash_: str, *, legacy_hash: bool = False
+    ) -> None:
         self.path = path
         self.config = config
         self.hash = hash_
-        self.partition: Partition = config.build_partition()
+        self.legacy_hash = legacy_hash
+        self.parts = Parts(config, shape=self._recorded_shape())
+
+    @property
+    def partition(self) -> Partition:
+        """The blocks and the time floor t0."""
+        return self.parts.partition
+
+    @property
+    def process(self) -> Process:
+        """The forward process."""
+        return self.parts.process
+
+    @property
+    def dataset(self) -> Dataset:
+        """The data (built on first use)."""
+        return self.parts.dataset
+
+    @property
+    def shape(self) -> tuple[int, ...]:
+        """The shape of one data point (from ``data.json`` when recorded; no data loaded)."""
+        return self.parts.shape
+
+    def hash_of(self, config: RunConfig) -> str | None:
+        """``config``'s hash under this run's hash scheme (None: not expressible in it)."""
+        return legacy_config_hash(config) if self.legacy_hash else config_hash(config)
 
     # ------------------------------------------------------------------ opening
     @classmethod
@@ -80,25 +124,28 @@ class Run:
         """
         path = Path(path) if path is not None else config.out_dir
         config = config.model_copy(update={"out": str(path)})
-        h = config_hash(config)
         if (path / CONFIG_FILE).exists():
             old = cls.open(path)
-            if old.hash != h:
+            if old.hash_of(config) != old.hash:
                 diff = ", ".join(hashed_differences(old.config, config)) or "unknown fields"
                 raise RunError(
                     f"run directory {path} holds a different config (differs in {diff}); "
                     "use another --out or the same settings"
                 )
+            old.check_data()
             if old.config.model_dump() != config.model_dump():
-                cls._write_config(path, config, h)
-            return cls(path, config, h)
+                cls._write_config(path, config, old.hash, legacy=old.legacy_hash)
+            return cls(path, config, old.hash, legacy_hash=old.legacy_hash)
         if path.exists() and (not path.is_dir() or any(path.iterdir())):
             raise RunError(f"{path} exists and is not a psm run directory (no {CONFIG_FILE})")
+        manifest = data_manifest(config)  # reads the data: a bad source fails before any write
         try:
             (path / "blocks").mkdir(parents=True, exist_ok=True)
             (path / "metrics").mkdir(exist_ok=True)
         except OSError as e:
             raise RunError(f"cannot create run directory {path}: {e.strerror}") from None
+        h = config_hash(config)
+        atomic_write_json(path / DATA_FILE, manifest)
         cls._write_config(path, config, h)
         return cls(path, config, h)
 
@@ -118,15 +165,54 @@ class Run:
         if not isinstance(raw, dict) or "config_hash" not in raw:
             raise RunError(f"{f} is not a psm run config (no config_hash)")
         stored = raw.pop("config_hash")
+        scheme = raw.pop("hash_scheme", None)
+        # psm 0.1 wrote t0 under process; such a run keeps its (legacy) hash
+        legacy = scheme == "psm-0.1" or "t0" in (raw.get("process") or {})
         config = validate_config(raw, str(f))
-        if config_hash(config) != stored:
+        got = legacy_config_hash(config) if legacy else config_hash(config)
+        if got != stored:
             raise RunError(f"{f} was edited by hand: its config_hash no longer matches")
-        return cls(path, config, stored)
+        return cls(path, config, stored, legacy_hash=legacy)
 
     @staticmethod
-    def _write_config(path: Path, config: RunConfig, h: str) -> None:
-        body = {"config_hash": h, **config.model_dump(mode="json")}
+    def _write_config(path: Path, config: RunConfig, h: str, *, legacy: bool = False) -> None:
+        head = {"config_hash": h} | ({"hash_scheme": "psm-0.1"} if legacy else {})
+        body = head | config.model_dump(mode="json")
         atomic_write_text(path / CONFIG_FILE, yaml.safe_dump(body, sort_keys=False))
+
+    # ------------------------------------------------------------------ data guard
+    def _recorded(self) -> dict[str, Any] | None:
+        try:
+            rec = json.loads((self.path / DATA_FILE).read_text())
+        except (FileNotFoundError, ValueError, UnicodeDecodeError):
+            return None
+        return rec if isinstance(rec, dict) else None
+
+    def _recorded_shape(self) -> tuple[int, ...] | None:
+        rec = self._recorded()
+        shape = rec.get("shape") if rec else None
+        return tuple(int(s) for s in shape) if isinstance(shape, list) else None
+
+    def check_data(self) -> None:
+        """Refuse data files whose content changed since the run was created.
+
+        Raises:
+            DataError: one line naming the changed (or vanished) file.
+        """
+        rec = self._recorded()
+        if rec is None:  # a run made by psm 0.1: nothing recorded to check against
+            return
+        for name, want in (rec.get("files") or {}).items():
+            p = Path(name)
+            if not p.is_file():
+                raise DataError(
+                    f"data file {p} of run {self.path} is gone; restore it to use this run"
+                )
+            if file_digest(p, want) != want.get("sha256"):
+                raise DataError(
+                    f"data file {p} changed since run {self.path} was created (its content "
+                    "digest differs); restore the file, or train on it with a new --out"
+                )
 
     # ------------------------------------------------------------------ block files
     @property
@@ -135,6 +221,8 @@ class Run:
 
     @property
     def target_steps(self) -> int:
+        """The step target of this invocation (``train.steps``): blocks trained now go to it;
+        every block also records the target it was last trained to in its status."""
         return self.config.train.steps
 
     def _block_file(self, sub: str, block: int, suffix: str) -> Path:
@@ -174,15 +262,29 @@ class Run:
         # a progress record: atomic, not fsynced (the checkpoint is the durable truth)
         atomic_write_json(self.status_path(block), rec, durable=False)
 
-    def is_done(self, block: int) -> bool:
+    def block_target(self, block: int) -> int:
+        """The step target a block was last trained to (this invocation's if never trained)."""
+        rec = self.read_status(block) or {}
+        return int(rec.get("target", self.target_steps))
+
+    def is_done(self, block: int, *, target: int | None = None) -> bool:
         """Whether a block reached its step target (or spent its time budget, if one is set)
-        with its weights written."""
+        with its weights written.
+
+        Args:
+            block: the block id.
+            target: the step target to check against; None uses the block's own recorded
+                target (inference: blocks may be done at different step counts).
+        """
         rec = self.read_status(block)
         if not rec or rec.get("state") != "done" or not self.weights_path(block).exists():
             return False
+        if target is None:  # the block's own target, recorded when it was trained
+            own = int(rec.get("target", self.target_steps))
+            return rec.get("step", 0) >= own or bool(rec.get("budget_spent"))
         budget = self.config.train.max_seconds
         spent = budget is not None and float(rec.get("wall_time", 0.0)) >= budget
-        return rec.get("step", 0) >= self.target_steps or spent
+        return rec.get("step", 0) >= target or spent
 
     def block_status(self, block: int) -> BlockStatus:
         """The status of one block, with ``running`` checked against its lock."""
@@ -192,7 +294,7 @@ class Run:
         step = int(rec.get("step", 0))
         state = rec.get("state", "pending")
         if state == "done" and not self.is_done(block):
-            state = "stopped"  # extended to more steps
+            state = "stopped"  # weights missing
         if state == "running" and not lock_holder_alive(self.lock_path(block)):
             state = "stopped"
         return BlockStatus(
@@ -200,7 +302,7 @@ class Run:
             span=self.partition.describe(block),
             state=state,
             step=step,
-            target=self.target_steps,
+            target=int(rec.get("target", self.target_steps)),
             last_loss=rec.get("last_loss"),
             wall_time=float(rec.get("wall_time", 0.0)),
             checkpoint_step=rec.get("checkpoint_step"),
@@ -216,10 +318,13 @@ class Run:
         ids = range(self.num_blocks) if blocks is None else blocks
         return [self.block_status(b) for b in ids]
 
-    def unfinished(self, blocks: list[int] | None = None) -> list[int]:
-        """The blocks (of ``blocks``, default all) not yet done."""
+    def unfinished(
+        self, blocks: list[int] | None = None, *, target: int | None = None
+    ) -> list[int]:
+        """The blocks (of ``blocks``, default all) not yet done (at ``target``, see
+        :meth:`is_done`)."""
         ids = range(self.num_blocks) if blocks is None else blocks
-        return [b for b in ids if not self.is_done(b)]
+        return [b for b in ids if not self.is_done(b, target=target)]
 
     def check_block_ids(self, blocks: list[int]) -> None:
         """Refuse block ids outside ``0..K-1``."""
@@ -229,6 +334,30 @@ class Run:
                 f"block(s) {', '.join(map(str, bad))} out of range: this run has blocks "
                 f"0-{self.num_blocks - 1}"
             )
+
+
+def file_digest(path: Path, known: dict[str, Any] | None = None) -> str:
+    """The sha256 of a file's content; reuses ``known["sha256"]`` when the file's size and
+    modification time are those recorded beside it (large image arrays are hashed once)."""
+    st = path.stat()
+    if known and known.get("size") == st.st_size and known.get("mtime_ns") == st.st_mtime_ns:
+        return str(known.get("sha256"))
+    h = hashlib.sha256()
+    with path.open("rb") as f:
+        for chunk in iter(lambda: f.read(1 << 20), b""):
+            h.update(chunk)
+    return h.hexdigest()
+
+
+def data_manifest(config: RunConfig) -> dict[str, Any]:
+    """What ``data.json`` records: the shape of a point and each data file's size,
+    modification time and sha256. Builds the dataset (a bad source raises here)."""
+    dataset = config.data.build(seed=config.train.seed)
+    files = {}
+    for p in config.data.files():
+        st = p.stat()
+        files[str(p)] = {"size": st.st_size, "mtime_ns": st.st_mtime_ns, "sha256": file_digest(p)}
+    return {"dataset": dataset.name, "shape": list(dataset.shape), "files": files}
 
 
 def parse_blocks(spec: str) -> list[int]:

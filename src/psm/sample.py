@@ -23,7 +23,7 @@ from torch import Tensor
 from tqdm.auto import tqdm
 
 from .model import BlockModel
-from .ode import Solver, StepHook, probability_flow, steps_for
+from .ode import PAPER_SOLVER, SolverSettings, StepHook, probability_flow, solve_units, steps_for
 
 Method = Literal["ode", "sde"]
 METHODS: tuple[str, ...] = ("ode", "sde")
@@ -54,10 +54,7 @@ def sample_ode(
     model: BlockModel,
     x1: Tensor,
     *,
-    solver: Solver = "rk4",
-    steps: int | Sequence[int] = 1000,
-    rtol: float = 1e-5,
-    atol: float = 1e-5,
+    solver: SolverSettings = PAPER_SOLVER,
     on_step: StepHook | None = None,
 ) -> Tensor:
     """Carry noise ``x1`` at t = 1 to data at t0 along the probability-flow ODE (eq. 3 per block).
@@ -65,20 +62,14 @@ def sample_ode(
     Args:
         model: the assembled blocks.
         x1: starting points at t = 1, ``[B, *D]``.
-        solver: ``"rk4"``, ``"euler"`` or ``"dopri5"``.
-        steps: fixed-step budget over ``[t0, 1]`` or steps per block id.
-        rtol: dopri5 relative tolerance.
-        atol: dopri5 absolute tolerance.
-        on_step: hook ``(t, (x,))`` after each step (each block for dopri5).
+        solver: the ODE solver and its steps (a budget over ``[t0, 1]`` or per block id).
+        on_step: hook ``(t, (x,))`` after each step (each block for adaptive solvers).
 
     Returns:
         Samples ``[B, *D]`` at t0.
     """
     with torch.no_grad():
-        return probability_flow(
-            model, x1, direction="to_data", solver=solver, steps=steps, rtol=rtol, atol=atol,
-            on_step=on_step,
-        )  # fmt: skip
+        return probability_flow(model, x1, direction="to_data", solver=solver, on_step=on_step)
 
 
 def sample_sde(
@@ -128,10 +119,7 @@ def sample(
     *,
     generator: torch.Generator,
     method: Method = "ode",
-    solver: Solver = "rk4",
-    steps: int | Sequence[int] = 1000,
-    rtol: float = 1e-5,
-    atol: float = 1e-5,
+    solver: SolverSettings = PAPER_SOLVER,
     batch_size: int = 10000,
     shape: Sequence[int] | None = None,
     dtype: torch.dtype = torch.float32,
@@ -148,15 +136,12 @@ def sample(
         n: number of samples.
         generator: the random source; draws happen on its device.
         method: ``"ode"`` (probability flow) or ``"sde"`` (reverse SDE, Euler–Maruyama).
-        solver: ODE solver (``"rk4"``, ``"euler"``, ``"dopri5"``); the SDE uses Euler–Maruyama.
-        steps: step budget over ``[t0, 1]`` or steps per block id.
-        rtol: dopri5 relative tolerance.
-        atol: dopri5 absolute tolerance.
+        solver: ODE solver and steps; the SDE uses Euler–Maruyama with ``solver.steps``.
         batch_size: samples per solve.
         shape: shape of one sample (default: ``model.shape``).
         dtype: sample dtype (the blocks' dtype).
         device: where to integrate (default: the generator's device).
-        progress: show a tqdm bar.
+        progress: show a tqdm bar that moves at every step.
 
     Returns:
         ``[n, *shape]`` samples at t0, on ``device``.
@@ -172,16 +157,23 @@ def sample(
     if method == "sde" and generator.device != device:
         raise ValueError("the SDE sampler draws on the generator's device: pass a generator there")
     out = []
+    batches = math.ceil(n / batch_size)
+    if method == "sde":
+        units = sum(steps_for(model.segments(), solver.steps))
+    else:
+        units = solve_units(model.segments(), solver)
     with tqdm(
-        total=n, desc=f"sample ({method})", unit="pt", disable=not progress, leave=False
-    ) as bar:
-        for i in range(0, n, batch_size):
+        total=batches * units, desc=f"sample ({method})", unit="step", disable=not progress,
+        leave=False,
+    ) as bar:  # fmt: skip
+        for j, i in enumerate(range(0, n, batch_size)):
+            bar.set_postfix_str(f"batch {j + 1}/{batches}", refresh=False)
             m = min(batch_size, n - i)
             x1 = prior_sample(m, shape, generator=generator, dtype=dtype, device=device)
+            tick = lambda t, y: bar.update(1)  # noqa: E731
             if method == "ode":
-                x = sample_ode(model, x1, solver=solver, steps=steps, rtol=rtol, atol=atol)
+                x = sample_ode(model, x1, solver=solver, on_step=tick)
             else:
-                x = sample_sde(model, x1, generator=generator, steps=steps)
+                x = sample_sde(model, x1, generator=generator, steps=solver.steps, on_step=tick)
             out.append(x)
-            bar.update(m)
     return torch.cat(out) if out else torch.empty((0, *shape), dtype=dtype, device=device)

@@ -1,15 +1,24 @@
-"""Training one block: ``train_block(run_dir, block_id)``, the only thing an executor calls.
+"""Training blocks: one loop for any number K >= 1 of blocks of a run.
 
 A block is trained with Adam on fresh samples every step (appendix H). Block i of an interval
 partition draws ``t ~ U[t_i, t_{i+1}]`` (Algorithm 1; K = 1 is SA-DPM, Algorithm 3); a grid
-block uses its fixed time ``t_i`` (Algorithm 2). ``train_block`` is
+block uses its fixed time ``t_i`` (Algorithm 2). Blocks at the same step can be trained
+together as one stacked model (:mod:`psm.stack`); the loop (:func:`train_stack`) is the same
+for one block and for a stack, and so are the files it writes:
+
+* :func:`train_block` is the loop with K = 1 — the only thing the local, Ray and SLURM
+  executors call per block;
+* :func:`train_ensemble` runs the loop over stacks of blocks in one process.
+
+Both are
 
 * idempotent: a block that reached its target is skipped;
-* resumable: it continues from the last checkpoint with Adam and RNG state, so a resumed block
-  ends bit-for-bit where an uninterrupted one would;
+* resumable: a block continues from its last checkpoint with Adam and RNG state, so a resumed
+  block ends bit-for-bit where an uninterrupted one would;
 * exclusive: a lock keeps a second worker off a block being trained;
 * safe: a non-finite loss stops the block with an error naming it and the step, keeping the
-  last good checkpoint; Ctrl-C / SIGTERM save a checkpoint at the current step.
+  last good checkpoint (the other blocks of a stack carry on); Ctrl-C / SIGTERM save a
+  checkpoint at the current step.
 """
 
 from __future__ import annotations
@@ -17,8 +26,9 @@ from __future__ import annotations
 import contextlib
 import json
 import math
-import signal
 import time
+from collections import defaultdict
+from collections.abc import Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -27,51 +37,37 @@ import torch
 from torch import Tensor, nn
 
 from .atomic import append_line, atomic_write_text
-from .checkpoint import (
-    BlockState,
-    adam_moments,
-    load_state,
-    save_state,
-    save_weights,
-    set_adam_moments,
-)
+from .checkpoint import BlockState, load_state, resume_step, save_state, save_weights
 from .data import Dataset
-from .errors import BlockError, PSMError, RunError
+from .device import resolve_device
+from .errors import PSMError, RunError
 from .lock import BlockLocks, lock_holder, lock_holder_alive
 from .process import Process
 from .run import Run
+from .stack import NetStack, stack_nets
+from .stop import StopRequest
 
-SEED_INIT, SEED_DATA = 0, 1
+SEED_INIT, SEED_DATA, SEED_GLOBAL = 0, 1, 2
+PROGRESS_SECONDS = 2.0
+"""Least seconds between two progress writes of a block's status (besides ``log_every``)."""
 
 
 def block_seed(seed: int, block: int, purpose: int) -> int:
-    """A 63-bit seed for one purpose (init or data) of one block of a run."""
+    """A 63-bit seed for one purpose (init, data, global RNG) of one block of a run."""
     return int(np.random.SeedSequence([seed, block, purpose]).generate_state(2, np.uint64)[0] >> 1)
 
 
-def resolve_device(name: str) -> torch.device:
-    """``auto`` → cuda if available else cpu; anything else as given, checked."""
-    if name == "auto":
-        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
-    try:
-        dev = torch.device(name)
-    except RuntimeError:
-        raise RunError(f"{name!r} is not a device (cpu, cuda, cuda:N, auto)") from None
-    if dev.type == "cuda" and not torch.cuda.is_available():
-        raise RunError("CUDA is not available here")
-    return dev
-
-
-def _train_device(name: str) -> torch.device:
+def train_device(name: str) -> torch.device:
+    """``train.device`` resolved and checked (a one-line error naming the field)."""
     try:
         return resolve_device(name)
-    except RunError as e:
+    except PSMError as e:
         raise RunError(f"train.device: {e}") from None
 
 
 @dataclass
 class BlockProblem:
-    """What one block learns: its data, process, time range and a fresh net.
+    """What one block learns: its data, process and time range, and its seeds.
 
     Attributes:
         block: the block id.
@@ -88,28 +84,28 @@ class BlockProblem:
     batch_size: int
 
     @classmethod
-    def build(cls, run: Run, block: int, dataset: Dataset | None = None) -> BlockProblem:
-        cfg = run.config
-        process = cfg.build_process()
-        lo, hi = run.partition.train_range(block, process.t0)
+    def build(cls, run: Run, block: int, device: torch.device | None = None) -> BlockProblem:
+        """Block ``block`` of ``run`` on ``device`` (default: the run's ``train.device``)."""
+        device = device if device is not None else train_device(run.config.train.device)
+        lo, hi = run.partition.train_range(block)
         return cls(
-            run, block, dataset or cfg.build_dataset(), process, lo, hi,
-            _train_device(cfg.train.device), cfg.train.batch_size,
-        )  # fmt: skip
+            run, block, run.dataset, run.process, lo, hi, device, run.config.train.batch_size
+        )
 
     def new_net(self) -> nn.Module:
         """The block's net, initialised from its own seed (same weights in every executor)."""
         with torch.random.fork_rng(devices=[]):
             torch.manual_seed(block_seed(self.run.config.train.seed, self.block, SEED_INIT))
-            net = self.run.config.build_net(self.dataset.dim)
+            net = self.run.parts.new_net()
         return net.to(self.device)
 
     def new_generator(self) -> torch.Generator:
+        """The block's data stream: batches are a pure function of the run seed and block."""
         seed = block_seed(self.run.config.train.seed, self.block, SEED_DATA)
         return torch.Generator(device=self.device).manual_seed(seed)
 
     def draw_batch(self, generator: torch.Generator) -> tuple[Tensor, Tensor, Tensor]:
-        """One fresh batch: ``(x_t [B, D], t [B], target [B, D])`` (eq. 29)."""
+        """One fresh batch: ``(x_t [B, *D], t [B], target [B, *D])`` (eq. 29)."""
         n = self.batch_size
         x0 = self.dataset.sample(n, generator)
         if self.t_hi > self.t_lo:
@@ -139,6 +135,161 @@ class BlockOutcome:
     error: str | None = None
 
 
+def make_adam(params: list[Tensor], lr: float) -> torch.optim.Adam:
+    """Adam (appendix H) with the fused kernel where the device supports it.
+
+    One optimizer over a stack's tensors is K independent Adams (Adam is elementwise), so a
+    block gets the same update arithmetic whether it is trained alone or stacked.
+    """
+    try:
+        return torch.optim.Adam(params, lr=lr, fused=True)
+    except (RuntimeError, ValueError):
+        return torch.optim.Adam(params, lr=lr)
+
+
+def adam_moments(
+    opt: torch.optim.Adam, stack: NetStack, k: int
+) -> tuple[dict[str, Tensor], dict[str, Tensor]] | None:
+    """Block k's Adam moments ``(exp_avg, exp_avg_sq)`` by parameter name (None before the
+    first step)."""
+    m, v = {}, {}
+    for name, p in stack.params.items():
+        st = opt.state.get(p)
+        if not st:
+            return None
+        m[name], v[name] = stack.part(st["exp_avg"], k), stack.part(st["exp_avg_sq"], k)
+    return m, v
+
+
+def restore_adam(
+    opt: torch.optim.Adam, stack: NetStack, states: Sequence[BlockState], step: int
+) -> None:
+    """Put the blocks' saved Adam moments (and the shared step count) back into ``opt``."""
+    for name, p in stack.params.items():
+        opt.state[p] = {
+            "step": torch.tensor(float(step)),
+            "exp_avg": stack.join([s.adam_m[name] for s in states]).to(p).clone(),  # type: ignore[index]
+            "exp_avg_sq": stack.join([s.adam_v[name] for s in states]).to(p).clone(),  # type: ignore[index]
+        }
+
+
+def _is_random(module: nn.Module) -> bool:
+    """Whether a layer draws random numbers while training (dropout)."""
+    return isinstance(module, nn.modules.dropout._DropoutNd) and module.p > 0
+
+
+def _stacked(values: Sequence[Tensor]) -> Tensor:
+    """``[K, ...]`` from K tensors (a view for K = 1)."""
+    return values[0].unsqueeze(0) if len(values) == 1 else torch.stack(list(values))
+
+
+class StackTrainer:
+    """K blocks of a run at the same step, their nets, generators and one Adam, restored from
+    their checkpoints; :meth:`train_step` is one parameter update of every block.
+
+    Args:
+        run: the run.
+        blocks: block ids sharing their resume step (K >= 1).
+
+    Raises:
+        CheckpointError: a checkpoint that is foreign, truncated or does not match the net.
+        ValueError: blocks at different resume steps.
+    """
+
+    def __init__(self, run: Run, blocks: Sequence[int]) -> None:
+        cfg = run.config.train
+        self.run, self.blocks = run, list(blocks)
+        self.device = train_device(cfg.device)
+        self.problems = [BlockProblem.build(run, b, self.device) for b in self.blocks]
+        self.process = run.process
+        nets = [p.new_net() for p in self.problems]
+        self.generators = [p.new_generator() for p in self.problems]
+        states = [load_state(run, b, net) for b, net in zip(self.blocks, nets)]
+        steps = {s.step if s else 0 for s in states}
+        if len(steps) != 1:
+            raise ValueError(f"blocks {self.blocks} are at different steps {sorted(steps)}")
+        self.step = steps.pop()
+        self.wall0 = [s.wall_time if s else 0.0 for s in states]
+        for net, gen, st in zip(nets, self.generators, states):
+            if st is not None:
+                net.load_state_dict(st.net)
+                gen.set_state(st.rng.to(torch.uint8))
+        self.stack = stack_nets(nets)
+        self.opt = make_adam(list(self.stack.params.values()), cfg.lr)
+        if states[0] is not None and states[0].adam_m is not None:
+            restore_adam(self.opt, self.stack, states, self.step)
+        # random layers (dropout) draw from the device's global generator: seed it from the
+        # first block (or restore it), so that a resumed block continues its masks exactly
+        self.random_layers = any(_is_random(m) for m in nets[0].modules())
+        if self.random_layers:
+            saved = states[0].global_rng if states[0] is not None else None
+            if saved is not None:
+                self._set_global_rng(saved)
+            else:
+                self._seed_global_rng(block_seed(cfg.seed, self.blocks[0], SEED_GLOBAL))
+        self._t_start = time.perf_counter()
+
+    def _seed_global_rng(self, seed: int) -> None:
+        if self.device.type == "cuda":
+            with torch.cuda.device(self.device):
+                torch.cuda.manual_seed(seed)
+        else:
+            torch.default_generator.manual_seed(seed)
+
+    def _set_global_rng(self, state: Tensor) -> None:
+        if self.device.type == "cuda":
+            torch.cuda.set_rng_state(state.to(torch.uint8), self.device)
+        else:
+            torch.set_rng_state(state.to(torch.uint8))
+
+    def _global_rng(self) -> Tensor | None:
+        if not self.random_layers:
+            return None
+        if self.device.type == "cuda":
+            return torch.cuda.get_rng_state(self.device)
+        return torch.get_rng_state()
+
+    def train_step(self) -> Tensor:
+        """One update of every block: draw, forward, summed loss, backward, Adam.
+
+        Returns:
+            The K losses before the update, ``[K]`` (detached, left on the device).
+        """
+        batches = [p.draw_batch(g) for p, g in zip(self.problems, self.generators)]
+        x_t, t, y = (_stacked([b[i] for b in batches]) for i in range(3))
+        losses = self.process.loss(self.stack(x_t, t), y)  # [K], one per block
+        self.opt.zero_grad(set_to_none=True)
+        losses.sum().backward()
+        self.opt.step()
+        self.step += 1
+        return losses.detach()
+
+    def walls(self) -> list[float]:
+        """Seconds each block has trained, this call included."""
+        el = time.perf_counter() - self._t_start
+        return [w + el for w in self.wall0]
+
+    def block_state(self, k: int) -> BlockState:
+        """Block k's resume point (unstacked views; the checkpoint copies them)."""
+        moments = adam_moments(self.opt, self.stack, k)
+        m, v = moments if moments else (None, None)
+        return BlockState(
+            self.step, self.stack.net_state(k), m, v, self.generators[k].get_state(),
+            self.walls()[k], self._global_rng(),
+        )  # fmt: skip
+
+    def checkpoint(self, *, final: bool, only: Sequence[int] | None = None) -> None:
+        """Write the resume point (and, when ``final``, the weights) of each block."""
+        for k, b in enumerate(self.blocks):
+            if only is not None and k not in only:
+                continue
+            st = self.block_state(k)
+            save_state(self.run, b, st)
+            if final:
+                save_weights(self.run, b, st.net, self.step)
+            self.run.write_status(b, checkpoint_step=self.step, checkpoint_time=time.time())
+
+
 @dataclass
 class _LossWindow:
     """Per-step losses since the last flush, kept as tensors so GPU steps stay asynchronous."""
@@ -146,18 +297,18 @@ class _LossWindow:
     start_step: int
     losses: list[Tensor] = field(default_factory=list)
 
-    def flush(self) -> tuple[list[list[float]], int]:
-        """Losses as ``[steps][blocks]`` floats and the step of the first entry."""
+    def flush(self) -> tuple[np.ndarray, int]:
+        """Losses as a ``[steps, K]`` float64 array and the step of the first entry."""
         if not self.losses:
-            return [], self.start_step
-        vals = torch.stack(self.losses).reshape(len(self.losses), -1).double().cpu().tolist()
+            return np.zeros((0, 0)), self.start_step
+        vals = torch.stack(self.losses).reshape(len(self.losses), -1).double().cpu().numpy()
         start = self.start_step
         self.start_step += len(self.losses)
         self.losses = []
         return vals, start
 
 
-def first_nonfinite(values: list[float], start: int) -> int | None:
+def first_nonfinite(values: Sequence[float], start: int) -> int | None:
     """The step of the first non-finite loss in a window, or None."""
     for i, v in enumerate(values):
         if not math.isfinite(v):
@@ -179,55 +330,6 @@ def truncate_metrics(path: Path, step: int) -> None:
     atomic_write_text(path, "".join(k + "\n" for k in keep))
 
 
-class _Stopped(Exception):
-    """A stop request seen between two optimizer steps."""
-
-
-class StopRequest:
-    """Set by SIGINT (Ctrl-C) or SIGTERM (cluster pre-emption, ``kill``) while installed.
-
-    Training loops poll :meth:`is_set` between steps and save an exact checkpoint, so a stop
-    never lands in the middle of an optimizer step. A second Ctrl-C raises KeyboardInterrupt.
-    """
-
-    def __init__(self) -> None:
-        self._set = False
-        self._old: dict[int, object] = {}
-
-    def is_set(self) -> bool:
-        return self._set
-
-    def _handle(self, signum, frame) -> None:
-        if self._set and signum == signal.SIGINT:
-            raise KeyboardInterrupt
-        self._set = True
-
-    def __enter__(self) -> StopRequest:
-        for sig in (signal.SIGINT, signal.SIGTERM):
-            try:
-                self._old[sig] = signal.signal(sig, self._handle)
-            except ValueError:  # not the main thread: signals stay as they are
-                break
-        return self
-
-    def __exit__(self, *exc: object) -> None:
-        for sig, old in self._old.items():
-            signal.signal(sig, old)  # type: ignore[arg-type]
-        self._old.clear()
-
-
-def make_adam(params: list[Tensor], lr: float) -> torch.optim.Adam:
-    """Adam (appendix H) with the fused kernel where the device supports it.
-
-    Every trainer builds its optimizer here, so a block gets the same update arithmetic in any
-    executor (and the ensemble's stacked Adam is elementwise identical to K separate ones).
-    """
-    try:
-        return torch.optim.Adam(params, lr=lr, fused=True)
-    except (RuntimeError, ValueError):
-        return torch.optim.Adam(params, lr=lr)
-
-
 def time_budget(max_seconds: float | None):
     """A predicate ``wall_time -> bool`` that says when a block's time budget is spent."""
     if max_seconds is None:
@@ -235,8 +337,172 @@ def time_budget(max_seconds: float | None):
     return lambda wall: wall >= max_seconds
 
 
+def train_stack(run: Run, blocks: Sequence[int], stop: StopRequest) -> list[BlockOutcome]:
+    """Train blocks that share a resume step, as one stack, to the run's step target.
+
+    The caller holds the blocks' locks. Returns one outcome per block, in the order given.
+    """
+    cfg = run.config.train
+    with torch.random.fork_rng(devices=_cuda_index(cfg.device)):
+        trainer = StackTrainer(run, blocks)
+        return _train_loop(run, trainer, stop)
+
+
+def _cuda_index(device: str) -> list[int]:
+    """The CUDA device whose global generator :func:`train_stack` forks (none on CPU)."""
+    try:
+        dev = torch.device(device)
+    except RuntimeError:
+        return []
+    if dev.type != "cuda" or not torch.cuda.is_available():
+        return []
+    return [dev.index if dev.index is not None else torch.cuda.current_device()]
+
+
+def _train_loop(run: Run, tr: StackTrainer, stop: StopRequest) -> list[BlockOutcome]:
+    cfg = run.config.train
+    blocks, target = tr.blocks, run.target_steps
+    for b in blocks:
+        truncate_metrics(run.metrics_path(b), tr.step)
+        run.write_status(
+            b, state="running", step=tr.step, start_step=tr.step, target=target,
+            span=run.partition.describe(b), device=str(tr.device), error=None,
+        )  # fmt: skip
+    window = _LossWindow(tr.step)
+    last_loss: list[float | None] = [None] * len(blocks)
+    progress_every = max(PROGRESS_SECONDS, 0.02 * len(blocks))  # many blocks: fewer writes
+    last_progress = time.monotonic()
+
+    def flush() -> list[int]:
+        """Log the window; return the stack indices whose loss went non-finite."""
+        vals, start = window.flush()
+        if not vals.size:
+            return []
+        bad = []
+        walls = tr.walls()
+        for k, b in enumerate(blocks):
+            at = first_nonfinite(vals[:, k].tolist(), start)
+            if at is not None:
+                bad.append(k)
+                msg = f"block {b}: non-finite loss ({vals[at - start - 1, k]}) at step {at}"
+                run.write_status(b, state="failed", error=msg)
+                continue
+            last_loss[k] = float(vals[:, k].mean())
+            line = {"step": tr.step, "loss": last_loss[k], "wall_time": round(walls[k], 3)}
+            append_line(run.metrics_path(b), json.dumps(line))
+            run.write_status(b, step=tr.step, last_loss=last_loss[k], wall_time=walls[k])
+        return bad
+
+    def split_off(bad: list[int]) -> list[BlockOutcome]:
+        """Failed blocks leave the stack (their last good checkpoint stays); the healthy ones
+        are saved at this step and carry on in a new stack."""
+        healthy = [k for k in range(len(blocks)) if k not in bad]
+        tr.checkpoint(final=False, only=healthy)
+        outs = [
+            BlockOutcome(blocks[k], "failed", tr.step, last_loss[k],
+                         (run.read_status(blocks[k]) or {}).get("error"))
+            for k in bad
+        ]  # fmt: skip
+        if healthy:
+            outs += train_stack(run, [blocks[k] for k in healthy], stop)
+        return outs
+
+    out_of_time = time_budget(cfg.max_seconds)
+    while tr.step < target and not out_of_time(max(tr.walls())):
+        if stop.is_set():
+            bad = flush()
+            if bad:
+                return split_off(bad)
+            tr.checkpoint(final=False)
+            for b in blocks:
+                run.write_status(b, state="stopped", step=tr.step)
+            return [
+                BlockOutcome(b, "interrupted", tr.step, last_loss[k]) for k, b in enumerate(blocks)
+            ]
+        window.losses.append(tr.train_step())
+        step = tr.step
+        at_ckpt = step % cfg.checkpoint_every == 0
+        if step % cfg.log_every == 0 or at_ckpt or step == target:
+            bad = flush()
+            if bad:
+                return split_off(bad)
+            if at_ckpt and step < target:
+                tr.checkpoint(final=False)
+            last_progress = time.monotonic()
+        elif time.monotonic() - last_progress >= progress_every:
+            for b, w in zip(blocks, tr.walls()):  # a progress mark between two log lines
+                run.write_status(b, step=step, wall_time=w)
+            last_progress = time.monotonic()
+    bad = flush()
+    if bad:
+        return split_off(bad)
+    tr.checkpoint(final=True)
+    walls = tr.walls()  # the final wall time: is_done compares it with a time budget
+    for k, b in enumerate(blocks):
+        run.write_status(
+            b, state="done", step=tr.step, wall_time=walls[k], budget_spent=tr.step < target
+        )
+    return [BlockOutcome(b, "done", tr.step, last_loss[k]) for k, b in enumerate(blocks)]
+
+
+# ------------------------------------------------------------------------------ drivers
+def train_blocks(
+    run_dir: str | Path | Run,
+    blocks: Sequence[int] | None = None,
+    *,
+    max_stack: int | None = None,
+) -> list[BlockOutcome]:
+    """Train ``blocks`` of a run (default: all) in this process, in stacks of blocks at the
+    same resume step (``max_stack=1``: one block at a time).
+
+    Args:
+        run_dir: the run directory or an open run.
+        blocks: block ids; finished ones are skipped, ones locked by a live worker left alone.
+        max_stack: most blocks in one stack (memory bound); None stacks all of a step group.
+
+    Returns:
+        One :class:`BlockOutcome` per requested block, in block order.
+    """
+    run = run_dir if isinstance(run_dir, Run) else Run.open(run_dir)
+    ids = list(range(run.num_blocks)) if blocks is None else sorted(set(blocks))
+    run.check_block_ids(ids)
+    target = run.target_steps
+    outcomes: dict[int, BlockOutcome] = {}
+    for b in ids:
+        if run.is_done(b, target=target):
+            rec = run.read_status(b) or {}
+            outcomes[b] = BlockOutcome(b, "skipped", rec.get("step", 0), rec.get("last_loss"))
+    todo = [b for b in ids if b not in outcomes]
+    if not todo:
+        return [outcomes[b] for b in ids]
+    with BlockLocks() as locks, StopRequest() as stop:
+        held = []
+        for b in todo:
+            if locks.acquire(run.lock_path(b)):
+                held.append(b)
+                remove_stale_temps(run, b)
+            else:
+                outcomes[b] = BlockOutcome(
+                    b, "locked", error=f"held by {lock_holder(run.lock_path(b))}"
+                )
+        for group in _step_groups(run, held, max_stack):
+            if stop.is_set():
+                for b in group:
+                    outcomes[b] = BlockOutcome(b, "interrupted", error="not started")
+                continue
+            try:
+                for out in train_stack(run, group, stop):
+                    outcomes[out.block] = out
+            except RunError as e:  # a write failed (no space, no permission): say so, re-raise
+                for b in group:
+                    with contextlib.suppress(PSMError):
+                        run.write_status(b, state="failed", error=str(e))
+                raise
+    return [outcomes[b] for b in ids]
+
+
 def train_block(run_dir: str | Path | Run, block: int) -> BlockOutcome:
-    """Train one block of a run to its step target (see the module docstring).
+    """Train one block of a run to its step target: the loop with K = 1.
 
     Args:
         run_dir: the run directory (or an open :class:`~psm.run.Run`).
@@ -246,23 +512,31 @@ def train_block(run_dir: str | Path | Run, block: int) -> BlockOutcome:
         The :class:`BlockOutcome`. Bad input (missing run, foreign checkpoint) raises a
         :class:`~psm.errors.PSMError`; a non-finite loss returns ``state="failed"``.
     """
-    run = run_dir if isinstance(run_dir, Run) else Run.open(run_dir)
-    run.check_block_ids([block])
-    if run.is_done(block):
-        rec = run.read_status(block) or {}
-        return BlockOutcome(block, "skipped", rec.get("step", 0), rec.get("last_loss"))
-    with BlockLocks() as locks:
-        if not locks.acquire(run.lock_path(block)):
-            holder = lock_holder(run.lock_path(block))
-            return BlockOutcome(block, "locked", error=f"held by {holder}")
-        remove_stale_temps(run, block)
-        with StopRequest() as stop:
-            try:
-                return _train_locked(run, block, stop)
-            except RunError as e:  # a write failed (no space, no permission): say so, re-raise
-                with contextlib.suppress(PSMError):
-                    run.write_status(block, state="failed", error=str(e))
-                raise
+    return train_blocks(run_dir, [block], max_stack=1)[0]
+
+
+def train_ensemble(
+    run_dir: str | Path | Run,
+    blocks: Sequence[int] | None = None,
+    *,
+    max_stack: int | None = None,
+) -> list[BlockOutcome]:
+    """Train ``blocks`` of a run (default: all) stacked in this process (see
+    :func:`train_blocks`)."""
+    return train_blocks(run_dir, blocks, max_stack=max_stack)
+
+
+def _step_groups(run: Run, blocks: list[int], max_stack: int | None) -> list[list[int]]:
+    """Blocks grouped by their resume step (so Adam's step count is shared), then chunked."""
+    by_step: dict[int, list[int]] = defaultdict(list)
+    for b in blocks:
+        by_step[resume_step(run, b)].append(b)
+    size = max_stack or len(blocks) or 1
+    groups = []
+    for step in sorted(by_step):
+        bs = by_step[step]
+        groups += [bs[i : i + size] for i in range(0, len(bs), size)]
+    return groups
 
 
 def note_failure(run: Run, out: BlockOutcome) -> None:
@@ -286,97 +560,3 @@ def remove_stale_temps(run: Run, block: int) -> None:
         for tmp in final.parent.glob(f".{final.name}.*.tmp"):
             with contextlib.suppress(OSError):
                 tmp.unlink()
-
-
-def _train_locked(run: Run, block: int, stop: StopRequest) -> BlockOutcome:
-    cfg = run.config.train
-    problem = BlockProblem.build(run, block)
-    net = problem.new_net()
-    gen = problem.new_generator()
-    params = dict(net.named_parameters())
-    opt = make_adam(list(params.values()), cfg.lr)
-    state = load_state(run, block, net)
-    step, wall0 = 0, 0.0
-    if state is not None:
-        net.load_state_dict(state.net)
-        if state.adam_m is not None and state.adam_v is not None:
-            set_adam_moments(opt, params, state.adam_m, state.adam_v, state.step)
-        gen.set_state(state.rng.to(torch.uint8))
-        step, wall0 = state.step, state.wall_time
-    truncate_metrics(run.metrics_path(block), step)
-    target = run.target_steps
-    names = {p: n for n, p in params.items()}
-    window = _LossWindow(step)
-    t_start = time.perf_counter()
-    last_loss: float | None = None
-    run.write_status(
-        block, state="running", step=step, start_step=step, target=target,
-        span=run.partition.describe(block), device=str(problem.device), error=None,
-    )  # fmt: skip
-
-    def wall() -> float:
-        return wall0 + time.perf_counter() - t_start
-
-    out_of_time = time_budget(cfg.max_seconds)
-
-    def checkpoint(final: bool) -> None:
-        moments = adam_moments(opt, names)
-        m, v = moments if moments else (None, None)
-        save_state(run, block, BlockState(step, net.state_dict(), m, v, gen.get_state(), wall()))
-        if final:
-            save_weights(run, block, net.state_dict(), step)
-        run.write_status(block, checkpoint_step=step, checkpoint_time=time.time())
-
-    def flush() -> None:
-        nonlocal last_loss
-        vals, start = window.flush()
-        if not vals:
-            return
-        flat = [v[0] for v in vals]
-        bad = first_nonfinite(flat, start)
-        if bad is not None:
-            raise BlockError(
-                f"block {block}: non-finite loss ({flat[bad - start - 1]}) at step {bad}"
-            )
-        last_loss = float(np.mean(flat))
-        append_line(
-            run.metrics_path(block),
-            json.dumps({"step": step, "loss": last_loss, "wall_time": round(wall(), 3)}),
-        )
-        run.write_status(block, step=step, last_loss=last_loss, wall_time=wall())
-
-    try:
-        net.train()
-        while step < target and not out_of_time(wall()):
-            if stop.is_set():
-                raise _Stopped
-            x_t, t, y = problem.draw_batch(gen)
-            loss = problem.process.loss(net(x_t, t), y)
-            opt.zero_grad(set_to_none=True)
-            loss.backward()
-            opt.step()
-            step += 1
-            window.losses.append(loss.detach())
-            at_ckpt = step % cfg.checkpoint_every == 0
-            if step % cfg.log_every == 0 or at_ckpt or step == target:
-                flush()
-                if at_ckpt and step < target:
-                    checkpoint(final=False)
-        flush()
-        checkpoint(final=True)
-        run.write_status(
-            block, state="done", step=step, wall_time=wall(), budget_spent=step < target
-        )
-        return BlockOutcome(block, "done", step, last_loss)
-    except BlockError as e:
-        run.write_status(block, state="failed", error=str(e))
-        return BlockOutcome(block, "failed", step, last_loss, str(e))
-    except _Stopped:
-        # between two steps: save the exact current step so that resuming loses nothing
-        try:
-            flush()
-            checkpoint(final=False)
-            run.write_status(block, state="stopped", step=step)
-        except BlockError as e:
-            run.write_status(block, state="failed", error=str(e))
-        return BlockOutcome(block, "interrupted", step, last_loss)

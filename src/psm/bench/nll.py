@@ -16,6 +16,8 @@ import torch
 from ..config import validate_config
 from ..likelihood import evaluate_nll
 from ..model import BlockModel
+from ..ode import SolverSettings
+from ..parts import Parts
 from .report import markdown_table
 
 METHODS = {
@@ -40,16 +42,16 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
 
 def build_model(method: str, seed: int = 0) -> BlockModel:
     """An untrained model of ``method`` with the paper's MLP in every block."""
-    cfg = validate_config({"name": method, "partition": METHODS[method]})
-    partition = cfg.build_partition()
+    parts = Parts(validate_config({"name": method, "partition": METHODS[method]}))
     torch.manual_seed(seed)
-    nets = [cfg.build_net(2).eval().requires_grad_(False) for _ in range(partition.num_blocks)]
-    return BlockModel(cfg.build_process(), partition, nets, shape=(2,))
+    nets = [parts.new_net().eval().requires_grad_(False) for _ in range(parts.partition.num_blocks)]
+    return BlockModel(parts.process, parts.partition, nets, shape=parts.shape)
 
 
 def time_nll(model: BlockModel, x: torch.Tensor, steps: int) -> float:
     """Wall time (s) of an exact-trace RK4 NLL of ``x`` in one batch."""
-    res = evaluate_nll(model, x, batch_size=x.shape[0], solver="rk4", steps=steps, progress=False)
+    solver = SolverSettings("rk4", steps)
+    res = evaluate_nll(model, x, batch_size=x.shape[0], solver=solver, progress=False)
     return res.seconds
 
 
@@ -65,7 +67,7 @@ def best_times(jobs: dict[str, tuple[BlockModel, int]], x: torch.Tensor, rounds:
 
 def run(args: argparse.Namespace) -> tuple[dict[str, Any], str]:
     torch.set_num_threads(args.threads)
-    data = validate_config({}).build_dataset()
+    data = Parts(validate_config({})).dataset
     x = data.test_set(args.n, 12345)
     sa = build_model("SA")
     step_counts = [int(s) for s in args.sweep.split(",") if s.strip()]

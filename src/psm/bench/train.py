@@ -16,8 +16,7 @@ from typing import Any
 
 import torch
 
-from ..ensemble import train_ensemble
-from ..train import BlockProblem, make_adam, train_block
+from ..train import StackTrainer, train_block, train_ensemble
 from .report import markdown_table, toy_run
 
 
@@ -64,23 +63,18 @@ def time_ensemble(root: Path, k: int, steps: int, batch: int, device: str = "cpu
 def time_sampling(root: Path, batch: int, n: int = 300) -> dict[str, float]:
     """Microseconds per batch draw and per full training step of one block (draw included)."""
     run = toy_run(root, "sampling", 10, 10, batch)
-    problem = BlockProblem.build(run, 3)
-    net = problem.new_net()
-    gen = problem.new_generator()
-    opt = make_adam(list(net.parameters()), 1e-3)
+    trainer = StackTrainer(run, [3])  # the training loop's own step, one block
+    problem, gen = trainer.problems[0], trainer.generators[0]
     for _ in range(20):  # warm-up
         problem.draw_batch(gen)
+        trainer.train_step()
     t = time.perf_counter()
     for _ in range(n):
         problem.draw_batch(gen)
     draw = (time.perf_counter() - t) / n
     t = time.perf_counter()
     for _ in range(n):
-        x, tt, y = problem.draw_batch(gen)
-        loss = problem.process.loss(net(x, tt), y)
-        opt.zero_grad(set_to_none=True)
-        loss.backward()
-        opt.step()
+        trainer.train_step()
     step = (time.perf_counter() - t) / n
     return {"draw_us": draw * 1e6, "step_us": step * 1e6, "draw_share": draw / step}
 

@@ -1,4 +1,4 @@
-"""Subcommands beyond ``train`` and ``status``, one module each.
+"""The subcommands of ``psm``, one module each.
 
 Each module defines ``add(sub)`` that registers its parser with ``set_defaults(func=...)``.
 """
@@ -8,7 +8,7 @@ from __future__ import annotations
 import argparse
 import importlib
 
-COMMAND_MODULES: tuple[str, ...] = ("nll", "sample", "plot", "demo", "bench")
+COMMAND_MODULES: tuple[str, ...] = ("train", "status", "nll", "sample", "plot", "demo", "bench")
 
 
 def add_commands(sub: argparse._SubParsersAction) -> None:

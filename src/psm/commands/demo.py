@@ -30,14 +30,14 @@ def add(sub: argparse._SubParsersAction) -> None:
 
 
 def cmd_demo(args: argparse.Namespace) -> int:
-    from ..data import dataset_names
+    from ..data import TOYS
     from ..demo import format_table, run_demo
 
     for flag in ("seconds", "blocks", "n_test", "steps", "threads"):
         if getattr(args, flag) <= 0:
             raise PSMError(f"--{flag.replace('_', '-')} must be > 0")
-    if args.data not in dataset_names() or args.data == "points":
-        raise PSMError(f"--data: unknown dataset {args.data!r}")
+    if args.data not in TOYS:
+        raise PSMError(f"--data: unknown 2D dataset {args.data!r} (choose from {', '.join(TOYS)})")
     print(
         f"psm demo: SA-DPM vs TPSM-{args.blocks} on {args.data.upper()}, {args.seconds:.0f} s "
         f"of training each on {args.threads} CPU thread(s); results in {args.out}/",

@@ -4,15 +4,19 @@ from __future__ import annotations
 
 import argparse
 import sys
-from typing import TYPE_CHECKING, Any
+from typing import TYPE_CHECKING
 
 from ..errors import PSMError
 
 if TYPE_CHECKING:  # torch is imported when a command runs, not when `psm` parses its flags
     import torch
 
+    from ..ode import SolverSettings
+
 DTYPES: tuple[str, ...] = ("float32", "float64")
 DEFAULT_TOL = 1e-5
+SOLVER_CHOICES: tuple[str, ...] = ("rk4", "euler", "dopri5")  # psm.ode.SOLVER_NAMES (tested)
+GRID_FIELD_CHOICES: tuple[str, ...] = ("constant", "linear")  # psm.model.GRID_FIELDS (tested)
 
 
 def parse_steps(text: str) -> int | tuple[int, ...]:
@@ -38,7 +42,7 @@ def add_ode_arguments(p: argparse.ArgumentParser, *, steps_default: str) -> None
     )
     p.add_argument(
         "--solver",
-        choices=["rk4", "euler", "dopri5"],
+        choices=SOLVER_CHOICES,
         help="ODE solver (default: the run's eval.solver)",
     )
     p.add_argument("--rtol", type=float, help=f"dopri5 relative tolerance (default {DEFAULT_TOL})")
@@ -49,7 +53,7 @@ def add_model_arguments(p: argparse.ArgumentParser) -> None:
     """``--grid-field``, ``--device``, ``--dtype``, ``--no-progress``."""
     p.add_argument(
         "--grid-field",
-        choices=["constant", "linear"],
+        choices=GRID_FIELD_CHOICES,
         help="DPSM runs: field between grid points, constant (paper) or linear (default constant)",
     )
     p.add_argument("--device", default="cpu", help="cpu, cuda, cuda:N or auto (default cpu)")
@@ -59,8 +63,8 @@ def add_model_arguments(p: argparse.ArgumentParser) -> None:
 
 def ode_settings(
     args: argparse.Namespace, *, solver: str, steps: int | tuple[int, ...], blocks: int
-) -> dict[str, Any]:
-    """Solver, steps and tolerances from the flags over the given defaults, checked.
+) -> SolverSettings:
+    """The solver from the flags over the given defaults, checked.
 
     Args:
         args: the parsed flags (``solver``, ``steps``, ``rtol``, ``atol``).
@@ -68,31 +72,26 @@ def ode_settings(
         steps: the default steps.
         blocks: the run's number of blocks (a per-block ``--steps`` list must match it).
 
-    Returns:
-        ``{"solver", "steps", "rtol", "atol"}``.
-
     Raises:
         PSMError: per-block steps of the wrong length; tolerances given for a fixed-step
             solver, or not > 0.
     """
-    solver = args.solver or solver
+    from ..ode import SolverSettings
+
+    method = args.solver or solver
     steps = args.steps if args.steps is not None else steps
     if not isinstance(steps, int) and len(steps) != blocks:
         raise PSMError(f"--steps: {len(steps)} per-block values for a run of {blocks} blocks")
+    settings = SolverSettings(method, steps)
     for flag in ("rtol", "atol"):
         value = getattr(args, flag)
         if value is None:
             continue
-        if solver != "dopri5":
-            raise PSMError(f"--{flag} applies to --solver dopri5 only (solver is {solver})")
+        if settings.fixed_step:
+            raise PSMError(f"--{flag} applies to adaptive solvers only (solver is {method})")
         if not value > 0:
             raise PSMError(f"--{flag} must be > 0, got {value}")
-    return {
-        "solver": solver,
-        "steps": steps,
-        "rtol": args.rtol or DEFAULT_TOL,
-        "atol": args.atol or DEFAULT_TOL,
-    }
+    return SolverSettings(method, steps, args.rtol or DEFAULT_TOL, args.atol or DEFAULT_TOL)
 
 
 def dtype_of(name: str) -> torch.dtype:
@@ -104,7 +103,7 @@ def dtype_of(name: str) -> torch.dtype:
 
 def resolve_device(name: str) -> torch.device:
     """``--device``: ``auto`` → cuda if available else cpu; refuse a missing CUDA."""
-    from ..train import resolve_device as resolve
+    from ..device import resolve_device as resolve
 
     try:
         return resolve(name)
@@ -129,12 +128,3 @@ def check_positive(**values: int | None) -> None:
 def warn(message: str) -> None:
     """One warning line on stderr."""
     print(f"psm: warning: {message}", file=sys.stderr)
-
-
-def steps_text(solver: str, steps: int | tuple[int, ...], rtol: float) -> str:
-    """``"rk4 1000 steps"``, ``"rk4 steps 100,900"`` or ``"dopri5 rtol 1e-05"``."""
-    if solver == "dopri5":
-        return f"dopri5 rtol {rtol:g}"
-    if isinstance(steps, int):
-        return f"{solver} {steps} steps"
-    return f"{solver} steps {','.join(map(str, steps))}"

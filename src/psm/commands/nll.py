@@ -28,12 +28,11 @@ from .model_flags import (
     grid_field_for,
     ode_settings,
     resolve_device,
-    steps_text,
     warn,
 )
 
 if TYPE_CHECKING:  # torch is imported when a command runs, not when `psm` parses its flags
-    pass
+    from ..ode import SolverSettings
 
 NLL_LOG = "nll.jsonl"
 """The file in a run directory that collects one JSON line per ``psm nll`` evaluation."""
@@ -67,8 +66,8 @@ def add(sub: argparse._SubParsersAction) -> None:
 
 def cmd_nll(args: argparse.Namespace) -> int:
     from ..atomic import append_line, atomic_write_json
-    from ..likelihood import evaluate_run
     from ..run import Run
+    from ..trained import evaluate_run
 
     run = Run.open(args.run)
     ev = run.config.eval
@@ -83,12 +82,12 @@ def cmd_nll(args: argparse.Namespace) -> int:
     n = args.n or ev.n_test
     test_seed = ev.test_seed if args.seed is None else args.seed
     res = evaluate_run(
-        run, n=n, **ode, trace=args.trace, test_seed=test_seed, probe_seed=args.probe_seed,
+        run, n=n, solver=ode, trace=args.trace, test_seed=test_seed, probe_seed=args.probe_seed,
         batch_size=args.batch_size, device=device, dtype=dtype_of(args.dtype),
         grid_field=grid_field, progress=not args.no_progress,
     )  # fmt: skip
     record = nll_record(
-        run, res, **ode, trace=args.trace, test_seed=test_seed, probe_seed=args.probe_seed,
+        run, res, solver=ode, trace=args.trace, test_seed=test_seed, probe_seed=args.probe_seed,
         batch_size=args.batch_size, device=str(device), dtype=args.dtype,
     )  # fmt: skip
     print(format_nll(record))
@@ -115,10 +114,7 @@ def nll_record(
     run,
     ev,
     *,
-    solver: str,
-    steps: int | tuple[int, ...],
-    rtol: float,
-    atol: float,
+    solver: SolverSettings,
     trace: str,
     test_seed: int,
     probe_seed: int,
@@ -131,8 +127,7 @@ def nll_record(
     Args:
         run: the :class:`~psm.run.Run`.
         ev: its :class:`~psm.likelihood.RunEvaluation`.
-        solver, steps, rtol, atol, trace, test_seed, probe_seed, batch_size, device, dtype: the
-            settings used.
+        solver, trace, test_seed, probe_seed, batch_size, device, dtype: the settings used.
 
     Returns:
         A JSON-safe dict: ``nll``, ``stderr`` (nats), ``n``, ``entropy`` (the floor, or null),
@@ -146,7 +141,8 @@ def nll_record(
     r = ev.result
     cfg = run.config
     gap = r.nll - ev.entropy if ev.entropy is not None else None
-    adaptive = solver == "dopri5"
+    adaptive = not solver.fixed_step
+    steps = solver.steps
     return {
         "time": time.strftime("%Y-%m-%dT%H:%M:%S%z"),
         "run": str(run.path),
@@ -157,7 +153,7 @@ def nll_record(
         "partition": run.partition.kind,
         "blocks": run.num_blocks,
         "train_steps": cfg.train.steps,
-        "t0": cfg.process.t0,
+        "t0": run.partition.t0,
         "nll": _finite(r.nll),
         "stderr": _finite(r.stderr),
         "n": r.n,
@@ -165,10 +161,10 @@ def nll_record(
         "gap": _finite(gap),
         "finite": r.finite,
         "seconds": round(r.seconds, 3),
-        "solver": solver,
+        "solver": solver.method,
         "steps": None if adaptive else (steps if isinstance(steps, int) else list(steps)),
-        "rtol": rtol if adaptive else None,
-        "atol": atol if adaptive else None,
+        "rtol": solver.rtol if adaptive else None,
+        "atol": solver.atol if adaptive else None,
         "trace": trace,
         "grid_field": ev.grid_field,
         "batch_size": batch_size,
@@ -190,9 +186,11 @@ def format_nll(rec: dict[str, Any]) -> str:
     head = f"{rec['name']}: NLL {num(rec['nll'])} ± {num(rec['stderr'])} nats"
     if rec["entropy"] is not None:
         head += f"   (true entropy, the floor: {rec['entropy']:.4f} nats; gap {num(rec['gap'])})"
-    steps = rec["steps"] if rec["steps"] is not None else 0
+    from ..ode import SolverSettings
+
+    steps = rec["steps"] if rec["steps"] is not None else 1
     steps = steps if isinstance(steps, int) else tuple(steps)
-    how = steps_text(rec["solver"], steps, rec["rtol"] or DEFAULT_TOL)
+    how = SolverSettings(rec["solver"], steps, rec["rtol"] or DEFAULT_TOL).describe()
     field = f", {rec['grid_field']} DPSM field" if rec["grid_field"] else ""
     detail = (
         f"  {rec['n']} test points of {rec['dataset']} (seed {rec['test_seed']}), {how}, "

@@ -26,7 +26,6 @@ from .model_flags import (
     grid_field_for,
     ode_settings,
     resolve_device,
-    steps_text,
     warn,
 )
 
@@ -68,18 +67,20 @@ def add(sub: argparse._SubParsersAction) -> None:
 def cmd_plot(args: argparse.Namespace) -> int:
     import torch
 
-    from ..model import load_model
     from ..run import Run
     from ..sample import sample
+    from ..trained import load_model
     from ..viz.animation import animate_samples
     from ..viz.density import plot_density_comparison
     from ..viz.losses import plot_loss_curves
     from ..viz.samples import data_extent, plot_samples
 
     run = Run.open(args.run)
-    dataset = run.config.build_dataset()
-    if dataset.dim != 2:
-        raise PSMError(f"psm plot draws 2D data; {dataset.name} has dimension {dataset.dim}")
+    if run.shape != (2,):
+        raise PSMError(
+            f"psm plot draws 2D points; {run.config.data.name} points have shape {run.shape}"
+        )
+    dataset = run.dataset
     check_positive(n=args.n, gif_points=args.gif_points, batch_size=args.batch_size)
     if args.grid < 2:
         raise PSMError(f"--grid must be >= 2, got {args.grid}")
@@ -96,7 +97,7 @@ def cmd_plot(args: argparse.Namespace) -> int:
         raise PSMError(f"cannot create {out_dir}: {e.strerror}") from None
     progress = not args.no_progress
     name = run.config.name
-    how = steps_text(ode["solver"], ode["steps"], ode["rtol"])
+    how = ode.describe()
     data = dataset.test_set(20000, run.config.eval.test_seed)
     extent = data_extent(data)
 
@@ -113,7 +114,7 @@ def cmd_plot(args: argparse.Namespace) -> int:
     start = time.perf_counter()
     gen = torch.Generator(device=device).manual_seed(args.seed)
     x = sample(
-        model, args.n, generator=gen, method="ode", **ode, batch_size=args.batch_size,
+        model, args.n, generator=gen, method="ode", solver=ode, batch_size=args.batch_size,
         dtype=dtype, device=device, progress=progress,
     )  # fmt: skip
     path = plot_samples(
@@ -124,7 +125,7 @@ def cmd_plot(args: argparse.Namespace) -> int:
 
     start = time.perf_counter()
     path = plot_density_comparison(
-        model, dataset, out_dir / "density.png", extent=extent, size=args.grid, **ode,
+        model, dataset, out_dir / "density.png", extent=extent, size=args.grid, solver=ode,
         batch_size=args.batch_size, dtype=dtype, device=device, data_points=data,
         title=f"{name}: density from the ODE likelihood ({how}, {args.grid}×{args.grid} grid)",
         progress=progress,
@@ -134,7 +135,7 @@ def cmd_plot(args: argparse.Namespace) -> int:
     if not args.no_gif:
         start = time.perf_counter()
         path = animate_samples(
-            model, out_dir / "evolution.gif", n=args.gif_points, seed=args.seed, **ode,
+            model, out_dir / "evolution.gif", n=args.gif_points, seed=args.seed, solver=ode,
             frames=args.frames, data=data[:2000], title=f"{name}: noise → data, ODE {how}",
             dtype=dtype, device=device, progress=progress,
         )  # fmt: skip

@@ -28,7 +28,6 @@ from .model_flags import (
     grid_field_for,
     ode_settings,
     resolve_device,
-    steps_text,
     warn,
 )
 
@@ -79,18 +78,20 @@ def check_out(out: Path, force: bool) -> None:
 def cmd_sample(args: argparse.Namespace) -> int:
     import torch
 
-    from ..model import load_model
     from ..run import Run
     from ..sample import sample
+    from ..trained import load_model
 
     out = Path(args.out)
     check_out(out, args.force)
     check_positive(n=args.n, batch_size=args.batch_size)
     run = Run.open(args.run)
     ev = run.config.eval
-    dataset = run.config.build_dataset()
-    if out.suffix.lower() == ".png" and dataset.dim != 2:
-        raise PSMError(f"--out .png draws 2D data; {dataset.name} has dimension {dataset.dim}")
+    if out.suffix.lower() == ".png" and run.shape != (2,):
+        raise PSMError(
+            f"--out .png draws 2D points; {run.config.data.name} points have shape "
+            f"{run.shape} (write .npz)"
+        )
     if args.method == "sde" and (args.solver or args.rtol or args.atol):
         raise PSMError("--solver/--rtol/--atol apply to --method ode (the SDE is Euler–Maruyama)")
     ode = ode_settings(args, solver=ev.solver, steps=ev.steps, blocks=run.num_blocks)
@@ -100,20 +101,20 @@ def cmd_sample(args: argparse.Namespace) -> int:
     model = load_model(run, device=device, dtype=dtype, grid_field=grid_field)
     gen = torch.Generator(device=device).manual_seed(args.seed)
     x = sample(
-        model, args.n, generator=gen, method=args.method, **ode, batch_size=args.batch_size,
-        dtype=dtype, device=device, progress=not args.no_progress,
+        model, args.n, generator=gen, method=args.method, solver=ode,
+        batch_size=args.batch_size, dtype=dtype, device=device, progress=not args.no_progress,
     )  # fmt: skip
     if args.method == "sde":
-        how = "reverse SDE, " + steps_text("Euler–Maruyama", ode["steps"], ode["rtol"])
+        how = "reverse SDE, Euler–Maruyama " + ode.describe().removeprefix(ode.method + " ")
     else:
-        how = "ODE, " + steps_text(ode["solver"], ode["steps"], ode["rtol"])
+        how = "ODE, " + ode.describe()
     settings = _settings(run, args, ode, grid_field if model.is_grid else None, str(device))
     if out.suffix.lower() == ".npz":
         _write_npz(out, x, settings)
     else:
         from ..viz.samples import plot_samples
 
-        data = dataset.test_set(min(args.n, 20000), ev.test_seed)
+        data = run.dataset.test_set(min(args.n, 20000), ev.test_seed)
         title = f"{run.config.name}: {args.n} samples, {how}, seed {args.seed}"
         plot_samples({f"model ({args.method})": x}, out, data=data, title=title)
     bad = int((~torch.isfinite(x).flatten(1).all(1)).sum())
@@ -124,8 +125,9 @@ def cmd_sample(args: argparse.Namespace) -> int:
     return 0
 
 
-def _settings(run, args: argparse.Namespace, ode: dict[str, Any], field, device: str) -> dict:
-    steps = ode["steps"]
+def _settings(run, args: argparse.Namespace, ode, field, device: str) -> dict[str, Any]:
+    steps = ode.steps
+    adaptive = args.method == "ode" and not ode.fixed_step
     return {
         "run": str(run.path),
         "name": run.config.name,
@@ -133,10 +135,10 @@ def _settings(run, args: argparse.Namespace, ode: dict[str, Any], field, device:
         "dataset": run.config.data.name,
         "n": args.n,
         "method": args.method,
-        "solver": ode["solver"] if args.method == "ode" else "euler-maruyama",
+        "solver": ode.method if args.method == "ode" else "euler-maruyama",
         "steps": steps if isinstance(steps, int) else list(steps),
-        "rtol": ode["rtol"] if ode["solver"] == "dopri5" and args.method == "ode" else None,
-        "atol": ode["atol"] if ode["solver"] == "dopri5" and args.method == "ode" else None,
+        "rtol": ode.rtol if adaptive else None,
+        "atol": ode.atol if adaptive else None,
         "seed": args.seed,
         "batch_size": args.batch_size,
         "grid_field": field,

@@ -126,7 +126,7 @@ class Rings(Dataset):
         shift: the subtracted mean ``[2]`` (float64; 0 here).
     """
 
-    dim = 2
+    shape = (2,)
 
     def __init__(
         self,
@@ -215,7 +215,7 @@ class NoisyCurves(Dataset):
         mass: the quadrature's total mass of ``p(t)``; 1 up to round-off (a self-check).
     """
 
-    dim = 2
+    shape = (2,)
 
     def __init__(
         self,
@@ -393,7 +393,7 @@ class Pinwheel(Dataset):
         rate: how fast the angle grows with ``exp(f₀)``.
     """
 
-    dim = 2
+    shape = (2,)
 
     def __init__(
         self,

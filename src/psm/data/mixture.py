@@ -31,7 +31,7 @@ class Mixture(Dataset):
             no NLL).
     """
 
-    dim = 2
+    shape = (2,)
 
     def __init__(
         self,

@@ -8,12 +8,14 @@ from __future__ import annotations
 
 import math
 from pathlib import Path
+from typing import Literal
 
 import numpy as np
 import torch
+from pydantic import Field
 from torch import Tensor
 
-from .base import DataError, Dataset
+from .base import DataError, Dataset, DataSpec
 
 SUFFIXES = (".npy", ".csv")
 
@@ -169,8 +171,8 @@ class PointsDataset(Dataset):
         n_train, _ = split_sizes(len(x), test_fraction, self.path)
         perm = np.random.default_rng(seed).permutation(len(x))
         train, test = x[perm[:n_train]], x[perm[n_train:]]
-        self.dim = int(x.shape[1])
-        shift = train.mean(axis=0) if center else np.zeros(self.dim)
+        self.shape = (int(x.shape[1]),)
+        shift = train.mean(axis=0) if center else np.zeros(self.shape[0])
         self.shift = torch.from_numpy(shift)
         self._train = torch.from_numpy(train - shift).to(torch.float32)
         self._test = torch.from_numpy(test - shift).to(torch.float32)
@@ -216,4 +218,21 @@ class PointsDataset(Dataset):
         return self._test[torch.randperm(self.n_test, generator=g)[: max(n, 0)]].clone()
 
 
-__all__ = ["PointsDataset", "load_points", "split_sizes"]
+class PointsData(DataSpec):
+    """``data: {name: points, path: P.npy}``: the user's own points (``.npy`` or ``.csv``)."""
+
+    name: Literal["points"] = "points"
+    path: str  # .npy array [N, d] or .csv of comma-separated numbers
+    center: bool = True  # subtract the train mean
+    test_fraction: float = Field(0.1, gt=0.0, lt=1.0)  # held-out share, split by train.seed
+
+    def build(self, *, seed: int) -> Dataset:
+        return PointsDataset(
+            self.path, test_fraction=self.test_fraction, center=self.center, seed=seed
+        )
+
+    def files(self) -> list[Path]:
+        return [Path(self.path)]
+
+
+__all__ = ["PointsData", "PointsDataset", "load_points", "split_sizes"]

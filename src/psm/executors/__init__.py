@@ -10,12 +10,10 @@ from __future__ import annotations
 
 from typing import Any
 
-from ..config import RunConfig
+from ..config import EXECUTOR_NAMES, RunConfig
 from .base import Executor
 from .ensemble import EnsembleExecutor
 from .local import LocalExecutor
-
-EXECUTOR_NAMES = ("local", "ensemble", "ray", "slurm")
 
 __all__ = ["EXECUTOR_NAMES", "EnsembleExecutor", "Executor", "LocalExecutor", "make_executor"]
 

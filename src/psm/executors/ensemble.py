@@ -2,9 +2,8 @@
 
 from __future__ import annotations
 
-from ..ensemble import train_ensemble
 from ..run import Run
-from ..train import BlockOutcome
+from ..train import BlockOutcome, train_ensemble
 from .base import Executor, cpu_count
 from .pool import run_pool
 

@@ -37,9 +37,8 @@ def _worker(
         import torch
 
         torch.set_num_threads(threads)
-        from ..ensemble import train_ensemble
         from ..run import Run
-        from ..train import train_block
+        from ..train import train_block, train_ensemble
 
         run = Run.open(run_path)
         while True:

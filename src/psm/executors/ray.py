@@ -74,8 +74,7 @@ def train_task(
     """
     import torch
 
-    from ..ensemble import train_ensemble
-    from ..train import train_block
+    from ..train import train_block, train_ensemble
 
     if threads:
         torch.set_num_threads(threads)

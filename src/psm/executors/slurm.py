@@ -30,7 +30,8 @@ from typing import Any
 from ..config import RunConfig, SlurmConfig
 from ..errors import PSMError
 from ..run import Run
-from ..train import BlockOutcome, StopRequest, note_failure
+from ..stop import StopRequest
+from ..train import BlockOutcome, note_failure
 from .base import Executor
 from .options import SLURM_FLAGS, flag_name, override, record_jobs
 from .ray import train_task

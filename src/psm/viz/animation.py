@@ -9,7 +9,6 @@ a DPSM grid) and the block whose network is moving the points.
 from __future__ import annotations
 
 import tempfile
-from collections.abc import Sequence
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -22,7 +21,7 @@ from tqdm.auto import tqdm
 from ..atomic import atomic_write_bytes
 from ..errors import PSMError
 from ..model import BlockModel
-from ..ode import Solver, State, steps_for
+from ..ode import PLOT_SOLVER, SolverSettings, State, solve_units, steps_for
 from ..partition import Partition
 from ..sample import Method, prior_sample, sample_ode, sample_sde
 from . import use_agg
@@ -47,10 +46,7 @@ def record_trajectory(
     x1: Tensor,
     *,
     method: Method = "ode",
-    solver: Solver = "rk4",
-    steps: int | Sequence[int] = 100,
-    rtol: float = 1e-5,
-    atol: float = 1e-5,
+    solver: SolverSettings = PLOT_SOLVER,
     frames: int = 60,
     generator: torch.Generator | None = None,
 ) -> Trajectory:
@@ -60,10 +56,8 @@ def record_trajectory(
         model: the assembled blocks.
         x1: starting noise at t = 1, ``[N, *D]``.
         method: ``"ode"`` (probability flow, eq. 3) or ``"sde"`` (reverse SDE, eq. 7).
-        solver: ODE solver; dopri5 reports (and so can show) only the block ends.
-        steps: step budget over ``[t0, 1]``, or steps per block id.
-        rtol: dopri5 relative tolerance.
-        atol: dopri5 absolute tolerance.
+        solver: ODE solver and steps (the SDE uses ``solver.steps``); an adaptive solver
+            reports (and so can show) only the block ends.
         frames: snapshots to keep, the start (t = 1) and the end (t0) included.
         generator: the SDE's Brownian increments (required for ``"sde"``).
 
@@ -73,7 +67,7 @@ def record_trajectory(
     if frames < 2:
         raise PSMError(f"frames must be >= 2, got {frames}")
     segs = model.segments()
-    total = len(segs) if method == "ode" and solver == "dopri5" else sum(steps_for(segs, steps))
+    total = solve_units(segs, solver) if method == "ode" else sum(steps_for(segs, solver.steps))
     keep = set(np.linspace(0, total, min(frames, total + 1)).round().astype(int).tolist())
     times, states = [1.0], [x1.detach().to("cpu", torch.float32)]
     count = 0
@@ -86,11 +80,11 @@ def record_trajectory(
             states.append(y[0].detach().to("cpu", torch.float32))
 
     if method == "ode":
-        sample_ode(model, x1, solver=solver, steps=steps, rtol=rtol, atol=atol, on_step=hook)
+        sample_ode(model, x1, solver=solver, on_step=hook)
     elif method == "sde":
         if generator is None:
             raise PSMError("the SDE trajectory needs a generator")
-        sample_sde(model, x1, generator=generator, steps=steps, on_step=hook)
+        sample_sde(model, x1, generator=generator, steps=solver.steps, on_step=hook)
     else:
         raise PSMError(f"unknown method {method!r} (choose from ode, sde)")
     return Trajectory(tuple(times), torch.stack(states))
@@ -103,10 +97,7 @@ def animate_samples(
     n: int = 1000,
     seed: int = 0,
     method: Method = "ode",
-    solver: Solver = "rk4",
-    steps: int | Sequence[int] = 100,
-    rtol: float = 1e-5,
-    atol: float = 1e-5,
+    solver: SolverSettings = PLOT_SOLVER,
     frames: int = 60,
     fps: int = 12,
     data: Tensor | None = None,
@@ -124,10 +115,7 @@ def animate_samples(
         n: points to animate.
         seed: seed of the starting noise (and of the SDE's increments).
         method: ``"ode"`` or ``"sde"``.
-        solver: ODE solver.
-        steps: step budget over ``[t0, 1]``, or steps per block id.
-        rtol: dopri5 relative tolerance.
-        atol: dopri5 absolute tolerance.
+        solver: ODE solver and steps (the SDE uses ``solver.steps``).
         frames: snapshots shown (the last is held for one more second).
         fps: frames per second.
         data: data samples ``[M, 2]`` drawn faintly behind the moving points.
@@ -146,12 +134,11 @@ def animate_samples(
     gen = torch.Generator(device=device).manual_seed(seed)
     x1 = prior_sample(n, shape, generator=gen, dtype=dtype, device=device)
     traj = record_trajectory(
-        model, x1, method=method, solver=solver, steps=steps, rtol=rtol, atol=atol,
-        frames=frames, generator=gen,
+        model, x1, method=method, solver=solver, frames=frames, generator=gen,
     )  # fmt: skip
     if title is None:
-        how = "reverse SDE" if method == "sde" else f"ODE {solver.upper()}"
-        title = f"{how}, {steps} steps, {n} points" if solver != "dopri5" else f"{how}, {n} points"
+        how = "reverse SDE" if method == "sde" else "ODE"
+        title = f"{how}, {solver.describe()}, {n} points"
     return animate_trajectory(
         traj, model.partition, path, data=data, extent=extent, title=title, fps=fps,
         progress=progress,

@@ -6,9 +6,10 @@ from pathlib import Path
 
 import torch
 
-from ..model import load_model
+from ..ode import SolverSettings
 from ..run import Run
 from ..sample import sample
+from ..trained import load_model
 from .animation import animate_samples
 from .density import plot_density_comparison
 from .losses import plot_loss_curves
@@ -48,7 +49,8 @@ def demo_figures(
         The paths written.
     """
     folder.mkdir(parents=True, exist_ok=True)
-    dataset = runs[0].config.build_dataset()
+    dataset = runs[0].dataset
+    solver = SolverSettings("rk4", steps)
     data = dataset.sample(n_samples, torch.Generator().manual_seed(1))
     extent = data_extent(data)
     models = {label: load_model(run) for label, run in zip(labels, runs)}
@@ -60,13 +62,17 @@ def demo_figures(
             folder / "density.png",
             extent=extent,
             size=grid,
-            steps=steps,
+            solver=solver,
             progress=progress,
         )
     )
     samples = {
         label: sample(
-            m, n_samples, generator=torch.Generator().manual_seed(2), steps=steps, progress=progress
+            m,
+            n_samples,
+            generator=torch.Generator().manual_seed(2),
+            solver=solver,
+            progress=progress,
         )
         for label, m in models.items()
     }
@@ -78,7 +84,7 @@ def demo_figures(
                 model,
                 folder / "evolution.gif",
                 n=1000,
-                steps=steps,
+                solver=solver,
                 data=data[:2000],
                 extent=extent,
                 title=f"{label}: noise to data",

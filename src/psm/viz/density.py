@@ -13,7 +13,7 @@ what ``imshow(..., origin="lower")`` expects.
 from __future__ import annotations
 
 import math
-from collections.abc import Callable, Mapping, Sequence
+from collections.abc import Callable, Mapping
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -25,7 +25,7 @@ from ..data import Dataset
 from ..errors import PSMError
 from ..likelihood import log_likelihood
 from ..model import BlockModel
-from ..ode import Solver
+from ..ode import PLOT_SOLVER, SolverSettings
 from . import use_agg
 from .samples import Extent, data_extent, save_figure, style_axes
 
@@ -87,10 +87,7 @@ def model_density(
     extent: Extent,
     *,
     size: int = 100,
-    solver: Solver = "rk4",
-    steps: int | Sequence[int] = 100,
-    rtol: float = 1e-5,
-    atol: float = 1e-5,
+    solver: SolverSettings = PLOT_SOLVER,
     batch_size: int = 2500,
     dtype: torch.dtype = torch.float32,
     device: str | torch.device = "cpu",
@@ -106,10 +103,7 @@ def model_density(
         model: the assembled blocks of a 2D model (its blocks on ``device`` in ``dtype``).
         extent: the window.
         size: cells per axis, G.
-        solver: ODE solver (``"rk4"``, ``"euler"``, ``"dopri5"``).
-        steps: fixed-step budget over ``[t0, 1]``, or steps per block id.
-        rtol: dopri5 relative tolerance.
-        atol: dopri5 absolute tolerance.
+        solver: ODE solver and steps (default RK4, 100 steps over ``[t0, 1]``).
         batch_size: grid points per solve.
         dtype: evaluation dtype.
         device: where to evaluate.
@@ -126,10 +120,7 @@ def model_density(
     with tqdm(total=len(pts), desc="density", unit="pt", disable=not progress, leave=False) as bar:
         for i in range(0, len(pts), batch_size):
             xb = pts[i : i + batch_size].to(device=device, dtype=dtype)
-            lp = log_likelihood(
-                model, xb, solver=solver, steps=steps, rtol=rtol, atol=atol,
-                prior_log_prob=prior_log_prob,
-            )  # fmt: skip
+            lp = log_likelihood(model, xb, solver=solver, prior_log_prob=prior_log_prob)
             parts.append(lp.to("cpu", torch.float64))
             bar.update(len(xb))
     return DensityGrid(xs, ys, torch.cat(parts).reshape(size, size), extent)
@@ -180,10 +171,7 @@ def plot_density_comparison(
     *,
     extent: Extent | None = None,
     size: int = 100,
-    solver: Solver = "rk4",
-    steps: int | Sequence[int] = 100,
-    rtol: float = 1e-5,
-    atol: float = 1e-5,
+    solver: SolverSettings = PLOT_SOLVER,
     batch_size: int = 2500,
     dtype: torch.dtype = torch.float32,
     device: str | torch.device = "cpu",
@@ -203,10 +191,7 @@ def plot_density_comparison(
         path: the PNG to write.
         extent: the window (default: :func:`~psm.viz.samples.data_extent` of the data points).
         size: cells per axis, G (G² likelihood solves per model).
-        solver: ODE solver of the likelihood.
-        steps: fixed-step budget over ``[t0, 1]``, or steps per block id.
-        rtol: dopri5 relative tolerance.
-        atol: dopri5 absolute tolerance.
+        solver: ODE solver of the likelihood (default RK4, 100 steps).
         batch_size: grid points per solve.
         dtype: evaluation dtype.
         device: where to evaluate.
@@ -221,9 +206,9 @@ def plot_density_comparison(
     Raises:
         PSMError: the data are not 2D.
     """
-    if dataset.dim != 2:
+    if tuple(dataset.shape) != (2,):
         raise PSMError(
-            f"density heat maps need 2D data; {dataset.name} has dimension {dataset.dim}"
+            f"density heat maps need 2D points; {dataset.name} points have shape {dataset.shape}"
         )
     named = dict(models) if isinstance(models, Mapping) else {"model": models}
     if data_points is None:
@@ -236,11 +221,11 @@ def plot_density_comparison(
         ref = histogram_density(data_points, extent, size=size)
         ref_label = f"data histogram ({len(data_points)} points)"
     kw = dict(
-        size=size, solver=solver, steps=steps, rtol=rtol, atol=atol, batch_size=batch_size,
-        dtype=dtype, device=device, progress=progress,
+        size=size, solver=solver, batch_size=batch_size, dtype=dtype, device=device,
+        progress=progress,
     )  # fmt: skip
     grids = {label: model_density(m, extent, **kw) for label, m in named.items()}
-    how = f"{solver} (rtol {rtol:g})" if solver == "dopri5" else f"{solver.upper()} {steps} steps"
+    how = solver.describe()
     title = title or f"density: ODE likelihood, {how}, {size}×{size} grid"
     _draw(grids, ref, ref_label, path, title)
     return Path(path)

@@ -1,0 +1,180 @@
+"""``psm train CONFIG``: train every block (or ``--blocks``) of a run described by a YAML config.
+
+Everything that can be checked is checked before the run directory is touched: the config, the
+data source, the device, the executor and the block ids. ``--dry-run`` prints the resolved config
+and the block plan after the same checks.
+"""
+
+from __future__ import annotations
+
+import argparse
+import sys
+import time
+from collections.abc import Sequence
+
+from ..errors import PSMError
+
+EXIT_INTERRUPTED = 130
+
+
+def add(sub: argparse._SubParsersAction) -> None:
+    p = sub.add_parser(
+        "train",
+        help="train the blocks of a run",
+        description="Train every block (or --blocks) of a run described by a YAML config.",
+    )
+    p.add_argument("config", help="YAML config, e.g. configs/toy/ty_tpsm10.yaml")
+    p.add_argument("--blocks", help="block ids to train, e.g. 3,5-9 (default: all)")
+    p.add_argument(
+        "--executor",
+        metavar="NAME",
+        help="who runs the blocks: local, ensemble, ray or slurm (default: executor.name)",
+    )
+    p.add_argument("--workers", type=int, help="worker processes (local, ensemble)")
+    p.add_argument("--max-stack", type=int, help="ensemble: most blocks stacked at once")
+    p.add_argument("--steps", type=int, help="override train.steps (per block)")
+    p.add_argument("--out", help="run directory (default: runs/<config name>)")
+    p.add_argument("--seed", type=int, help="override train.seed")
+    p.add_argument(
+        "--set",
+        dest="overrides",
+        action="append",
+        default=[],
+        metavar="SECTION.FIELD=VALUE",
+        help="override any config field (repeatable)",
+    )
+    p.add_argument("--dry-run", action="store_true", help="print the config and plan, then exit")
+    p.add_argument("--no-progress", action="store_true", help="no progress bar")
+    p.add_argument("--no-plot", action="store_true", help="skip the loss-curve PNG")
+    from ..executors.options import add_cluster_arguments
+
+    add_cluster_arguments(p)
+    p.set_defaults(func=cmd_train)
+
+
+def _executor_options(args: argparse.Namespace) -> dict:
+    from ..executors.options import cluster_options
+
+    opts = {"workers": args.workers, "max_stack": args.max_stack}
+    opts |= cluster_options(args)
+    return {k: v for k, v in opts.items() if v is not None}
+
+
+def cmd_train(args: argparse.Namespace) -> int:
+    from ..checkpoint import verify_checkpoints
+    from ..config import EXECUTOR_NAMES, config_hash, load_config
+    from ..executors import make_executor
+    from ..run import CONFIG_FILE, Run, data_manifest, parse_blocks
+    from ..train import train_device
+
+    if args.workers is not None and args.workers < 1:
+        raise PSMError(f"--workers must be >= 1, got {args.workers}")
+    if args.steps is not None and args.steps < 1:
+        raise PSMError(f"--steps must be >= 1, got {args.steps}")
+    cfg = load_config(
+        args.config, overrides=args.overrides, steps=args.steps, out=args.out, seed=args.seed
+    )
+    name = args.executor or cfg.executor.name
+    if name not in EXECUTOR_NAMES:
+        raise PSMError(f"--executor {name!r}: choose from {', '.join(EXECUTOR_NAMES)}")
+    executor = make_executor(name, cfg, **_executor_options(args))
+    train_device(cfg.train.device)  # a device that is not here fails before anything is written
+    partition = cfg.partition.build()
+    blocks = parse_blocks(args.blocks) if args.blocks else list(range(partition.num_blocks))
+    bad = [b for b in blocks if not 0 <= b < partition.num_blocks]
+    if bad:
+        raise PSMError(
+            f"--blocks: block(s) {', '.join(map(str, bad))} out of range 0-"
+            f"{partition.num_blocks - 1}"
+        )
+    data_manifest(cfg)  # a bad data source fails here, before anything is written
+    if args.dry_run:
+        _print_plan(cfg, config_hash(cfg), blocks, executor.describe())
+        return 0
+    if (cfg.out_dir / CONFIG_FILE).exists():
+        old = Run.open(cfg.out_dir)
+        if old.hash_of(cfg) == old.hash:  # reuse: check its checkpoints before touching it
+            verify_checkpoints(old, blocks)
+    run = Run.create(cfg)
+    todo = run.unfinished(blocks, target=run.target_steps)
+    print(
+        f"run {run.path} ({run.hash}): {len(blocks)} block(s), {len(todo)} to train, "
+        f"{run.target_steps} steps each; {executor.describe()}",
+        file=sys.stderr,
+    )
+    from ..executors.monitor import ProgressMonitor
+
+    t0 = time.perf_counter()
+    with ProgressMonitor(run, blocks, enabled=not args.no_progress and bool(todo)):
+        outcomes = executor.run(run, todo) if todo else []
+    wall = time.perf_counter() - t0
+    if not args.no_plot:
+        from ..viz.losses import plot_loss_curves
+
+        try:
+            png = plot_loss_curves(run)
+            print(f"loss curves: {png}", file=sys.stderr)
+        except PSMError as e:
+            print(f"psm: warning: no loss plot: {e}", file=sys.stderr)
+    return _report_outcomes(run, outcomes, blocks, wall)
+
+
+def _report_outcomes(run, outcomes, blocks, wall: float) -> int:
+    by_state: dict[str, list[int]] = {}
+    for o in outcomes:
+        by_state.setdefault(o.state, []).append(o.block)
+    for o in outcomes:
+        if o.state == "failed":
+            print(f"psm: block {o.block} failed: {o.error}", file=sys.stderr)
+    done = sum(run.is_done(b, target=run.target_steps) for b in blocks)
+    parts = [f"{len(v)} {k}" for k, v in sorted(by_state.items())]
+    print(
+        f"{done}/{len(blocks)} block(s) done ({', '.join(parts) or 'nothing to do'}) "
+        f"in {wall:.1f}s; see: psm status {run.path}",
+        file=sys.stderr,
+    )
+    if "interrupted" in by_state:
+        print("psm: interrupted; run the same command again to resume", file=sys.stderr)
+        return EXIT_INTERRUPTED
+    if "locked" in by_state:
+        print(
+            f"psm: block(s) {_ranges(by_state['locked'])} are being trained by another worker",
+            file=sys.stderr,
+        )
+    return 1 if "failed" in by_state else 0
+
+
+def _ranges(ids: Sequence[int]) -> str:
+    ids = sorted(ids)
+    out, start = [], None
+    for i, b in enumerate(ids):
+        if start is None:
+            start = b
+        if i + 1 == len(ids) or ids[i + 1] != b + 1:
+            out.append(str(start) if start == b else f"{start}-{b}")
+            start = None
+    return ",".join(out)
+
+
+def _print_plan(cfg, h: str, blocks: list[int], executor: str) -> None:
+    import yaml
+
+    from ..run import CONFIG_FILE, Run
+
+    print(yaml.safe_dump({"config_hash": h, **cfg.model_dump(mode="json")}, sort_keys=False))
+    partition = cfg.partition.build()
+    exists = (cfg.out_dir / CONFIG_FILE).exists()
+    run = Run.open(cfg.out_dir) if exists else None
+    print(f"# plan: {len(blocks)} of {partition.num_blocks} block(s) -> {cfg.out_dir}")
+    print(f"# executor: {executor}; {cfg.train.steps} steps per block")
+    print(f"{'block':>5}  {'span':<20} {'train t':<24} {'status':<10}")
+    for b in blocks:
+        lo, hi = partition.train_range(b)
+        span = f"U[{lo:.4g}, {hi:.4g}]" if hi > lo else f"t = {lo:.4g}"
+        state = "-"
+        if run is not None and run.hash_of(cfg) == run.hash:
+            st = run.block_status(b)
+            state = f"{st.state} {st.step}"
+        elif run is not None:
+            state = "other cfg"
+        print(f"{b:>5}  {partition.describe(b):<20} {span:<24} {state:<10}")

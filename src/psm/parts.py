@@ -1,0 +1,56 @@
+"""The parts of a run — dataset, process, partition, and the nets' builder — built once.
+
+A worker builds a run's :class:`Parts` once and hands them down to every block it trains or
+evaluates, so a 1000-block DPSM run does not load its data 1000 times per worker.
+"""
+
+from __future__ import annotations
+
+from functools import cached_property
+
+from torch import nn
+
+from .config import RunConfig
+from .data import Dataset
+from .partition import Partition
+from .process import Process
+
+
+class Parts:
+    """Lazily built, then cached, parts of one run configuration.
+
+    Args:
+        config: the run's config.
+        shape: the shape of one data point when already known (e.g. recorded in the run
+            directory), so that nets can be built without loading the data.
+    """
+
+    def __init__(self, config: RunConfig, *, shape: tuple[int, ...] | None = None) -> None:
+        self.config = config
+        self._shape = tuple(shape) if shape is not None else None
+
+    @cached_property
+    def dataset(self) -> Dataset:
+        """The training/test data (``data:``), split by ``train.seed`` where it splits."""
+        return self.config.data.build(seed=self.config.train.seed)
+
+    @cached_property
+    def process(self) -> Process:
+        """The forward process (``process:``)."""
+        return self.config.process.build()
+
+    @cached_property
+    def partition(self) -> Partition:
+        """The blocks and the time floor t0 (``partition:``)."""
+        return self.config.partition.build()
+
+    @property
+    def shape(self) -> tuple[int, ...]:
+        """The shape of one data point."""
+        if self._shape is None:
+            self._shape = tuple(self.dataset.shape)
+        return self._shape
+
+    def new_net(self) -> nn.Module:
+        """A fresh block net (``net:``), time-conditioned unless the partition is a grid."""
+        return self.config.net.build(self.shape, time_conditioned=self.partition.time_conditioned)
