@@ -114,6 +114,10 @@ def test_prepare_digits_through_the_cli(tmp_path, capsys):
     assert meta["split"]["seed"] == 0 and meta["split"]["test_fraction"] == 0.2
     assert meta["provenance"]["path"] is None
     assert meta["provenance"]["files"][0]["path"].endswith("digits.csv.gz")
+    prepared, bundled = ImageDataset.open(out), ImageDataset.digits()
+    assert torch.equal(prepared.test_set(359, seed=1), bundled.test_set(359, seed=1))
+    g1, g2 = torch.Generator().manual_seed(1), torch.Generator().manual_seed(1)
+    assert torch.equal(prepared.sample(64, g1), bundled.sample(64, g2))
     code, stdout, _ = data_cli(capsys, "info", out)
     assert code == 0 and "digits: 1438 train + 359 test images, 1x8x8, 17 levels" in stdout
     code, stdout, _ = data_cli(capsys, "info", out, "--json")
@@ -405,6 +409,24 @@ def test_folder_grey_default_and_size(tmp_path):
     assert meta["provenance"]["options"]["size"] == 8
 
 
+def test_interrupted_prepare_leaves_nothing(tmp_path, monkeypatch):
+    _png_folder(tmp_path / "src")
+    calls = []
+    real = sources.load_image
+
+    def load_then_interrupt(*args, **kwargs):
+        calls.append(1)
+        if len(calls) > 3:
+            raise KeyboardInterrupt
+        return real(*args, **kwargs)
+
+    monkeypatch.setattr(sources, "IMAGE_CHUNK", 2)
+    monkeypatch.setattr(sources, "load_image", load_then_interrupt)
+    with pytest.raises(KeyboardInterrupt):
+        prep("folder", tmp_path / "src", tmp_path / "out", workers=1)
+    assert len(calls) == 4 and sorted(p.name for p in tmp_path.iterdir()) == ["src"]
+
+
 def test_folder_bad_inputs(tmp_path):
     (tmp_path / "src").mkdir()
     with pytest.raises(DataError) as e:
@@ -422,6 +444,9 @@ def test_folder_bad_inputs(tmp_path):
     with pytest.raises(DataError) as e:
         prep("folder", tmp_path / "src", tmp_path / "out", channels=2)
     one_line(e, "--channels must be 1 or 3")
+    with pytest.raises(DataError) as e:
+        prep("folder", tmp_path / "src", tmp_path / "out", workers=0)
+    one_line(e, "--workers must be >= 1")
     assert not (tmp_path / "out").exists()
 
 

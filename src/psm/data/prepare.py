@@ -194,8 +194,9 @@ def prepare(
     """
     out = Path(out)
     check_out(out)
-    workers = workers or min(8, os.cpu_count() or 1)
-    if workers < 1:
+    if workers is None:
+        workers = min(8, os.cpu_count() or 1)
+    elif workers < 1:
         raise DataError(f"--workers must be >= 1, got {workers}")
     plan = plan_source(
         source,
