@@ -12,6 +12,7 @@ from torch import nn
 
 from .config import RunConfig
 from .data import Dataset
+from .errors import ConfigError
 from .partition import Partition
 from .process import Process
 
@@ -52,5 +53,19 @@ class Parts:
         return self._shape
 
     def new_net(self) -> nn.Module:
-        """A fresh block net (``net:``), time-conditioned unless the partition is a grid."""
-        return self.config.net.build(self.shape, time_conditioned=self.partition.time_conditioned)
+        """A fresh block net (``net:``), time-conditioned unless the partition is a grid.
+
+        Raises:
+            ConfigError: the net cannot take points of this shape (one line).
+        """
+        tc = self.partition.time_conditioned
+        try:
+            return self.config.net.build(self.shape, time_conditioned=tc)
+        except ValueError as e:
+            raise ConfigError(f"net {self.config.net.name}: {e}") from None
+
+    def check(self) -> None:
+        """Build the data and one net, so that a bad source or a net that cannot take the data
+        fails (in one line) before anything is written."""
+        _ = self.dataset
+        self.new_net()

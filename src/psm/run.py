@@ -114,13 +114,16 @@ class Run:
 
     # ------------------------------------------------------------------ opening
     @classmethod
-    def create(cls, config: RunConfig, path: str | Path | None = None) -> Run:
+    def create(
+        cls, config: RunConfig, path: str | Path | None = None, *, parts: Parts | None = None
+    ) -> Run:
         """Start a run for ``config`` at ``path`` (default ``config.out_dir``), or reopen it.
 
         An existing run with the same problem (same :func:`~psm.config.config_hash`) is reused;
         its step target, logging and executor settings are updated to ``config``'s, so a longer
         ``train.steps`` extends every block. A run with a different problem, or a non-empty
-        folder that is not a run, is refused and left untouched.
+        folder that is not a run, is refused and left untouched. ``parts`` already built for
+        ``config`` are reused (the data are not loaded twice).
         """
         path = Path(path) if path is not None else config.out_dir
         config = config.model_copy(update={"out": str(path)})
@@ -138,7 +141,8 @@ class Run:
             return cls(path, config, old.hash, legacy_hash=old.legacy_hash)
         if path.exists() and (not path.is_dir() or any(path.iterdir())):
             raise RunError(f"{path} exists and is not a psm run directory (no {CONFIG_FILE})")
-        manifest = data_manifest(config)  # reads the data: a bad source fails before any write
+        parts = parts if parts is not None else Parts(config)
+        manifest = data_manifest(config, parts.dataset)  # a bad source fails before any write
         try:
             (path / "blocks").mkdir(parents=True, exist_ok=True)
             (path / "metrics").mkdir(exist_ok=True)
@@ -147,7 +151,9 @@ class Run:
         h = config_hash(config)
         atomic_write_json(path / DATA_FILE, manifest)
         cls._write_config(path, config, h)
-        return cls(path, config, h)
+        run = cls(path, config, h)
+        run.parts = parts  # built for the same problem (only ``out`` differs)
+        return run
 
     @classmethod
     def open(cls, path: str | Path) -> Run:
@@ -349,10 +355,9 @@ def file_digest(path: Path, known: dict[str, Any] | None = None) -> str:
     return h.hexdigest()
 
 
-def data_manifest(config: RunConfig) -> dict[str, Any]:
+def data_manifest(config: RunConfig, dataset: Dataset) -> dict[str, Any]:
     """What ``data.json`` records: the shape of a point and each data file's size,
-    modification time and sha256. Builds the dataset (a bad source raises here)."""
-    dataset = config.data.build(seed=config.train.seed)
+    modification time and sha256."""
     files = {}
     for p in config.data.files():
         st = p.stat()

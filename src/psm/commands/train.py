@@ -64,7 +64,8 @@ def cmd_train(args: argparse.Namespace) -> int:
     from ..checkpoint import verify_checkpoints
     from ..config import EXECUTOR_NAMES, config_hash, load_config
     from ..executors import make_executor
-    from ..run import CONFIG_FILE, Run, data_manifest, parse_blocks
+    from ..parts import Parts
+    from ..run import CONFIG_FILE, Run, parse_blocks
     from ..train import train_device
 
     if args.workers is not None and args.workers < 1:
@@ -87,7 +88,8 @@ def cmd_train(args: argparse.Namespace) -> int:
             f"--blocks: block(s) {', '.join(map(str, bad))} out of range 0-"
             f"{partition.num_blocks - 1}"
         )
-    data_manifest(cfg)  # a bad data source fails here, before anything is written
+    parts = Parts(cfg)
+    parts.check()  # a bad data source or a net that cannot take it fails before any write
     if args.dry_run:
         _print_plan(cfg, config_hash(cfg), blocks, executor.describe())
         return 0
@@ -95,7 +97,7 @@ def cmd_train(args: argparse.Namespace) -> int:
         old = Run.open(cfg.out_dir)
         if old.hash_of(cfg) == old.hash:  # reuse: check its checkpoints before touching it
             verify_checkpoints(old, blocks)
-    run = Run.create(cfg)
+    run = Run.create(cfg, parts=parts)
     todo = run.unfinished(blocks, target=run.target_steps)
     print(
         f"run {run.path} ({run.hash}): {len(blocks)} block(s), {len(todo)} to train, "
