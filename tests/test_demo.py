@@ -12,7 +12,7 @@ from psm.run import Run
 def test_demo_trains_both_methods_and_reports(tmp_path, capsys):
     out = tmp_path / "demo"
     argv = ["demo", "--out", str(out), "--seconds", "1", "--n-test", "64", "--steps", "8",
-            "--threads", "1", "--no-progress"]  # fmt: skip
+            "--threads", "1", "--grid", "8", "--no-progress"]  # fmt: skip
     assert main(argv) == 0
     table = capsys.readouterr().out
     assert "| SA-DPM | 1 |" in table and "| TPSM-10 | 10 |" in table and "0.475" in table
@@ -24,6 +24,7 @@ def test_demo_trains_both_methods_and_reports(tmp_path, capsys):
     sa, tpsm = Run.open(out / "runs" / "sa"), Run.open(out / "runs" / "tpsm10")
     assert sa.num_blocks == 1 and tpsm.num_blocks == 10
     assert not sa.unfinished() and not tpsm.unfinished()
+    assert all(r["calibration"] > 0 and r["rate"] > 0 for r in rows)
     assert any((out / "plots").glob("*.png"))
     # a second call reuses the trained runs and evaluates again
     steps = [s.step for s in tpsm.statuses()]
@@ -36,3 +37,18 @@ def test_demo_bad_flags(tmp_path, capsys):
     assert "--seconds must be > 0" in capsys.readouterr().err
     assert main(["demo", "--data", "nope", "--out", str(tmp_path / "d")]) == 2
     assert not (tmp_path / "d").exists()
+
+
+def test_demo_flags_a_method_that_trained_far_slower_than_measured():
+    from psm.demo import DemoRow, format_table, speed_notes
+
+    assert speed_notes("SA-DPM", 1, 560.0, 600.0, threads=2) == []
+    busy = speed_notes("TPSM-10", 10, 200.0, 700.0, threads=2)
+    assert len(busy) == 2 and "29% of the 700 measured just before" in busy[0]
+    assert "quiet 2-core machine" in busy[1]
+    # a uniformly loaded machine: calibration as slow as training, but far below the reference
+    loaded = speed_notes("SA-DPM", 1, 12.0, 12.5, threads=2)
+    assert len(loaded) == 1 and "quiet 2-core machine" in loaded[0]
+    row = DemoRow("TPSM-10", 10, 342, 3420, 120.0, 1.56, 0.01, 0.475, 3.0, "r", 28.5, 700.0, busy)
+    table = format_table([row])
+    assert "| TPSM-10 ⚠ | 10 | 342 | 3,420 | 120 s | 28 (700) |" in table and busy[0] in table

@@ -2,8 +2,9 @@
 
 A lock is a file created with ``O_CREAT | O_EXCL`` holding the holder's host, pid and a
 heartbeat time that a background thread refreshes. Another worker may take the lock over when
-the holder is provably dead (same host, pid gone) or its heartbeat is older than
-``stale_after`` seconds (a holder on another machine that was killed or lost).
+the holder is provably dead (same host, pid gone), its heartbeat is older than
+``stale_after`` seconds (a holder on another machine that was killed or lost), or the file is
+not a psm lock at all (unreadable contents: nothing would ever refresh it).
 """
 
 from __future__ import annotations
@@ -12,25 +13,45 @@ import contextlib
 import json
 import os
 import socket
+import sys
 import threading
 import time
 import uuid
 from collections.abc import Iterable
 from pathlib import Path
 
-from .atomic import atomic_write_json
+from .atomic import atomic_write_json, write_error
 
 HEARTBEAT_SECONDS = 10.0
 STALE_AFTER_SECONDS = 120.0
+BEING_WRITTEN_SECONDS = 5.0
+"""An empty lock file younger than this is one its creator is still writing."""
+
+UNREADABLE = {"unreadable": True}
 
 
 def _read(path: Path) -> dict | None:
+    """The lock's record; None when there is no lock; :data:`UNREADABLE` for contents that are
+    not a psm lock record (garbage, or empty while its creator writes it)."""
     try:
-        return json.loads(path.read_text())
+        info = json.loads(path.read_text())
     except FileNotFoundError:
         return None
     except (OSError, ValueError):
-        return {}  # being written or torn by a foreign tool: treat as held, check its age
+        return dict(UNREADABLE)
+    return info if isinstance(info, dict) else dict(UNREADABLE)
+
+
+def _unreadable_and_stale(path: Path, info: dict) -> bool:
+    """A lock whose contents are not a psm record is stale, unless it is an empty file just
+    created (its creator is about to write the record)."""
+    if not info.get("unreadable"):
+        return False
+    try:
+        st = path.stat()
+    except FileNotFoundError:
+        return True
+    return st.st_size > 0 or time.time() - st.st_mtime > BEING_WRITTEN_SECONDS
 
 
 def _pid_alive(pid: int) -> bool:
@@ -44,6 +65,8 @@ def _pid_alive(pid: int) -> bool:
 
 
 def _is_stale(path: Path, info: dict, stale_after: float) -> bool:
+    if info.get("unreadable"):
+        return _unreadable_and_stale(path, info)
     same_host = info.get("host") == socket.gethostname()
     if same_host and isinstance(info.get("pid"), int) and not _pid_alive(info["pid"]):
         return True
@@ -88,7 +111,7 @@ def held_elsewhere(path: Path, stale_after: float = STALE_AFTER_SECONDS) -> bool
     after its last heartbeat. (A dead holder on this host is seen at once from its pid.)
     """
     info = _read(path)
-    if not info or info.get("host") == socket.gethostname():
+    if not info or info.get("unreadable") or info.get("host") == socket.gethostname():
         return False
     return not _is_stale(path, info, stale_after)
 
@@ -102,7 +125,7 @@ def lock_holder_alive(path: Path, stale_after: float = STALE_AFTER_SECONDS) -> b
 def lock_holder(path: Path) -> str | None:
     """``host:pid`` of a lock's holder, for messages."""
     info = _read(path)
-    if not info:
+    if not info or info.get("unreadable"):
         return None
     return f"{info.get('host', '?')}:{info.get('pid', '?')}"
 
@@ -137,7 +160,11 @@ class BlockLocks:
         }
 
     def acquire(self, path: Path) -> bool:
-        """Take the lock at ``path``; False if a live holder has it."""
+        """Take the lock at ``path``; False if a live holder has it.
+
+        Raises:
+            RunError: the lock file cannot be created (read-only or full disk, no permission).
+        """
         token = uuid.uuid4().hex
         for _ in range(5):
             try:
@@ -148,11 +175,24 @@ class BlockLocks:
                     continue  # vanished: try again
                 if not _is_stale(path, info, self._stale_after):
                     return False
+                if info.get("unreadable"):
+                    print(
+                        f"psm: warning: {path} is not a psm lock (unreadable contents); "
+                        "taking it over as stale",
+                        file=sys.stderr,
+                    )
                 if not _take_over(path, info, token):
                     return False
                 continue
-            with os.fdopen(fd, "w") as f:
-                json.dump(self._info(token), f)
+            except OSError as e:
+                raise write_error(path, e) from None
+            try:
+                with os.fdopen(fd, "w") as f:
+                    json.dump(self._info(token), f)
+            except OSError as e:
+                with contextlib.suppress(OSError):
+                    os.unlink(path)
+                raise write_error(path, e) from None
             with self._mutex:
                 self._held[path] = token
             self._start()
@@ -171,7 +211,8 @@ class BlockLocks:
             return
         info = _read(path)
         if info and info.get("token") == token:
-            with contextlib.suppress(FileNotFoundError):
+            # on a disk turned read-only the file stays; its dead pid makes it stale
+            with contextlib.suppress(OSError):
                 os.unlink(path)
 
     def release_all(self) -> None:

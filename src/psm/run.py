@@ -131,9 +131,15 @@ class Run:
             old = cls.open(path)
             if old.hash_of(config) != old.hash:
                 diff = ", ".join(hashed_differences(old.config, config)) or "unknown fields"
+                hint = ""
+                if not old.trained_blocks():
+                    hint = (
+                        " (no block of it holds training: --reset-failed discards its failed "
+                        "blocks and takes the new settings)"
+                    )
                 raise RunError(
                     f"run directory {path} holds a different config (differs in {diff}); "
-                    "use another --out or the same settings"
+                    f"use another --out or the same settings{hint}"
                 )
             old.check_data()
             if old.config.model_dump() != config.model_dump():
@@ -185,6 +191,59 @@ class Run:
         head = {"config_hash": h} | ({"hash_scheme": "psm-0.1"} if legacy else {})
         body = head | config.model_dump(mode="json")
         atomic_write_text(path / CONFIG_FILE, yaml.safe_dump(body, sort_keys=False))
+
+    # ------------------------------------------------------------------ reset
+    def trained_blocks(self) -> list[int]:
+        """Blocks holding training worth keeping: any state but ``failed`` and ``pending``
+        with a checkpoint or weights on disk."""
+        out = []
+        for b in range(self.num_blocks):
+            state = (self.read_status(b) or {}).get("state", "pending")
+            has_files = self.state_path(b).exists() or self.weights_path(b).exists()
+            if state != "failed" and (state != "pending" or has_files):
+                out.append(b)
+        return out
+
+    def failed_blocks(self) -> list[int]:
+        """Blocks whose last training failed (e.g. a non-finite loss)."""
+        return [
+            b
+            for b in range(self.num_blocks)
+            if (self.read_status(b) or {}).get("state") == "failed"
+        ]
+
+    def reset_blocks(self, blocks: list[int]) -> None:
+        """Discard blocks' checkpoints, weights, status and metrics (they start over)."""
+        for b in blocks:
+            for p in (self.state_path(b), self.weights_path(b), self.status_path(b),
+                      self.metrics_path(b)):  # fmt: skip
+                try:
+                    p.unlink(missing_ok=True)
+                except OSError as e:
+                    raise RunError(f"cannot remove {p}: {e.strerror}") from None
+
+    def replace_config(self, config: RunConfig) -> Run:
+        """Give a run with no trained block a new problem (e.g. a lower learning rate after
+        every block failed); returns the run reopened under it.
+
+        Raises:
+            RunError: some block holds training under the current config.
+        """
+        kept = self.trained_blocks()
+        if kept:
+            raise RunError(
+                f"run {self.path}: block(s) {', '.join(map(str, kept[:10]))} hold training under "
+                "its config; a different config needs another --out"
+            )
+        self.reset_blocks(list(range(self.num_blocks)))
+        config = config.model_copy(update={"out": str(self.path)})
+        parts = Parts(config)
+        atomic_write_json(self.path / DATA_FILE, data_manifest(config, parts.dataset))
+        h = config_hash(config)
+        self._write_config(self.path, config, h)
+        run = Run(self.path, config, h)
+        run.parts = parts
+        return run
 
     # ------------------------------------------------------------------ data guard
     def _recorded(self) -> dict[str, Any] | None:

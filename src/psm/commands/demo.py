@@ -24,6 +24,7 @@ def add(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--steps", type=int, default=250, help="RK4 steps for the NLL")
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--threads", type=int, default=2, help="torch threads for both methods")
+    p.add_argument("--grid", type=int, default=100, help="heat-map cells per axis (default 100)")
     p.add_argument("--no-plots", action="store_true")
     p.add_argument("--no-progress", action="store_true")
     p.set_defaults(func=cmd_demo)
@@ -33,7 +34,7 @@ def cmd_demo(args: argparse.Namespace) -> int:
     from ..data import TOYS
     from ..demo import format_table, run_demo
 
-    for flag in ("seconds", "blocks", "n_test", "steps", "threads"):
+    for flag in ("seconds", "blocks", "n_test", "steps", "threads", "grid"):
         if getattr(args, flag) <= 0:
             raise PSMError(f"--{flag.replace('_', '-')} must be > 0")
     if args.data not in TOYS:
@@ -46,9 +47,12 @@ def cmd_demo(args: argparse.Namespace) -> int:
     rows = run_demo(
         args.out, seconds=args.seconds, blocks=args.blocks, data=args.data, n_test=args.n_test,
         steps=args.steps, seed=args.seed, threads=args.threads, progress=not args.no_progress,
-        plots=not args.no_plots,
+        plots=not args.no_plots, grid=args.grid,
     )  # fmt: skip
     print(format_table(rows))
+    for r in rows:
+        for note in r.notes:
+            print(f"psm: warning: {note}", file=sys.stderr)
     print(f"\nNLL: RK4 with {args.steps} steps on {args.n_test} test points; runs, plots and "
           f"results in {args.out}/", file=sys.stderr)  # fmt: skip
     return 0

@@ -14,6 +14,7 @@ from collections.abc import Sequence
 
 from ..errors import PSMError
 
+EXIT_BAD_INPUT = 2
 EXIT_INTERRUPTED = 130
 
 
@@ -44,6 +45,13 @@ def add(sub: argparse._SubParsersAction) -> None:
         help="override any config field (repeatable)",
     )
     p.add_argument("--dry-run", action="store_true", help="print the config and plan, then exit")
+    p.add_argument(
+        "--reset-failed",
+        action="store_true",
+        help="discard the checkpoints, status and metrics of the run's failed blocks and train "
+        "them anew; when no block holds training, the run also takes this config's settings "
+        "(e.g. a lower train.lr after a non-finite loss)",
+    )
     p.add_argument("--no-progress", action="store_true", help="no progress bar")
     p.add_argument("--no-plot", action="store_true", help="skip the loss-curve PNG")
     from ..executors.options import add_cluster_arguments
@@ -95,6 +103,9 @@ def cmd_train(args: argparse.Namespace) -> int:
         return 0
     if (cfg.out_dir / CONFIG_FILE).exists():
         old = Run.open(cfg.out_dir)
+        if args.reset_failed:
+            _reset_failed(old, cfg)
+            old = Run.open(cfg.out_dir)
         if old.hash_of(cfg) == old.hash:  # reuse: check its checkpoints before touching it
             verify_checkpoints(old, blocks)
     run = Run.create(cfg, parts=parts)
@@ -121,13 +132,72 @@ def cmd_train(args: argparse.Namespace) -> int:
     return _report_outcomes(run, outcomes, blocks, wall)
 
 
+def _reset_failed(run, cfg) -> None:
+    """``--reset-failed``: discard the failed blocks (and, if no block holds training, take the
+    new config); say what was discarded."""
+    failed = run.failed_blocks()
+    if run.hash_of(cfg) != run.hash:
+        run.replace_config(cfg)
+        what = f"failed block(s) {_ranges(failed)}" if failed else "no trained block"
+        print(
+            f"psm: reset {run.path}: discarded {what}; the run takes the new config",
+            file=sys.stderr,
+        )
+        return
+    if failed:
+        run.reset_blocks(failed)
+        print(
+            f"psm: reset block(s) {_ranges(failed)}: discarded their checkpoints, status and "
+            "metrics; they train anew",
+            file=sys.stderr,
+        )
+
+
+def failure_line(run, failed: Sequence) -> str:
+    """One line for the blocks that failed: the blocks (summarised), the cause, the remedy."""
+    causes: dict[str, list] = {}
+    for o in failed:
+        causes.setdefault(_kind(_cause(o.error)), []).append(o)
+    blocks = _ranges([o.block for o in failed])
+    noun = "blocks" if len(failed) > 1 else "block"
+    kind, group = max(causes.items(), key=lambda kv: len(kv[1]))
+    first = _cause(group[0].error)
+    line = f"{noun} {blocks} failed: {first}"
+    blocks_here = [o.block for o in group]
+    if len(group) > 1 and any(_cause(o.error) != first for o in group):
+        line += f" (block {group[0].block}; the others alike)"
+    if len(causes) > 1:
+        line += f"; block(s) {_ranges([o.block for o in failed if o.block not in blocks_here])}"
+        line += " failed otherwise"
+    if kind.startswith("non-finite loss"):
+        line += (
+            "; lower train.lr (or check the data) and run again with --reset-failed, which "
+            "discards the failed blocks' checkpoints"
+        )
+    return f"{line}; psm status {run.path} shows each block"
+
+
+def _cause(error: str | None) -> str:
+    """A block's error without its ``block N:`` prefix."""
+    import re
+
+    return re.sub(r"^block \d+: ", "", error or "unknown error")
+
+
+def _kind(cause: str) -> str:
+    """The cause with its paths and numbers taken out, so that blocks failing alike (at other
+    steps, on other files) group together."""
+    import re
+
+    cause = re.sub(r"\S*/\S*?(?=:|\s|$)", "<path>", cause)
+    return re.sub(r"[-+]?\d[\d.e+-]*|nan|inf", "#", cause)
+
+
 def _report_outcomes(run, outcomes, blocks, wall: float) -> int:
     by_state: dict[str, list[int]] = {}
     for o in outcomes:
         by_state.setdefault(o.state, []).append(o.block)
-    for o in outcomes:
-        if o.state == "failed":
-            print(f"psm: block {o.block} failed: {o.error}", file=sys.stderr)
+    failed = [o for o in outcomes if o.state == "failed"]
     done = sum(run.is_done(b, target=run.target_steps) for b in blocks)
     parts = [f"{len(v)} {k}" for k, v in sorted(by_state.items())]
     print(
@@ -143,7 +213,10 @@ def _report_outcomes(run, outcomes, blocks, wall: float) -> int:
             f"psm: block(s) {_ranges(by_state['locked'])} are being trained by another worker",
             file=sys.stderr,
         )
-    return 1 if "failed" in by_state else 0
+    if failed:
+        print(f"psm: error: {failure_line(run, failed)}", file=sys.stderr)
+        return EXIT_BAD_INPUT
+    return 0
 
 
 def _ranges(ids: Sequence[int]) -> str:

@@ -18,6 +18,7 @@ from typing import Literal
 
 import torch.multiprocessing as mp
 
+from ..errors import PSMError
 from ..run import Run
 from ..train import BlockOutcome, note_failure
 
@@ -51,6 +52,8 @@ def _worker(
                     outs = [train_block(run, task[0])]
                 else:
                     outs = train_ensemble(run, task, max_stack=max_stack)
+            except PSMError as e:  # a fault the user can act on: its one-line message
+                outs = [BlockOutcome(b, "failed", error=str(e)) for b in task]
             except Exception as e:  # report it; never leave the driver waiting
                 outs = [BlockOutcome(b, "failed", error=f"{type(e).__name__}: {e}") for b in task]
             results.put(("done", task, outs))

@@ -8,6 +8,9 @@ from pathlib import Path
 from ..run import Run
 from . import use_agg
 
+MARKERS_BELOW = 20
+"""Blocks with fewer logged points than this are drawn with markers."""
+
 
 def read_metrics(run: Run, block: int) -> tuple[list[int], list[float]]:
     """Steps and losses logged for a block (the last record of a step wins)."""
@@ -50,7 +53,10 @@ def plot_loss_curves(run: Run, out: str | Path | None = None) -> Path:
             continue
         lo, hi = run.partition.interval(b)
         label = f"block {b} {run.partition.describe(b)}" if k <= 10 else None
-        ax.plot(steps, losses, color=cmap(norm(0.5 * (lo + hi))), lw=1.0, label=label)
+        # a block with only a few logged points gets markers: a one-point line is invisible
+        marker = "o" if len(steps) < MARKERS_BELOW else None
+        ax.plot(steps, losses, color=cmap(norm(0.5 * (lo + hi))), lw=1.0, marker=marker,
+                markersize=3, label=label)  # fmt: skip
         plotted += 1
     ax.set_yscale("log")
     ax.set_xlabel("step (per block)")
