@@ -8,7 +8,16 @@ from __future__ import annotations
 import argparse
 import importlib
 
-COMMAND_MODULES: tuple[str, ...] = ("train", "status", "nll", "sample", "plot", "demo", "bench")
+COMMAND_MODULES: tuple[str, ...] = (
+    "train",
+    "status",
+    "nll",
+    "sample",
+    "plot",
+    "demo",
+    "bench",
+    "data",
+)
 
 
 def add_commands(sub: argparse._SubParsersAction) -> None:

@@ -9,11 +9,12 @@ from __future__ import annotations
 
 from ..spec import Registry
 from .base import DataError, Dataset, DataSpec
+from .images import ImageData
 from .mixture import Mixture, paper_toy
 from .points import PointsData
 from .toy import TOYS, ToyData
 
-DATASETS: Registry[DataSpec] = Registry("dataset", [ToyData, PointsData], default="ty")
+DATASETS: Registry[DataSpec] = Registry("dataset", [ToyData, PointsData, ImageData], default="ty")
 
 
 def make_dataset(name: str, *, seed: int = 0, **fields: object) -> Dataset:

@@ -36,13 +36,14 @@ from __future__ import annotations
 import math
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any
+from typing import Any, Literal
 
 import numpy as np
 import torch
+from pydantic import Field
 from torch import Tensor
 
-from .base import DataError, Dataset
+from .base import DataError, Dataset, DataSpec
 from .prepare import DATA_FILES, MEAN_FILE, META_FILE, TEST_FILE, TRAIN_FILE, read_meta
 from .sources import DIGITS_LEVELS, digits_file, digits_split
 
@@ -323,4 +324,40 @@ def image_dataset(name: str, path: str | Path | None = None, **options: Any) -> 
     return ImageDataset(arrays, **options)
 
 
-__all__ = ["ImageArrays", "ImageDataset", "digits_arrays", "image_dataset", "load_prepared"]
+IMAGE_SOURCES = ("digits", "mnist", "cifar10", "celeba64", "imagenet64", "folder")
+NO_FLIP = ("digits", "mnist")  # digits are not mirror-symmetric
+
+
+class ImageData(DataSpec):
+    """``data: {name: digits}`` (bundled, offline) or ``{name: mnist | cifar10 | celeba64 |
+    imagenet64 | folder, path: DIR}`` with DIR made by ``psm data prepare``.
+
+    The model sees ``y = scale (x - m)``, ``x = (k + u) / L`` dequantized, ``m`` the per-pixel
+    training mean (module docstring); bits/dim adds back ``log scale`` per dimension.
+    """
+
+    name: Literal["digits", "mnist", "cifar10", "celeba64", "imagenet64", "folder"] = "digits"
+    path: str | None = None  # the prepared directory (none for the bundled digits)
+    center: bool = True  # subtract the per-pixel training mean (the authors do)
+    scale: float = Field(2.0, gt=0.0)  # y = scale * (x - mean): 2 spans about [-1, 1]
+    flip: bool | None = None  # random horizontal flips; default: yes, but not for digits/mnist
+    dequantize: bool = True  # x = (k + u) / L; False: the authors' k / (L - 1)
+
+    def build(self, *, seed: int) -> Dataset:
+        flip = self.flip if self.flip is not None else self.name not in NO_FLIP
+        return image_dataset(
+            self.name, self.path, center=self.center, scale=self.scale, flip=flip,
+            dequantize=self.dequantize,
+        )  # fmt: skip
+
+    def files(self) -> list[Path]:
+        if self.path is None:
+            return []
+        root = Path(self.path)
+        return [root / f for f in DATA_FILES if (root / f).exists()]
+
+
+__all__ = [
+    "IMAGE_SOURCES", "ImageArrays", "ImageData", "ImageDataset", "digits_arrays",
+    "image_dataset", "load_prepared",
+]  # fmt: skip

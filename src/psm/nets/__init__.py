@@ -9,8 +9,13 @@ from __future__ import annotations
 from ..spec import Registry
 from .activations import ACTIVATION_NAMES, ACTIVATIONS
 from .base import NetSpec
+from .classic_unet import ClassicUNet, ClassicUNetSpec
+from .ddpm_unet import DDPMUNet, DDPMUNetSpec
 from .mlp import MLPSpec, PaperMLP
 
-NETS: Registry[NetSpec] = Registry("net", [MLPSpec], default="mlp")
+NETS: Registry[NetSpec] = Registry("net", [MLPSpec, DDPMUNetSpec, ClassicUNetSpec], default="mlp")
 
-__all__ = ["ACTIVATIONS", "ACTIVATION_NAMES", "NETS", "MLPSpec", "NetSpec", "PaperMLP"]
+__all__ = [
+    "ACTIVATIONS", "ACTIVATION_NAMES", "NETS", "ClassicUNet", "ClassicUNetSpec", "DDPMUNet",
+    "DDPMUNetSpec", "MLPSpec", "NetSpec", "PaperMLP",
+]  # fmt: skip

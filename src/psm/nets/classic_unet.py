@@ -46,7 +46,10 @@ from collections.abc import Callable
 from typing import Literal
 
 import torch
+from pydantic import Field
 from torch import Tensor, nn
+
+from .base import NetSpec
 
 ACTIVATIONS: dict[str, Callable[[], nn.Module]] = {
     "elu": nn.ELU,  # the paper's choice (appendix H)
@@ -194,3 +197,35 @@ class ClassicUNet(nn.Module):
                 f"image size {x.shape[2]}x{x.shape[3]} is not divisible by {factor} "
                 f"(2^depth, depth={self.depth})"
             )
+
+
+class ClassicUNetSpec(NetSpec):
+    """``net: {name: classic_unet}``: Ronneberger et al.'s time-free U-Net (DPSM on images).
+
+    Channels ``(C, a, 2a, 4a, 8a, 16a, 8a, 4a, 2a, a, C)`` with ``a = base`` at ``depth = 4``
+    (appendix H). ``norm: group`` (default) keeps samples independent, as the exact likelihood
+    needs; ``norm: batch`` is the authors' choice, evaluated with running statistics and never
+    stacked.
+    """
+
+    name: Literal["classic_unet"] = "classic_unet"
+    base: int = Field(64, ge=1)  # a: channels of the first level
+    depth: int = Field(4, ge=0)  # down-samplings (4: the paper's channel tuple)
+    norm: Literal["group", "batch"] = "group"
+    groups: int = Field(32, ge=1)  # GroupNorm groups (must divide every width)
+    activation: Literal["elu", "silu", "relu"] = "elu"
+    dropout: float = Field(0.0, ge=0.0, lt=1.0)
+
+    def build(self, shape: tuple[int, ...], *, time_conditioned: bool) -> nn.Module:
+        if len(shape) != 3:
+            raise ValueError(f"takes images (C, H, W), not points of shape {shape}")
+        factor = 2**self.depth
+        if shape[1] % factor or shape[2] % factor:
+            raise ValueError(
+                f"depth {self.depth} needs image sides divisible by {factor}; "
+                f"the data are {shape[1]}x{shape[2]}"
+            )
+        return ClassicUNet(
+            channels=shape[0], base=self.base, depth=self.depth, norm=self.norm,
+            groups=self.groups, activation=self.activation, dropout=self.dropout,
+        )  # fmt: skip

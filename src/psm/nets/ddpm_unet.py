@@ -66,7 +66,10 @@ from typing import ClassVar, Literal
 
 import torch
 import torch.nn.functional as F
+from pydantic import Field
 from torch import Tensor, nn
+
+from .base import NetSpec
 
 ACTIVATIONS: dict[str, Callable[[], nn.Module]] = {
     "elu": nn.ELU,  # the paper's choice (appendix H)
@@ -353,3 +356,37 @@ class DDPMUNet(nn.Module):
                 f"image size {x.shape[2]}x{x.shape[3]} is not divisible by {factor} "
                 f"(2^{self.downsamplings} for {self.downsamplings + 1} levels)"
             )
+
+
+class DDPMUNetSpec(NetSpec):
+    """``net: {name: ddpm_unet}``: Ho et al.'s time-conditioned U-Net (SA-DPM, TPSM on images).
+
+    Defaults are the paper's (appendix H: 64 base channels, the port's multipliers, ELU); the
+    digits configs shrink it.
+    """
+
+    name: Literal["ddpm_unet"] = "ddpm_unet"
+    base: int = Field(64, ge=1)  # channels of the first level
+    mults: list[int] = Field(default_factory=lambda: [1, 2, 4, 8])  # width per level
+    res_blocks: int = Field(2, ge=1)  # residual blocks per level (down path)
+    attention_levels: list[int] | None = None  # levels with self-attention (default: all but 0)
+    dropout: float = Field(0.1, ge=0.0, lt=1.0)  # in every residual block (Ho et al.: 0.1)
+    groups: int = Field(32, ge=1)  # GroupNorm groups (must divide every width)
+    activation: Literal["elu", "silu"] = "elu"
+    time_input: Literal["t", "integral"] = "t"  # embed 1000 t, or 1000 * 5t² (authors' scripts)
+
+    def build(self, shape: tuple[int, ...], *, time_conditioned: bool) -> nn.Module:
+        if len(shape) != 3:
+            raise ValueError(f"takes images (C, H, W), not points of shape {shape}")
+        net = DDPMUNet(
+            channels=shape[0], base=self.base, mults=self.mults, res_blocks=self.res_blocks,
+            attention_levels=self.attention_levels, dropout=self.dropout, groups=self.groups,
+            activation=self.activation, time_input=self.time_input,
+        )  # fmt: skip
+        factor = 2 ** (len(self.mults) - 1)
+        if shape[1] % factor or shape[2] % factor:
+            raise ValueError(
+                f"{len(self.mults)} levels need image sides divisible by {factor}; "
+                f"the data are {shape[1]}x{shape[2]}"
+            )
+        return net
