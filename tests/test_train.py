@@ -162,3 +162,94 @@ def test_stacked_forwards_match_each_net():
     nets = [Plain() for _ in range(3)]
     want = torch.stack([n(x[k], t[k]) for k, n in enumerate(nets)])
     torch.testing.assert_close(stack_nets(nets)(x, t), want)
+
+
+# ---------------------------------------------------------------------- the recipe
+def test_learning_rate_schedules():
+    from types import SimpleNamespace
+
+    from psm.train import Recipe
+
+    def recipe(schedule, warmup=0):
+        cfg = SimpleNamespace(lr=1e-3, lr_schedule=schedule, warmup=warmup, ema=None,
+                              grad_clip=None, precision="fp32")  # fmt: skip
+        return Recipe(cfg, 100, torch.device("cpu"))
+
+    assert [recipe("constant").lr(s) for s in (0, 50, 99)] == [1e-3] * 3
+    cos = recipe("cosine")
+    assert cos.lr(0) == 1e-3 and cos.lr(50) == pytest.approx(5e-4) and cos.lr(100) < 1e-12
+    assert recipe("linear").lr(75) == pytest.approx(2.5e-4)
+    warm = recipe("cosine", warmup=10)
+    assert warm.lr(0) == pytest.approx(1e-4) and warm.lr(9) == pytest.approx(
+        1e-3 * cos.lr(9) / 1e-3
+    )
+
+
+@pytest.mark.parametrize(
+    "recipe",
+    [{"ema": 0.99}, {"grad_clip": 0.05}, {"lr_schedule": "cosine", "warmup": 5}],
+    ids=["ema", "grad_clip", "cosine"],
+)
+def test_recipes_keep_the_ensemble_equal_to_one_by_one_and_resume_exact(make_run, tmp_path, recipe):
+    """EMA, per-block gradient clipping and schedules act block by block: the stack still
+    equals one-by-one training, and a resumed block ends where a straight one does."""
+    one_by_one, stacked = make_run(train=recipe), make_run(train=recipe)
+    for b in range(3):
+        train_block(one_by_one, b)
+    train_ensemble(stacked)
+    for b in range(3):
+        assert max_diff(weights(one_by_one, b), weights(stacked, b)) < 1e-5
+    half = make_run(path=tmp_path / "h", train={**recipe, "steps": 20, "checkpoint_every": 10})
+    straight = make_run(path=tmp_path / "s", train={**recipe, "steps": 20})
+    train_block(straight, 1)
+    from psm.stop import StopRequest
+    from psm.train import train_stack
+
+    class StopAt(StopRequest):  # stop after 10 steps, as Ctrl-C would
+        calls = 0
+
+        def is_set(self) -> bool:
+            StopAt.calls += 1
+            return StopAt.calls > 10
+
+    assert train_stack(half, [1], StopAt())[0].state == "interrupted"
+    train_block(half, 1)
+    assert max_diff(weights(straight, 1), weights(half, 1)) == 0.0
+
+
+def test_ema_weights_are_what_inference_loads(make_run):
+    run = make_run(train={"ema": 0.9, "steps": 30})
+    train_block(run, 0)
+    state = load_file(run.state_path(0))
+    final = weights(run, 0)
+    ema = {k[4:]: v for k, v in state.items() if k.startswith("ema.")}
+    raw = {k[4:]: v for k, v in state.items() if k.startswith("net.")}
+    assert max_diff(final, ema) == 0.0 and max_diff(final, raw) > 0
+
+
+class _Lin(torch.nn.Module):
+    def __init__(self):
+        super().__init__()
+        self.lin = torch.nn.Linear(3, 2)
+
+    def forward(self, x, t):
+        return self.lin(x)
+
+
+def test_gradient_clipping_is_per_block():
+    nets = [_Lin() for _ in range(2)]
+    stack = stack_nets(nets)
+    x, t = torch.randn(2, 8, 3), torch.rand(2, 8)
+    (stack(x, t).pow(2).sum(dim=(1, 2)) * torch.tensor([1.0, 100.0])).sum().backward()
+    norms = stack.clip_grad_norm_(1.0)
+    after = torch.sqrt(sum(p.grad.pow(2).flatten(1).sum(1) for p in stack.params.values()))
+    assert norms[1] > 10 * norms[0]
+    torch.testing.assert_close(after, torch.minimum(norms, torch.ones(2)), rtol=1e-4, atol=1e-6)
+
+
+def test_a_decaying_schedule_ties_blocks_to_their_budget(make_run, tmp_path):
+    from psm.errors import RunError
+
+    make_run(path=tmp_path / "r", train={"lr_schedule": "cosine", "steps": 20})
+    with pytest.raises(RunError, match=r"train\.steps"):
+        make_run(path=tmp_path / "r", train={"lr_schedule": "cosine", "steps": 40})

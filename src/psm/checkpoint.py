@@ -44,6 +44,7 @@ class BlockState:
         rng: the block generator's state (``uint8``).
         wall_time: seconds spent training so far.
         global_rng: the global generator's state (dropout masks), when the trainer kept it.
+        ema: the exponential moving average of the parameters (``train.ema``), by name.
     """
 
     step: int
@@ -53,6 +54,7 @@ class BlockState:
     rng: Tensor
     wall_time: float
     global_rng: Tensor | None = None
+    ema: dict[str, Tensor] | None = None
 
 
 def _cpu_copy(t: Tensor) -> Tensor:
@@ -69,6 +71,8 @@ def save_state(run: Run, block: int, state: BlockState) -> None:
     tensors["rng"] = _cpu_copy(state.rng)
     if state.global_rng is not None:
         tensors["rng_global"] = _cpu_copy(state.global_rng)
+    if state.ema is not None:
+        tensors |= {f"ema.{k}": _cpu_copy(v) for k, v in state.ema.items()}
     meta = _meta(run, block, state.step) | {"wall_time": repr(float(state.wall_time))}
     atomic_write_bytes(run.state_path(block), st_save(tensors, metadata=meta))
 
@@ -175,6 +179,9 @@ def load_state(run: Run, block: int, net: nn.Module) -> BlockState | None:
         params = dict(net.named_parameters())
         _check_keys(block, path, adam_m, params)
         _check_keys(block, path, adam_v or {}, params)
+    ema = {k[4:]: v for k, v in tensors.items() if k.startswith("ema.")} or None
+    if ema is not None:
+        _check_keys(block, path, ema, dict(net.named_parameters()))
     if "rng" not in tensors:
         raise CheckpointError(f"block {block}: {path.name} has no RNG state")
     try:
@@ -182,7 +189,9 @@ def load_state(run: Run, block: int, net: nn.Module) -> BlockState | None:
         wall = float(meta.get("wall_time", "0"))
     except (KeyError, ValueError):
         raise CheckpointError(f"block {block}: {path.name} has a malformed step") from None
-    return BlockState(step, net_t, adam_m, adam_v, tensors["rng"], wall, tensors.get("rng_global"))
+    return BlockState(
+        step, net_t, adam_m, adam_v, tensors["rng"], wall, tensors.get("rng_global"), ema
+    )
 
 
 def load_weights(run: Run, block: int, net: nn.Module) -> int:

@@ -98,6 +98,13 @@ class TrainConfig(Section):
     log_every: int = Field(100, ge=1)  # steps between metric lines / status updates
     device: str = "cpu"  # cpu | cuda | cuda:N | auto
     threads: int | None = Field(None, ge=1)  # torch threads per worker (default: cores/workers)
+    # the recipe (hashed where set: it changes what a block learns)
+    lr_schedule: Literal["constant", "cosine", "linear"] = "constant"  # decay to 0 over steps
+    warmup: int = Field(0, ge=0)  # steps of linear learning-rate warm-up from 0
+    ema: float | None = Field(None, gt=0.0, lt=1.0)  # EMA decay; inference uses the EMA weights
+    grad_clip: float | None = Field(None, gt=0.0)  # clip each block's gradient norm to this
+    precision: Literal["fp32", "bf16"] = "fp32"  # bf16: autocast the forward (GPU); fp32 Adam
+    compile: bool = False  # torch.compile a block's net (one block per worker; not stacks)
 
 
 class SlurmConfig(Section):
@@ -204,8 +211,10 @@ def _member(registry: Registry, raw: Any):
 
 # Fields of ``train`` that define the learning problem. Two configs with the same values here
 # (and the same data, process, partition and net) train interchangeable blocks; steps, logging,
-# devices and executors may differ.
+# devices and executors may differ. The recipe fields count only when set (non-default), and a
+# decaying learning-rate schedule ties the blocks to their step budget, which then counts too.
 HASHED_TRAIN_FIELDS = ("batch_size", "lr", "seed")
+RECIPE_FIELDS = ("lr_schedule", "warmup", "ema", "grad_clip", "precision")
 HASHED_SECTIONS = ("data", "process", "partition", "net")
 
 
@@ -217,9 +226,19 @@ def config_hash(cfg: RunConfig) -> str:
     whose default keeps the old behaviour never changes an existing run's hash.
     """
     keyed: dict[str, Any] = {k: canonical(getattr(cfg, k)) for k in HASHED_SECTIONS}
-    train = cfg.train.model_dump(mode="json")
-    keyed["train"] = {k: train[k] for k in HASHED_TRAIN_FIELDS}
+    keyed["train"] = hashed_train(cfg.train)
     return _digest(keyed)
+
+
+def hashed_train(train: TrainConfig) -> dict[str, Any]:
+    """The ``train`` fields a config hash covers (see :data:`RECIPE_FIELDS`)."""
+    dump = train.model_dump(mode="json")
+    out = {k: dump[k] for k in HASHED_TRAIN_FIELDS}
+    defaults = TrainConfig.model_fields
+    out |= {k: dump[k] for k in RECIPE_FIELDS if dump[k] != defaults[k].default}
+    if train.lr_schedule != "constant":
+        out["steps"] = train.steps
+    return out
 
 
 def legacy_config_hash(cfg: RunConfig) -> str | None:
@@ -228,6 +247,8 @@ def legacy_config_hash(cfg: RunConfig) -> str | None:
     checkpoints stay valid."""
     data, net = cfg.data.model_dump(mode="json"), cfg.net.model_dump(mode="json")
     if data["name"] not in LEGACY_DATA or net.get("name") != "mlp" or net.get("dropout"):
+        return None
+    if set(hashed_train(cfg.train)) != set(HASHED_TRAIN_FIELDS):  # a recipe psm 0.1 lacked
         return None
     partition = cfg.partition.model_dump(mode="json")
     keyed = {
@@ -252,9 +273,10 @@ def _digest(keyed: dict[str, Any]) -> str:
 def hashed_differences(a: RunConfig, b: RunConfig) -> list[str]:
     """Dotted names of the hashed fields whose values differ between two configs."""
     da, db = a.model_dump(mode="json"), b.model_dump(mode="json")
+    da["train"], db["train"] = hashed_train(a.train), hashed_train(b.train)
     out = []
     for sec in (*HASHED_SECTIONS, "train"):
-        keys = HASHED_TRAIN_FIELDS if sec == "train" else sorted(set(da[sec]) | set(db[sec]))
+        keys = sorted(set(da[sec]) | set(db[sec]))
         out += [f"{sec}.{k}" for k in keys if da[sec].get(k) != db[sec].get(k)]
     return out
 

@@ -60,17 +60,47 @@ class NetStack(ABC):
     def train(self, mode: bool = True) -> None:
         """Training (dropout on, batch statistics) or evaluation mode."""
 
+    def clip_grad_norm_(self, max_norm: float) -> Tensor:
+        """Scale each block's gradient so that its norm (over all its parameters) is at most
+        ``max_norm``; blocks never share a norm, so stacking stays exact. Returns the K norms
+        before clipping."""
+        grads = [p.grad for p in self.params.values() if p.grad is not None]
+        if not grads:
+            return torch.zeros(self.size)
+        sq = sum(self._per_block(g.detach().pow(2)) for g in grads)
+        norms = torch.sqrt(sq)
+        scale = (max_norm / (norms + 1e-6)).clamp(max=1.0)
+        for g in grads:
+            g.mul_(self._broadcast(scale, g))
+        return norms
+
+    def _per_block(self, value: Tensor) -> Tensor:
+        """``[K]`` sums of a parameter-shaped tensor per block."""
+        return torch.stack([self.part(value, k).sum() for k in range(self.size)])
+
+    def _broadcast(self, per_block: Tensor, like: Tensor) -> Tensor:
+        """``[K]`` values shaped to multiply a parameter-shaped tensor block by block."""
+        if self.size == 1 and like.dim() == 0:
+            return per_block[0]
+        shape = (self.size,) + (1,) * (like.dim() - 1) if self.size > 1 else (1,) * like.dim()
+        return per_block.reshape(shape).to(like)
+
 
 class SingleNet(NetStack):
-    """One net (K = 1), called as a plain module."""
+    """One net (K = 1), called as a plain module (``compile``: through :func:`torch.compile`,
+    the module itself keeping the weights)."""
 
-    def __init__(self, net: nn.Module) -> None:
+    def __init__(self, net: nn.Module, *, compile: bool = False) -> None:
         self.net = net
         self.size = 1
         self.params = dict(net.named_parameters())
+        self._call = torch.compile(net) if compile else net
 
     def __call__(self, x: Tensor, t: Tensor) -> Tensor:
-        return self.net(x[0], t[0]).unsqueeze(0)
+        return self._call(x[0], t[0]).unsqueeze(0)
+
+    def _per_block(self, value: Tensor) -> Tensor:
+        return value.sum().reshape(1)
 
     def net_state(self, k: int) -> dict[str, Tensor]:
         return self.net.state_dict()
@@ -140,8 +170,8 @@ class StackedNets(NetStack):
         self._base.train(mode)
 
 
-def stack_nets(nets: Sequence[nn.Module]) -> NetStack:
-    """A :class:`SingleNet` for one net, :class:`StackedNets` for several."""
+def stack_nets(nets: Sequence[nn.Module], *, compile: bool = False) -> NetStack:
+    """A :class:`SingleNet` for one net (compiled if asked), :class:`StackedNets` for several."""
     if len(nets) == 1:
-        return SingleNet(nets[0])
+        return SingleNet(nets[0], compile=compile)
     return StackedNets(nets)

@@ -46,6 +46,7 @@ from .process import Process
 from .run import Run
 from .stack import NetStack, stack_nets
 from .stop import StopRequest
+from .tensorboard import add_scalars, summary_writer
 
 SEED_INIT, SEED_DATA, SEED_GLOBAL = 0, 1, 2
 PROGRESS_SECONDS = 2.0
@@ -173,6 +174,49 @@ def restore_adam(
         }
 
 
+class Recipe:
+    """The optimisation recipe of ``train``: learning-rate schedule, EMA, clipping, precision.
+
+    Args:
+        cfg: the ``train`` section.
+        total: the step budget the schedule decays over (the blocks' target).
+        device: the training device (autocast's device type).
+    """
+
+    def __init__(self, cfg, total: int, device: torch.device) -> None:
+        self.base_lr = cfg.lr
+        self.schedule = cfg.lr_schedule
+        self.warmup = cfg.warmup
+        self.total = max(1, total)
+        self.ema = cfg.ema
+        self.grad_clip = cfg.grad_clip
+        self.bf16 = cfg.precision == "bf16"
+        self.device_type = device.type
+
+    def lr(self, step: int) -> float:
+        """The learning rate of update ``step + 1`` (``step`` updates done): a linear warm-up
+        over ``warmup`` steps, then constant, cosine or linear decay to 0 at ``total``."""
+        warm = min(1.0, (step + 1) / self.warmup) if self.warmup else 1.0
+        frac = min(step / self.total, 1.0)
+        if self.schedule == "cosine":
+            decay = 0.5 * (1.0 + math.cos(math.pi * frac))
+        elif self.schedule == "linear":
+            decay = 1.0 - frac
+        else:
+            decay = 1.0
+        return self.base_lr * warm * decay
+
+    def ema_decay(self, step: int) -> float:
+        """The EMA decay after ``step`` updates, warmed up as ``min(ema, (1 + s) / (10 + s))``
+        so that early weights do not linger."""
+        assert self.ema is not None
+        return min(self.ema, (1.0 + step) / (10.0 + step))
+
+    def autocast(self):
+        """bf16 autocast of the forward when ``precision: bf16`` (losses in float32)."""
+        return torch.autocast(self.device_type, dtype=torch.bfloat16, enabled=self.bf16)
+
+
 def _is_random(module: nn.Module) -> bool:
     """Whether a layer draws random numbers while training (dropout)."""
     return isinstance(module, nn.modules.dropout._DropoutNd) and module.p > 0
@@ -214,10 +258,19 @@ class StackTrainer:
             if st is not None:
                 net.load_state_dict(st.net)
                 gen.set_state(st.rng.to(torch.uint8))
-        self.stack = stack_nets(nets)
+        self.stack = stack_nets(nets, compile=cfg.compile)
         self.opt = make_adam(list(self.stack.params.values()), cfg.lr)
         if states[0] is not None and states[0].adam_m is not None:
             restore_adam(self.opt, self.stack, states, self.step)
+        self.recipe = Recipe(cfg, run.target_steps, self.device)
+        self.ema: dict[str, Tensor] | None = None
+        if cfg.ema is not None:  # the averaged weights inference will use
+            saved = [s.ema if s is not None else None for s in states]
+            self.ema = {
+                n: (self.stack.join([e[n] for e in saved]).to(p).clone()  # type: ignore[index]
+                    if all(e is not None for e in saved) else p.detach().clone())
+                for n, p in self.stack.params.items()
+            }  # fmt: skip
         # random layers (dropout) draw from the device's global generator: seed it from the
         # first block (or restore it), so that a resumed block continues its masks exactly
         self.random_layers = any(_is_random(m) for m in nets[0].modules())
@@ -257,12 +310,31 @@ class StackTrainer:
         """
         batches = [p.draw_batch(g) for p, g in zip(self.problems, self.generators)]
         x_t, t, y = (_stacked([b[i] for b in batches]) for i in range(3))
-        losses = self.process.loss(self.stack(x_t, t), y)  # [K], one per block
+        with self.recipe.autocast():
+            out = self.stack(x_t, t)
+        losses = self.process.loss(out.float(), y)  # [K], one per block
         self.opt.zero_grad(set_to_none=True)
         losses.sum().backward()
+        if self.recipe.grad_clip is not None:
+            self.stack.clip_grad_norm_(self.recipe.grad_clip)
+        for group in self.opt.param_groups:
+            group["lr"] = self.recipe.lr(self.step)
         self.opt.step()
         self.step += 1
+        if self.ema is not None:
+            params = list(self.stack.params.values())
+            torch._foreach_lerp_(
+                list(self.ema.values()), params, 1.0 - self.recipe.ema_decay(self.step)
+            )
         return losses.detach()
+
+    def weights(self, k: int) -> dict[str, Tensor]:
+        """Block k's weights for inference: the EMA of its parameters when ``train.ema`` is
+        set (buffers as trained), else the parameters themselves."""
+        state = self.stack.net_state(k)
+        if self.ema is None:
+            return state
+        return state | {n: self.stack.part(v, k) for n, v in self.ema.items()}
 
     def walls(self) -> list[float]:
         """Seconds each block has trained, this call included."""
@@ -273,9 +345,10 @@ class StackTrainer:
         """Block k's resume point (unstacked views; the checkpoint copies them)."""
         moments = adam_moments(self.opt, self.stack, k)
         m, v = moments if moments else (None, None)
+        ema = {n: self.stack.part(e, k) for n, e in self.ema.items()} if self.ema else None
         return BlockState(
             self.step, self.stack.net_state(k), m, v, self.generators[k].get_state(),
-            self.walls()[k], self._global_rng(),
+            self.walls()[k], self._global_rng(), ema,
         )  # fmt: skip
 
     def checkpoint(self, *, final: bool, only: Sequence[int] | None = None) -> None:
@@ -283,10 +356,9 @@ class StackTrainer:
         for k, b in enumerate(self.blocks):
             if only is not None and k not in only:
                 continue
-            st = self.block_state(k)
-            save_state(self.run, b, st)
+            save_state(self.run, b, self.block_state(k))
             if final:
-                save_weights(self.run, b, st.net, self.step)
+                save_weights(self.run, b, self.weights(k), self.step)
             self.run.write_status(b, checkpoint_step=self.step, checkpoint_time=time.time())
 
 
@@ -370,6 +442,7 @@ def _train_loop(run: Run, tr: StackTrainer, stop: StopRequest) -> list[BlockOutc
         )  # fmt: skip
     window = _LossWindow(tr.step)
     last_loss: list[float | None] = [None] * len(blocks)
+    tb = summary_writer(run.path)
     progress_every = max(PROGRESS_SECONDS, 0.02 * len(blocks))  # many blocks: fewer writes
     last_progress = time.monotonic()
 
@@ -391,6 +464,8 @@ def _train_loop(run: Run, tr: StackTrainer, stop: StopRequest) -> list[BlockOutc
             line = {"step": tr.step, "loss": last_loss[k], "wall_time": round(walls[k], 3)}
             append_line(run.metrics_path(b), json.dumps(line))
             run.write_status(b, step=tr.step, last_loss=last_loss[k], wall_time=walls[k])
+        add_scalars(tb, {f"loss/block_{b:04d}": last_loss[k] for k, b in enumerate(blocks)
+                         if k not in bad}, tr.step)  # fmt: skip
         return bad
 
     def split_off(bad: list[int]) -> list[BlockOutcome]:

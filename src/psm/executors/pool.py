@@ -1,6 +1,8 @@
 """A small pool of spawned worker processes that train tasks of blocks.
 
-Each worker takes a task (a list of block ids) from a queue and trains it with
+Worker i works on GPU ``i mod n`` when the machine has n > 1 GPUs (``train.device: cuda`` or
+``auto``), and on the CPU when it has none (``auto``). Each worker takes a task (a list of block
+ids) from a queue and trains it with
 :func:`psm.train.train_block` (one block per task) or :func:`psm.ensemble.train_ensemble`
 (a stack of blocks). Ctrl-C or SIGTERM in the driver is passed on to the workers as SIGTERM;
 each saves a checkpoint at its current step and stops. A worker that dies (killed, out of
@@ -26,6 +28,7 @@ TaskKind = Literal["block", "ensemble"]
 
 
 def _worker(
+    index: int,
     run_path: str,
     kind: TaskKind,
     threads: int,
@@ -38,6 +41,9 @@ def _worker(
         import torch
 
         torch.set_num_threads(threads)
+        if torch.cuda.is_available() and torch.cuda.device_count() > 1:
+            # one GPU per worker: "cuda" (and "auto") resolve to this worker's current device
+            torch.cuda.set_device(index % torch.cuda.device_count())
         from ..run import Run
         from ..train import train_block, train_ensemble
 
@@ -84,10 +90,10 @@ def run_pool(
     procs = [
         ctx.Process(
             target=_worker,
-            args=(str(run_path), kind, threads, max_stack, task_q, result_q),
+            args=(i, str(run_path), kind, threads, max_stack, task_q, result_q),
             daemon=False,
         )
-        for _ in range(n)
+        for i in range(n)
     ]
     for p in procs:
         p.start()
