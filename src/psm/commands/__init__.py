@@ -9,15 +9,8 @@ import argparse
 import importlib
 
 COMMAND_MODULES: tuple[str, ...] = (
-    "train",
-    "status",
-    "nll",
-    "sample",
-    "plot",
-    "demo",
-    "bench",
-    "data",
-)
+    "train", "status", "nll", "sample", "plot", "demo", "bench", "data", "reproduce",
+)  # fmt: skip
 
 
 def add_commands(sub: argparse._SubParsersAction) -> None:

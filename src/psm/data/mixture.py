@@ -137,6 +137,35 @@ class Mixture(Dataset):
         return torch.logsumexp(per_comp, dim=1).to(device=x.device, dtype=x.dtype)
 
 
+    def marginal_log_prob(self, x: Tensor, alpha: float, sigma: float) -> Tensor:
+        """Exact log-density of ``x_t = α x0 + σ ε`` (x0 from this mixture, centred) at points
+        ``x [n, 2]`` → ``[n]`` float64: a Gaussian component becomes ``N(α m, α² v + σ²)``, a box
+        the box blurred by ``N(0, σ²)`` along its own axes (a product of normal-CDF differences).
+
+        ``E_data[-log p_t(x0)]`` at ``t = t0`` is the floor of a likelihood that starts at t0
+        (a model can at best learn ``p_{t0}``); at ``σ → 0`` it is the entropy.
+        """
+        if sigma <= 0:
+            return self.log_prob(x).to(torch.float64)
+        xd = x.detach().to(torch.float64).cpu() + alpha * self.shift
+        lw = torch.log(self._weights)
+        var = alpha**2 * self._std**2 + sigma**2
+        diff = xd[:, None, :] - alpha * self._mean[None]
+        log_gauss = -0.5 * diff.pow(2).sum(-1) / var - torch.log(2 * math.pi * var)
+        z = torch.einsum("kji,nkj->nki", self._rot, xd[:, None, :] + alpha * self._offset[None])
+        hi = (z - alpha * self._low) / sigma  # Φ(hi) - Φ(lo) per axis
+        lo = (z - alpha * self._high) / sigma
+        upper = lo > 0  # both in the upper tail: use Φ(-lo) - Φ(-hi) instead
+        a = torch.where(upper, -lo, hi)
+        b = torch.where(upper, -hi, lo)
+        la, lb = torch.special.log_ndtr(a), torch.special.log_ndtr(b)
+        log_diff = la + torch.log1p(-torch.exp((lb - la).clamp(max=0.0)).clamp(max=1 - 1e-300))
+        width = alpha * (self._high - self._low)
+        log_box = (log_diff - torch.log(width)).sum(-1)
+        per_comp = lw + torch.where(self._is_box[None], log_box, log_gauss)
+        return torch.logsumexp(per_comp, dim=1)
+
+
 def load_paper_spec() -> dict[str, Any]:
     """The paper's TY and HG specification shipped as ``psm/data/toy2d.json``."""
     text = resources.files("psm.data").joinpath("toy2d.json").read_text()

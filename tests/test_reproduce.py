@@ -1,0 +1,63 @@
+"""psm reproduce: the budgets, the floors, and the tiny preset end to end (resumable)."""
+
+from __future__ import annotations
+
+import json
+
+import pytest
+
+from helpers import one_line_error, run_cli
+from psm.reproduce import BY_KEY, PRESETS, floor_nll, plan, steps_per_block
+
+
+def test_budgets_follow_the_papers_ratio_total_compute_and_steps_per_network():
+    sa, tpsm_b, tpsm_c = BY_KEY["sa"], BY_KEY["tpsm_b"], BY_KEY["tpsm_c"]
+    assert [steps_per_block(sa, b, 100) for b in ("paper ratio", "equal total",
+                                                  "equal per net")] == [400, 400, 400]  # fmt: skip
+    assert steps_per_block(tpsm_b, "paper ratio", 100) == 100  # 500k vs SA's 2M
+    assert steps_per_block(tpsm_b, "equal total", 100) * 4 == 400
+    assert steps_per_block(tpsm_c, "equal total", 100) * 200 == 400
+    assert steps_per_block(tpsm_c, "equal per net", 100) == 400
+    cells = plan(PRESETS["small"])
+    sa_cells = [c for c in cells if c.method == "sa" and c.data == "ty"]
+    assert len(sa_cells) == 1 and len(sa_cells[0].budgets) == 3  # one run serves all three
+    b_cells = {c.steps: c.budgets for c in cells if c.method == "tpsm_b" and c.data == "hg"}
+    assert b_cells == {150: ["paper ratio", "equal total"], 600: ["equal per net"]}
+
+
+def test_floors_of_each_t0_match_the_mixtures(tmp_path):
+    cache = tmp_path / "floors.json"
+    assert floor_nll("ty", BY_KEY["sa"], cache, 200_000) == pytest.approx(0.475, abs=0.01)
+    assert floor_nll("hg", BY_KEY["sa"], cache, 200_000) == pytest.approx(0.955, abs=0.01)
+    # the authors' SA script starts at t0 = 0.01 with b(t) = 12 t: a higher floor
+    assert floor_nll("ty", BY_KEY["sa_authors"], cache, 200_000) == pytest.approx(0.587, abs=0.01)
+    assert floor_nll("hg", BY_KEY["sa_authors"], cache, 200_000) == pytest.approx(1.052, abs=0.01)
+    assert len(json.loads(cache.read_text())) == 4
+
+
+def test_tiny_preset_end_to_end_and_resumable(tmp_path, capsys):
+    out = tmp_path / "rep"
+    code, stdout, err = run_cli(capsys, "reproduce", "--preset", "tiny", "--out", out,
+                                "--threads", 1, "--no-progress")  # fmt: skip
+    assert code == 0, err
+    res = json.loads((out / "results.json").read_text())
+    cells = res["cells"]
+    assert {c["method"] for c in cells} == set(PRESETS["tiny"].methods)
+    assert all(c["nll"] is not None and c["stderr"] > 0 and c["floor"] > 0.4 for c in cells)
+    table = (out / "results.md").read_text()
+    assert "| SA-DPM | 0.76 |" in table and "TPSM_A" in table and "Table 11" in table
+    assert stdout.strip().startswith("Preset `tiny`")
+    # a second call trains nothing and evaluates nothing again
+    stamp = {p: p.stat().st_mtime_ns for p in out.rglob("*.safetensors")}
+    assert run_cli(capsys, "reproduce", "--preset", "tiny", "--out", out, "--threads", 1,
+                   "--no-progress")[0] == 0  # fmt: skip
+    assert {p: p.stat().st_mtime_ns for p in out.rglob("*.safetensors")} == stamp
+    assert json.loads((out / "results.json").read_text())["cells"] == cells
+
+
+def test_bad_flags_are_one_line(tmp_path, capsys):
+    one_line_error(capsys, "reproduce", "--preset", "huge", "--out", tmp_path / "r",
+                   match="--preset 'huge'")  # fmt: skip
+    one_line_error(capsys, "reproduce", "--recipe", "magic", "--out", tmp_path / "r",
+                   match="--recipe 'magic'")  # fmt: skip
+    assert not (tmp_path / "r").exists()
