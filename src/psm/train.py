@@ -443,7 +443,7 @@ def _train_loop(run: Run, tr: StackTrainer, stop: StopRequest) -> list[BlockOutc
     window = _LossWindow(tr.step)
     last_loss: list[float | None] = [None] * len(blocks)
     tb = summary_writer(run.path)
-    progress_every = max(PROGRESS_SECONDS, 0.02 * len(blocks))  # many blocks: fewer writes
+    progress_every = PROGRESS_SECONDS * max(1.0, len(blocks) / 100)  # many blocks: fewer writes
     last_progress = time.monotonic()
 
     def flush() -> list[int]:
