@@ -45,3 +45,13 @@ def test_mlp_flattens_points_of_any_shape():
     assert net(x, torch.rand(3)).shape == (3, 1, 4, 4)
     first = next(m for m in net.modules() if isinstance(m, torch.nn.Linear))
     assert first.in_features == 16 + 2
+
+
+def test_input_scale_multiplies_the_first_layers_x_weights_only():
+    torch.manual_seed(0)
+    plain = MLPSpec().build((2,), time_conditioned=True)
+    torch.manual_seed(0)
+    scaled = MLPSpec(input_scale=30.0).build((2,), time_conditioned=True)
+    w0, w1 = plain.layers[0].weight, scaled.layers[0].weight
+    torch.testing.assert_close(w1[:, :2], 30.0 * w0[:, :2])
+    torch.testing.assert_close(w1[:, 2:], w0[:, 2:])  # the time inputs are left alone

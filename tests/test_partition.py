@@ -70,3 +70,14 @@ def test_bad_partitions(make, match):
 def test_block_range_checked():
     with pytest.raises(PartitionError, match="out of range"):
         equal(3).interval(3)
+
+
+def test_geometric_blocks_crowd_near_zero():
+    from psm.partition import geometric
+
+    g = geometric(10, 1e-3)
+    assert g.num_blocks == 10 and g.edges[:2] == (0.0, 1e-3) and g.edges[-1] == 1.0
+    ratios = [b / a for a, b in zip(g.edges[1:-1], g.edges[2:])]
+    assert max(ratios) - min(ratios) < 1e-9 and ratios[0] == pytest.approx(1000 ** (1 / 9))
+    with pytest.raises(PartitionError, match="first edge"):
+        geometric(4, 1.5)

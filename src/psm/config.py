@@ -32,7 +32,7 @@ from .data.toy import ToyData
 from .errors import ConfigError
 from .nets import NETS, MLPSpec, NetSpec
 from .ode import SOLVER_NAMES
-from .partition import DEFAULT_T0, Partition, PartitionError, equal, grid, splits
+from .partition import DEFAULT_T0, Partition, PartitionError, equal, geometric, grid, splits
 from .process import Process, make_process
 from .spec import Registry, Section, SpecError, canonical
 
@@ -59,10 +59,11 @@ class PartitionConfig(Section):
 
     discriminator: ClassVar[str] = "kind"
 
-    kind: Literal["equal", "splits", "grid"] = "equal"
-    blocks: int = 1  # kind=equal: K (1 = SA-DPM)
+    kind: Literal["equal", "splits", "geometric", "grid"] = "equal"
+    blocks: int = 1  # kind=equal or geometric: K (1 = SA-DPM)
     splits: list[float] | None = None  # kind=splits: e.g. [0, 0.1, 1]
     points: int | list[float] | None = None  # kind=grid: N, or explicit times
+    first: float | None = None  # kind=geometric: the first inner edge (then x r up to 1)
     t0: float = Field(DEFAULT_T0, gt=0.0, lt=1.0)  # smallest time, training and inference
 
     def build(self) -> Partition:
@@ -73,6 +74,10 @@ class PartitionConfig(Section):
             if self.splits is None:
                 raise PartitionError("partition.splits is required for kind=splits")
             return splits(self.splits, t0=self.t0)
+        if self.kind == "geometric":
+            if self.first is None:
+                raise PartitionError("partition.first is required for kind=geometric")
+            return geometric(self.blocks, self.first, t0=self.t0)
         if self.points is None:
             raise PartitionError("partition.points is required for kind=grid")
         return grid(self.points, t0=self.t0)

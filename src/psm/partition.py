@@ -173,6 +173,21 @@ def splits(points: Sequence[float], *, t0: float = DEFAULT_T0) -> Partition:
     return Partition(tuple(float(p) for p in points), "interval", t0)
 
 
+def geometric(num_blocks: int, first: float, *, t0: float = DEFAULT_T0) -> Partition:
+    """K blocks whose edges after 0 grow geometrically from ``first`` to 1:
+    ``[0, first], [first, first·r], ..., [first·r^{K-2}, 1]`` (more blocks near t = 0, where the
+    score changes fastest)."""
+    if num_blocks < 1:
+        raise PartitionError(f"number of blocks must be >= 1, got {num_blocks}")
+    if not 0.0 < first < 1.0:
+        raise PartitionError(f"the first edge must lie in (0, 1), got {first}")
+    if num_blocks == 1:
+        return equal(1, t0=t0)
+    r = (1.0 / first) ** (1.0 / (num_blocks - 1))
+    inner = tuple(first * r**i for i in range(num_blocks - 1))
+    return Partition((0.0, *inner, 1.0), "interval", t0)
+
+
 def grid(points: int | Sequence[float], *, t0: float = DEFAULT_T0) -> Partition:
     """DPSM grid: N equal points ``t_i = i/N`` (i = 1..N), or explicit ``t_1 < ... < t_N = 1``."""
     if isinstance(points, int):
