@@ -11,8 +11,8 @@ from psm.config import config_hash, hashed_differences, load_config, validate_co
 from psm.errors import ConfigError
 
 CONFIGS = sorted((Path(__file__).parents[1] / "configs" / "toy").glob("*.yaml"))
-DATA, METHODS = ("ty", "hg"), ("sa", "tpsm_a", "tpsm_b", "tpsm10", "tpsm_c", "dpsm", "fm_sa",
-                                "fm_tpsm10")  # fmt: skip
+DATA, METHODS = ("ty", "hg"), ("sa", "sa_authors", "tpsm_a", "tpsm_b", "tpsm10", "tpsm_c",
+                                "dpsm", "fm_sa", "fm_tpsm10")  # fmt: skip
 
 
 def test_every_paper_2d_experiment_has_a_config():
@@ -25,15 +25,19 @@ def test_shipped_configs_hold_paper_settings(path):
     cfg = load_config(path)
     assert cfg.train.batch_size == 512 and cfg.train.lr == 1e-3
     assert cfg.net.name == "mlp" and cfg.net.hidden == [100, 150, 100]
-    assert cfg.net.activation == "elu" and cfg.partition.t0 == 1e-4
-    k = cfg.partition.build().num_blocks
     method = path.stem.split("_", 1)[1]
-    expected = {"sa": 1, "tpsm_a": 2, "tpsm_b": 4, "tpsm10": 10, "tpsm_c": 200, "dpsm": 100,
-                "fm_sa": 1, "fm_tpsm10": 10}[method]  # fmt: skip
+    authors = method == "sa_authors"  # the authors' SA script: b = 12 t, t0 = 0.01, 299 steps
+    assert cfg.net.activation == "elu" and cfg.partition.t0 == (0.01 if authors else 1e-4)
+    assert cfg.eval.steps == (299 if authors else 1000)
+    k = cfg.partition.build().num_blocks
+    expected = {"sa": 1, "sa_authors": 1, "tpsm_a": 2, "tpsm_b": 4, "tpsm10": 10, "tpsm_c": 200,
+                "dpsm": 100, "fm_sa": 1, "fm_tpsm10": 10}[method]  # fmt: skip
     assert k == expected
+    if method != "dpsm":  # the authors' step counts: SA 2,000,000, every TPSM block 500,000
+        assert cfg.train.steps == (2_000_000 if k == 1 else 500_000)
     assert cfg.process.name == ("ot" if method.startswith("fm") else "vp")
     if cfg.process.name == "vp":
-        assert (cfg.process.b_min, cfg.process.b_max) == (0.0, 10.0)
+        assert (cfg.process.b_min, cfg.process.b_max) == (0.0, 12.0 if authors else 10.0)
 
 
 def test_paper_splits():
