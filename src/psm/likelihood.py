@@ -9,8 +9,13 @@ over blocks of eq. 4 (TPSM) or, for DPSM with the piecewise-constant field and o
 cell, exactly eq. 6. The solver carries the augmented state ``(x, Δ)`` with ``dΔ/dt = tr ∂f/∂x``.
 
 The trace is exact (vectorized: one reverse-mode product per dimension, all batched in one
-autograd call; for low dimension) or Hutchinson's ``v^T (∂f/∂x) v`` with a Rademacher
-probe ``v`` drawn once per batch and held fixed through the whole solve.
+autograd call; for low dimension) or Hutchinson's ``v^T (∂f/∂x) v`` with Rademacher probes
+``v``: by default ``probes`` of them drawn once per batch and held fixed through the whole solve
+(as score_sde does; the estimate of ``log p`` is then unbiased and the ODE stays smooth), or,
+the authors' scripts' way, redrawn at every function evaluation (``redraw="evaluation"``).
+Above :data:`EXACT_TRACE_MAX_DIM` dimensions the exact trace costs D backward passes per
+evaluation (about 50x Hutchinson on 8x8 digits), so callers choose Hutchinson there
+(:func:`auto_trace`).
 """
 
 from __future__ import annotations
@@ -31,6 +36,18 @@ from .ode import PAPER_SOLVER, SolverSettings, State, integrate_blocks, solve_un
 TraceMethod = Literal["exact", "hutchinson"]
 TRACE_METHODS: tuple[str, ...] = ("exact", "hutchinson")
 EXACT_LOOP_MAX_DIM = 8  # exact trace by d separate products up to this dimension
+EXACT_TRACE_MAX_DIM = 16
+"""The exact trace is the default up to this many dimensions, Hutchinson above (images)."""
+
+ProbeRedraw = Literal["solve", "evaluation"]
+PROBE_REDRAWS: tuple[str, ...] = ("solve", "evaluation")
+"""When Hutchinson probes are drawn: once per solve (held fixed) or at every evaluation."""
+
+
+def auto_trace(dim: int) -> TraceMethod:
+    """The default trace for points of ``dim`` dimensions: exact up to
+    :data:`EXACT_TRACE_MAX_DIM`, Hutchinson above."""
+    return "exact" if dim <= EXACT_TRACE_MAX_DIM else "hutchinson"
 
 
 # ---------------------------------------------------------------------- traces
@@ -48,7 +65,8 @@ def divergence(
         x: ``[B, *D]``.
         probe: None for the exact trace: D reverse-mode products ``e_k^T ∂f/∂x``, batched in one
             call (``is_grads_batched``), never a loop over samples; or a ``[B, *D]`` probe ``v``
-            for Hutchinson's unbiased estimate ``v^T (∂f/∂x) v`` (one product).
+            for Hutchinson's unbiased estimate ``v^T (∂f/∂x) v`` (one product); or ``[P, B, *D]``
+            probes, whose P estimates are averaged (P products, one forward pass).
 
     Returns:
         ``(f(x) [B, *D], tr ∂f/∂x [B])``.
@@ -60,9 +78,15 @@ def divergence(
         if not fz.requires_grad:  # f does not depend on x
             return fz, torch.zeros(b, dtype=x.dtype, device=x.device)
         if probe is not None:
-            (vj,) = torch.autograd.grad(fz, z, probe, allow_unused=True)
-            tr = (vj * probe).flatten(1).sum(1) if vj is not None else fz.new_zeros(b)
-            return fz.detach(), tr
+            probes = probe if probe.dim() == x.dim() + 1 else probe.unsqueeze(0)
+            tr = fz.new_zeros(b)
+            for i, v in enumerate(probes):
+                (vj,) = torch.autograd.grad(
+                    fz, z, v, retain_graph=i < len(probes) - 1, allow_unused=True
+                )
+                if vj is not None:
+                    tr = tr + (vj * v).flatten(1).sum(1)
+            return fz.detach(), tr / len(probes)
         if d <= EXACT_LOOP_MAX_DIM:
             # low dimension: d reverse-mode products, one per coordinate, each over the whole
             # batch (faster than one batched call here; measured in psm bench nll)
@@ -112,6 +136,8 @@ def log_likelihood(
     solver: SolverSettings = PAPER_SOLVER,
     trace: TraceMethod = "exact",
     probe: Tensor | None = None,
+    probes: int = 1,
+    redraw: ProbeRedraw = "solve",
     generator: torch.Generator | None = None,
     prior_log_prob: Callable[[Tensor], Tensor] | None = None,
     on_step: Callable[[float, State], None] | None = None,
@@ -123,9 +149,14 @@ def log_likelihood(
         x: data points ``[B, *D]`` (read as the state at ``t0``).
         solver: the ODE solver and its steps (the paper: RK4 with 1000 steps over ``[t0, 1]``).
         trace: ``"exact"`` or ``"hutchinson"``.
-        probe: Hutchinson probe ``[B, *D]``; drawn from ``generator`` (Rademacher) if None.
-            It is held fixed through the whole solve.
-        generator: random source of the probe.
+        probe: Hutchinson probe ``[B, *D]`` (or ``[P, B, *D]``, averaged), held fixed through
+            the whole solve; drawn from ``generator`` (Rademacher) if None.
+        probes: Hutchinson probes drawn per solve (or per evaluation), averaged.
+        redraw: ``"solve"``: the probes are drawn once and held fixed through the solve (psm's
+            default, as score_sde); ``"evaluation"``: fresh probes at every function
+            evaluation (the authors' scripts; still unbiased, but the ODE's right-hand side is
+            then random, so only fixed-step solvers are accepted).
+        generator: random source of the probes.
         prior_log_prob: log-density at t = 1, ``[B, *D] -> [B]``; default ``log N(0, I)``
             (:meth:`Process.prior_log_prob`).
         on_step: hook after each solver step (progress).
@@ -135,13 +166,28 @@ def log_likelihood(
     """
     if trace not in TRACE_METHODS:
         raise ValueError(f"unknown trace {trace!r} (choose from exact, hutchinson)")
-    if trace == "hutchinson" and probe is None:
-        probe = rademacher(x.shape, generator=generator, dtype=x.dtype, device=x.device)
+    if redraw not in PROBE_REDRAWS:
+        raise ValueError(f"unknown redraw {redraw!r} (choose from solve, evaluation)")
+    if probes < 1:
+        raise ValueError(f"probes must be >= 1, got {probes}")
+    per_eval = trace == "hutchinson" and redraw == "evaluation" and probe is None
+    if per_eval and not solver.fixed_step:
+        raise ValueError(
+            f"probes redrawn at every evaluation make the ODE random: use a fixed-step solver, "
+            f"not {solver.method}"
+        )
+    shape = (probes, *x.shape) if probes > 1 else tuple(x.shape)
+
+    def draw() -> Tensor:
+        return rademacher(shape, generator=generator, dtype=x.dtype, device=x.device)
+
+    if trace == "hutchinson" and probe is None and not per_eval:
+        probe = draw()
     v = probe if trace == "hutchinson" else None
 
     def dynamics(block: int, t: Tensor, y: State) -> State:
         # augmented state (x, Δ): dx/dt = f(x, t), dΔ/dt = tr ∂f/∂x (eq. 20)
-        fx, div = divergence(lambda z: model.field(z, t, block), y[0], v)
+        fx, div = divergence(lambda z: model.field(z, t, block), y[0], draw() if per_eval else v)
         return fx, div
 
     with torch.no_grad():
@@ -167,6 +213,8 @@ class NLLResult:
         solver: the ODE solver settings.
         trace: ``"exact"`` or ``"hutchinson"``.
         values: per-point NLL ``[n]`` (float64, CPU).
+        probes: Hutchinson probes per solve or evaluation (1 for the exact trace).
+        redraw: when the probes were drawn (``"solve"`` or ``"evaluation"``; None for exact).
     """
 
     nll: float
@@ -176,6 +224,8 @@ class NLLResult:
     solver: SolverSettings
     trace: str
     values: Tensor = field(repr=False)
+    probes: int = 1
+    redraw: str | None = None
 
     @property
     def finite(self) -> bool:
@@ -190,9 +240,12 @@ def evaluate_nll(
     batch_size: int = 1000,
     solver: SolverSettings = PAPER_SOLVER,
     trace: TraceMethod = "exact",
+    probes: int = 1,
+    redraw: ProbeRedraw = "solve",
     seed: int = 0,
     device: str | torch.device | None = None,
     dtype: torch.dtype | None = None,
+    prior_log_prob: Callable[[Tensor], Tensor] | None = None,
     progress: bool = True,
     desc: str = "NLL",
 ) -> NLLResult:
@@ -202,9 +255,9 @@ def evaluate_nll(
         model: the assembled blocks.
         data: points ``[N, *D]``.
         batch_size: points per solve.
-        solver, trace: as in :func:`log_likelihood`.
-        seed: seed of the Hutchinson probes (one generator for the whole evaluation, one probe
-            drawn per batch).
+        solver, trace, probes, redraw, prior_log_prob: as in :func:`log_likelihood`.
+        seed: seed of the Hutchinson probes (one generator for the whole evaluation; probes
+            drawn per batch, or per evaluation with ``redraw="evaluation"``).
         device: where to evaluate (default: the data's device).
         dtype: evaluation dtype (default: the data's).
         progress: show a tqdm bar; it moves at every solver step (every block for adaptive
@@ -233,13 +286,15 @@ def evaluate_nll(
             bar.set_postfix_str(f"batch {j + 1}/{batches}", refresh=False)
             xb = data[i : i + batch_size].to(device=device, dtype=dtype)
             lp = log_likelihood(
-                model, xb, solver=solver, trace=trace, generator=gen,
-                on_step=lambda t, y: bar.update(1),
+                model, xb, solver=solver, trace=trace, probes=probes, redraw=redraw,
+                generator=gen, prior_log_prob=prior_log_prob, on_step=lambda t, y: bar.update(1),
             )  # fmt: skip
             parts.append(-lp.detach().to("cpu", torch.float64))
     values = torch.cat(parts)
     se = float(values.std() / math.sqrt(n)) if n > 1 else float("nan")
+    hutch = trace == "hutchinson"
     return NLLResult(
         nll=float(values.mean()), stderr=se, n=n, seconds=time.perf_counter() - start,
-        solver=solver, trace=trace, values=values,
+        solver=solver, trace=trace, values=values, probes=probes if hutch else 1,
+        redraw=redraw if hutch else None,
     )  # fmt: skip

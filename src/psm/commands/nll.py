@@ -1,10 +1,19 @@
-"""``psm nll RUN``: test NLL of a trained run, in nats, beside the data's true entropy.
+"""``psm nll RUN``: test NLL of a trained run, in nats beside the data's true entropy, and for
+image runs in bits/dim beside the trivial bound ``log2 L``.
 
 The NLL is the mean of ``-log p₀(x)`` over the dataset's test set, ``log p₀`` from the
-probability-flow ODE through the blocks (paper eqs. 4 and 6, :func:`psm.likelihood.evaluate_run`);
-defaults come from the run's ``eval`` section. The result is printed and appended, with every
-setting, as one JSON line to ``<run>/nll.jsonl`` (see :func:`nll_record`).
+probability-flow ODE through the blocks (paper eqs. 4 and 6, :func:`psm.trained.evaluate_run`);
+defaults come from the run's ``eval`` section. Image runs report bits/dim in one of two
+conventions (``--convention``, see :mod:`psm.trained`): ``psm`` (the headline: dequantized
+test images, an upper bound on the discrete NLL) or ``authors`` (what the authors' scripts
+compute; labelled as such wherever it appears). The trace is exact up to 16 dimensions and
+Hutchinson above (``--trace auto``; one warning line says so); ``--trace exact`` above 16
+dimensions is refused unless ``--force``, since it costs D backward passes per evaluation.
 
+The result is printed and appended, with every setting, as one JSON line to
+``<run>/nll.jsonl`` (see :func:`nll_record`), and written to TensorBoard (``eval/nll``,
+``eval/bpd``; ``eval/nll_authors``, ``eval/bpd_authors`` for the authors' convention) when it
+is installed.
 """
 
 from __future__ import annotations
@@ -25,36 +34,65 @@ from .model_flags import (
     add_ode_arguments,
     check_positive,
     dtype_of,
+    format_cost,
     grid_field_for,
     ode_settings,
+    peak_memory,
+    reset_peak_memory,
     resolve_device,
+    set_threads,
     warn,
 )
 
 if TYPE_CHECKING:  # torch is imported when a command runs, not when `psm` parses its flags
     from ..ode import SolverSettings
+    from ..trained import EvalSettings, RunEvaluation
 
 NLL_LOG = "nll.jsonl"
 """The file in a run directory that collects one JSON line per ``psm nll`` evaluation."""
+
+TRACE_CHOICES = ("auto", "exact", "hutchinson")
+CONVENTION_CHOICES = ("psm", "authors")  # psm.trained.CONVENTIONS (tested)
 
 
 # --------------------------------------------------------------------------- psm nll
 def add(sub: argparse._SubParsersAction) -> None:
     p = sub.add_parser(
         "nll",
-        help="test negative log-likelihood of a trained run (nats)",
-        description="Exact NLL of the run's test set through the probability-flow ODE, with its "
-        "standard error and the data's true entropy (the floor) when known. Defaults come from "
-        "the run's eval section; the result is appended to <run>/nll.jsonl.",
+        help="test negative log-likelihood of a trained run (nats; bits/dim for images)",
+        description="NLL of the run's test set through the probability-flow ODE, with its "
+        "standard error and the data's true entropy (the floor) when known; for image runs "
+        "bits/dim beside the trivial bound log2 L. Defaults come from the run's eval section; "
+        "the result is appended to <run>/nll.jsonl.",
     )
     p.add_argument("run", help="run directory")
     p.add_argument("--n", type=int, help="test points (default: eval.n_test)")
     add_ode_arguments(p, steps_default="eval.steps")
     p.add_argument(
         "--trace",
-        choices=["exact", "hutchinson"],
-        default="exact",
-        help="divergence: exact, or Hutchinson with one Rademacher probe per batch",
+        choices=TRACE_CHOICES,
+        default="auto",
+        help="divergence: exact, Hutchinson (Rademacher probes), or auto: exact up to 16 "
+        "dimensions, Hutchinson above (default auto)",
+    )
+    p.add_argument(
+        "--probes",
+        type=int,
+        default=1,
+        help="Hutchinson probes averaged per solve, each held fixed through it (default 1)",
+    )
+    p.add_argument(
+        "--force",
+        action="store_true",
+        help="allow --trace exact above 16 dimensions (D backward passes per evaluation)",
+    )
+    p.add_argument(
+        "--convention",
+        choices=CONVENTION_CHOICES,
+        default="psm",
+        help="image runs: psm (dequantized bits/dim, the headline) or authors (the authors' "
+        "scripts: k/(L-1) minus the train mean, t0 0.001, RK4 1000//K steps per block, "
+        "probe redrawn at every evaluation) (default psm)",
     )
     p.add_argument("--batch-size", type=int, default=1000, help="points per solve (default 1000)")
     p.add_argument("--seed", type=int, help="seed of the test set (default: eval.test_seed)")
@@ -64,35 +102,89 @@ def add(sub: argparse._SubParsersAction) -> None:
     p.set_defaults(func=cmd_nll)
 
 
+def resolve_settings(args: argparse.Namespace, run) -> EvalSettings:
+    """The evaluation settings from the flags, checked; one warning line when the exact trace
+    is replaced by Hutchinson's.
+
+    Raises:
+        PSMError: a flag that does not apply (``--probes`` with the exact trace, ``--trace
+            exact`` above 16 dimensions without ``--force``, the authors' convention on data
+            without levels, an adaptive solver with probes redrawn at every evaluation).
+    """
+    from ..likelihood import EXACT_TRACE_MAX_DIM
+    from ..trained import eval_settings
+
+    ev = run.config.eval
+    flags_set = args.solver is not None or args.steps is not None
+    solver = ode_settings(args, solver=ev.solver, steps=ev.steps, blocks=run.num_blocks)
+    if args.convention == "authors" and not flags_set:
+        solver = None  # the convention's own solver
+    trace = None if args.trace == "auto" else args.trace
+    settings = eval_settings(
+        run, convention=args.convention, solver=solver, trace=trace, probes=args.probes
+    )
+    dims = math.prod(run.shape)
+    if settings.trace == "exact" and args.probes > 1:
+        raise PSMError("--probes applies to the Hutchinson trace (the trace is exact)")
+    if args.trace == "exact" and dims > EXACT_TRACE_MAX_DIM and not args.force:
+        raise PSMError(
+            f"--trace exact on {dims}-dimensional data costs {dims} backward passes per "
+            f"function evaluation; use --trace hutchinson (--probes N), or add --force"
+        )
+    if settings.redraw == "evaluation" and not settings.solver.fixed_step:
+        raise PSMError(
+            f"the authors' convention redraws the probe at every evaluation, which needs a "
+            f"fixed-step solver, not {settings.solver.method}"
+        )
+    if args.trace == "auto" and settings.trace == "hutchinson" and args.convention == "psm":
+        warn(
+            f"{dims} dimensions > {EXACT_TRACE_MAX_DIM}: Hutchinson trace ({_probes(settings)}) "
+            f"instead of the exact one ({dims} backward passes per evaluation)"
+        )
+    return settings
+
+
+def _probes(settings) -> str:
+    p = settings.probes
+    every = "per solve, held fixed" if settings.redraw == "solve" else "redrawn every evaluation"
+    return f"{p} probe{'s' if p > 1 else ''} {every}"
+
+
 def cmd_nll(args: argparse.Namespace) -> int:
     from ..atomic import append_line, atomic_write_json
     from ..run import Run
     from ..trained import evaluate_run
 
     run = Run.open(args.run)
-    ev = run.config.eval
-    check_positive(n=args.n, batch_size=args.batch_size)
-    ode = ode_settings(args, solver=ev.solver, steps=ev.steps, blocks=run.num_blocks)
+    set_threads(args)
+    check_positive(n=args.n, batch_size=args.batch_size, probes=args.probes)
+    settings = resolve_settings(args, run)
     if args.json_out and not Path(args.json_out).parent.is_dir():
         raise PSMError(
             f"--json {args.json_out}: folder {Path(args.json_out).parent} does not exist"
         )
     device = resolve_device(args.device)
     grid_field = grid_field_for(args, run)
+    ev = run.config.eval
     n = args.n or ev.n_test
     test_seed = ev.test_seed if args.seed is None else args.seed
+    reset_peak_memory(device)
     res = evaluate_run(
-        run, n=n, solver=ode, trace=args.trace, test_seed=test_seed, probe_seed=args.probe_seed,
-        batch_size=args.batch_size, device=device, dtype=dtype_of(args.dtype),
-        grid_field=grid_field, progress=not args.no_progress,
+        run, n=n, solver=settings.solver, trace=settings.trace, probes=settings.probes,
+        redraw=settings.redraw, convention=args.convention, test_seed=test_seed,
+        probe_seed=args.probe_seed, batch_size=args.batch_size, device=device,
+        dtype=dtype_of(args.dtype), grid_field=grid_field, progress=not args.no_progress,
     )  # fmt: skip
+    memory, memory_kind = peak_memory(device)
     record = nll_record(
-        run, res, solver=ode, trace=args.trace, test_seed=test_seed, probe_seed=args.probe_seed,
-        batch_size=args.batch_size, device=str(device), dtype=args.dtype,
+        run, res, solver=res.settings.solver, trace=res.settings.trace, test_seed=test_seed,
+        probe_seed=args.probe_seed, batch_size=args.batch_size, device=str(device),
+        dtype=args.dtype, peak_memory_mb=memory, memory_kind=memory_kind,
     )  # fmt: skip
     print(format_nll(record))
     append_line(run.path / NLL_LOG, json.dumps(record, allow_nan=False))
     print(f"appended to {run.path / NLL_LOG}", file=sys.stderr)
+    log_tensorboard(run, record)
     if args.json_out:
         atomic_write_json(args.json_out, record)
         print(f"wrote {args.json_out}", file=sys.stderr)
@@ -105,14 +197,44 @@ def cmd_nll(args: argparse.Namespace) -> int:
     return 0
 
 
+def log_tensorboard(run, record: dict[str, Any]) -> None:
+    """``eval/nll`` and ``eval/bpd`` (``_authors`` for the authors' convention) at the run's
+    furthest trained step, when TensorBoard is installed."""
+    from ..tensorboard import add_scalars, summary_writer
+
+    writer = summary_writer(run.path)
+    if writer is None:
+        return
+    suffix = "_authors" if record["convention"] == "authors" else ""
+    values = {f"eval/nll{suffix}": record["nll"], f"eval/bpd{suffix}": record.get("bpd")}
+    step = max((run.block_status(b).step for b in range(run.num_blocks)), default=0)
+    add_scalars(writer, {k: v for k, v in values.items() if v is not None}, step)
+    writer.close()
+
+
 def _finite(x: float | None) -> float | None:
     """JSON-safe float: None for NaN/inf."""
     return x if x is not None and math.isfinite(x) else None
 
 
+def convention_label(convention: str | None, levels: int | None) -> str | None:
+    """What a bits/dim figure means, in words (printed and recorded with every figure)."""
+    if convention is None:
+        return None
+    if convention == "authors":
+        return (
+            f"authors' convention: log2 {levels} - log p/(D ln 2) on k/{levels - 1} minus the "
+            "training mean, not dequantized (not a bound on the discrete NLL)"
+        )
+    return (
+        f"psm convention: dequantized x = (k+u)/{levels}, with log2 {levels} and the data "
+        "map's log-Jacobian"
+    )
+
+
 def nll_record(
     run,
-    ev,
+    ev: RunEvaluation,
     *,
     solver: SolverSettings,
     trace: str,
@@ -121,20 +243,27 @@ def nll_record(
     batch_size: int,
     device: str,
     dtype: str,
+    peak_memory_mb: float | None = None,
+    memory_kind: str | None = None,
 ) -> dict[str, Any]:
     """The JSON line ``psm nll`` appends to ``<run>/nll.jsonl``.
 
     Args:
         run: the :class:`~psm.run.Run`.
-        ev: its :class:`~psm.likelihood.RunEvaluation`.
+        ev: its :class:`~psm.trained.RunEvaluation`.
         solver, trace, test_seed, probe_seed, batch_size, device, dtype: the settings used.
+        peak_memory_mb, memory_kind: the peak memory and what it measured.
 
     Returns:
         A JSON-safe dict: ``nll``, ``stderr`` (nats), ``n``, ``entropy`` (the floor, or null),
-        ``gap`` (``nll - entropy``), ``finite``, ``seconds``, the run (``run``, ``name``,
-        ``config_hash``, ``dataset``, ``process``, ``partition``, ``blocks``, ``train_steps``,
-        ``t0``) and every setting; ``steps`` is null for dopri5, ``rtol``/``atol`` null for
-        fixed-step solvers. Non-finite numbers are null.
+        ``gap`` (``nll - entropy``), ``finite``, ``seconds``, ``seconds_per_point``,
+        ``peak_memory_mb``, the run (``run``, ``name``, ``config_hash``, ``dataset``,
+        ``process``, ``partition``, ``blocks``, ``train_steps``, ``t0``: where the integral
+        started, ``run_t0``: the run's own) and every setting (``probes`` and
+        ``probe_redraw`` for Hutchinson); for image data ``convention``, ``convention_label``,
+        ``bpd``, ``bpd_stderr``, ``bpd_trivial`` (log2 L), ``levels``, ``dims``,
+        ``dequantized``, ``log_scale_per_dim`` (null otherwise). ``steps`` is null for dopri5,
+        ``rtol``/``atol`` null for fixed-step solvers. Non-finite numbers are null.
     """
     from .. import __version__
 
@@ -143,6 +272,9 @@ def nll_record(
     gap = r.nll - ev.entropy if ev.entropy is not None else None
     adaptive = not solver.fixed_step
     steps = solver.steps
+    s = ev.settings
+    bits = ev.bits
+    hutch = trace == "hutchinson"
     return {
         "time": time.strftime("%Y-%m-%dT%H:%M:%S%z"),
         "run": str(run.path),
@@ -153,7 +285,17 @@ def nll_record(
         "partition": run.partition.kind,
         "blocks": run.num_blocks,
         "train_steps": cfg.train.steps,
-        "t0": run.partition.t0,
+        "t0": s.t0 if s is not None else run.partition.t0,
+        "run_t0": run.partition.t0,
+        "convention": bits.convention if bits else None,
+        "convention_label": convention_label(bits.convention, bits.levels) if bits else None,
+        "bpd": _finite(bits.bpd) if bits else None,
+        "bpd_stderr": _finite(bits.stderr) if bits else None,
+        "bpd_trivial": bits.trivial if bits else None,
+        "levels": bits.levels if bits else None,
+        "dims": bits.dims if bits else None,
+        "dequantized": s.dequantize if bits and s is not None else None,
+        "log_scale_per_dim": bits.log_scale_per_dim if bits else None,
         "nll": _finite(r.nll),
         "stderr": _finite(r.stderr),
         "n": r.n,
@@ -161,15 +303,20 @@ def nll_record(
         "gap": _finite(gap),
         "finite": r.finite,
         "seconds": round(r.seconds, 3),
+        "seconds_per_point": r.seconds / r.n if r.n else None,
+        "peak_memory_mb": round(peak_memory_mb, 1) if peak_memory_mb is not None else None,
+        "memory_kind": memory_kind,
         "solver": solver.method,
         "steps": None if adaptive else (steps if isinstance(steps, int) else list(steps)),
         "rtol": solver.rtol if adaptive else None,
         "atol": solver.atol if adaptive else None,
         "trace": trace,
+        "probes": r.probes if hutch else None,
+        "probe_redraw": r.redraw if hutch else None,
         "grid_field": ev.grid_field,
         "batch_size": batch_size,
         "test_seed": test_seed,
-        "probe_seed": probe_seed if trace == "hutchinson" else None,
+        "probe_seed": probe_seed if hutch else None,
         "device": device,
         "dtype": dtype,
         "host": socket.gethostname(),
@@ -178,22 +325,53 @@ def nll_record(
 
 
 def format_nll(rec: dict[str, Any]) -> str:
-    """Two lines for a person: the NLL ± s.e. beside the floor, then the settings."""
+    """Lines for a person: the figure ± s.e. beside its floor or bound, then the settings.
 
-    def num(x: float | None) -> str:
-        return f"{x:.4f}" if x is not None else "nan"
+    2D data: ``NLL ± s.e. nats`` beside the true entropy. Image data: ``bits/dim ± s.e.`` with
+    its convention, the trivial bound ``log2 L`` and the NLL in nats per image.
+    """
 
-    head = f"{rec['name']}: NLL {num(rec['nll'])} ± {num(rec['stderr'])} nats"
-    if rec["entropy"] is not None:
-        head += f"   (true entropy, the floor: {rec['entropy']:.4f} nats; gap {num(rec['gap'])})"
+    def num(x: float | None, digits: int = 4) -> str:
+        return f"{x:.{digits}f}" if x is not None else "nan"
+
     from ..ode import SolverSettings
 
     steps = rec["steps"] if rec["steps"] is not None else 1
     steps = steps if isinstance(steps, int) else tuple(steps)
     how = SolverSettings(rec["solver"], steps, rec["rtol"] or DEFAULT_TOL).describe()
     field = f", {rec['grid_field']} DPSM field" if rec["grid_field"] else ""
-    detail = (
-        f"  {rec['n']} test points of {rec['dataset']} (seed {rec['test_seed']}), {how}, "
-        f"{rec['trace']} trace{field}, {rec['dtype']} on {rec['device']}, {rec['seconds']:.1f}s"
+    trace = f"{rec['trace']} trace"
+    if rec["trace"] == "hutchinson":
+        p = rec["probes"]
+        every = "per solve" if rec["probe_redraw"] == "solve" else "redrawn every evaluation"
+        trace += f" ({p} probe{'s' if p > 1 else ''} {every})"
+    cost = format_cost(
+        rec["seconds"], rec["n"], "image" if rec["bpd_trivial"] is not None else "point",
+        rec.get("peak_memory_mb"), rec.get("memory_kind") or "",
+    )  # fmt: skip
+    if rec["bpd_trivial"] is None:
+        head = f"{rec['name']}: NLL {num(rec['nll'])} ± {num(rec['stderr'])} nats"
+        if rec["entropy"] is not None:
+            head += (
+                f"   (true entropy, the floor: {rec['entropy']:.4f} nats; gap {num(rec['gap'])})"
+            )
+        detail = (
+            f"  {rec['n']} test points of {rec['dataset']} (seed {rec['test_seed']}), {how}, "
+            f"{trace}{field}, {rec['dtype']} on {rec['device']}, {cost}"
+        )
+        return f"{head}\n{detail}"
+    levels = rec["levels"]
+    head = (
+        f"{rec['name']}: {num(rec['bpd'])} ± {num(rec['bpd_stderr'])} bits/dim "
+        f"[{rec['convention_label']}]"
     )
-    return f"{head}\n{detail}"
+    bound = (
+        f"  trivial bound log2 {levels} = {rec['bpd_trivial']:.4f} bits/dim; "
+        f"NLL {num(rec['nll'], 2)} ± {num(rec['stderr'], 2)} nats per image ({rec['dims']} dims)"
+    )
+    tag = " (authors' convention)" if rec["convention"] == "authors" else ""
+    detail = (
+        f"  {rec['n']} test images of {rec['dataset']} (seed {rec['test_seed']}){tag}, {how} "
+        f"from t0 = {rec['t0']:g}, {trace}{field}, {rec['dtype']} on {rec['device']}, {cost}"
+    )
+    return f"{head}\n{bound}\n{detail}"
