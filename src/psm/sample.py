@@ -10,6 +10,13 @@ used only on its own sub-interval:
   ``-b(t) [½ x + s] dt + √b dW̄``), with :meth:`Process.reverse_sde` giving drift and g.
 
 Every random draw comes from a generator passed in, so a seed fixes the samples.
+:func:`sample_path` also keeps the samples' states at block boundaries (the strips of
+``psm plot`` on image runs); :func:`boundary_times` lists those boundaries.
+
+Everything is batched over any point shape (``[B, *D]``: 2D points or ``[B, C, H, W]`` images)
+with a progress bar that moves at every solver step. Fixed-step budgets are allocated to blocks
+by length or given per block (``(100, 900)``: the paper's TPSM0 on images); DPSM with the
+constant field and one Euler step per grid cell is eq. 5 (appendix H: 1k steps to generate).
 """
 
 from __future__ import annotations
@@ -113,6 +120,23 @@ def sample_sde(
     return x
 
 
+def boundary_times(model: BlockModel) -> list[float]:
+    """The block boundaries a sample passes from noise to data: ``1``, each block's lower end,
+    down to ``t0`` (decreasing; K + 1 values for K blocks whose segments are all above t0)."""
+    segs = model.segments()
+    return [segs[-1].t_hi] + [s.t_lo for s in reversed(segs)]
+
+
+def pick_times(times: Sequence[float], most: int) -> list[float]:
+    """At most ``most`` (>= 2) of ``times``, evenly spaced by index, first and last kept."""
+    if most < 2:
+        raise ValueError(f"most must be >= 2, got {most}")
+    if len(times) <= most:
+        return list(times)
+    idx = sorted({round(i * (len(times) - 1) / (most - 1)) for i in range(most)})
+    return [times[i] for i in idx]
+
+
 def sample(
     model: BlockModel,
     n: int,
@@ -146,6 +170,45 @@ def sample(
     Returns:
         ``[n, *shape]`` samples at t0, on ``device``.
     """
+    x, _ = sample_path(
+        model, n, generator=generator, method=method, solver=solver, batch_size=batch_size,
+        shape=shape, dtype=dtype, device=device, progress=progress,
+    )  # fmt: skip
+    return x
+
+
+def sample_path(
+    model: BlockModel,
+    n: int,
+    *,
+    generator: torch.Generator,
+    at: Sequence[float] = (),
+    method: Method = "ode",
+    solver: SolverSettings = PAPER_SOLVER,
+    batch_size: int = 10000,
+    shape: Sequence[int] | None = None,
+    dtype: torch.dtype = torch.float32,
+    device: str | torch.device | None = None,
+    progress: bool = True,
+) -> tuple[Tensor, Tensor]:
+    """Draw ``n`` samples, keeping their states at some block boundaries on the way.
+
+    The same draws as :func:`sample` with the same arguments (the states are read off the
+    solve, which is not changed).
+
+    Args:
+        at: times to keep, each one of :func:`boundary_times` (1, a block boundary, or t0):
+            the solvers land exactly on them.
+        model, n, generator, method, solver, batch_size, shape, dtype, device, progress: as in
+            :func:`sample`.
+
+    Returns:
+        ``(samples [n, *shape], states [len(at), n, *shape])``, the states in the order of
+        ``at``, on ``device``.
+
+    Raises:
+        ValueError: a time in ``at`` that is not a block boundary.
+    """
     if method not in METHODS:
         raise ValueError(f"unknown method {method!r} (choose from ode, sde)")
     shape = tuple(shape) if shape is not None else model.shape
@@ -153,10 +216,16 @@ def sample(
         raise ValueError("the model does not know its sample shape: pass shape=")
     if batch_size < 1:
         raise ValueError(f"batch_size must be >= 1, got {batch_size}")
+    wanted = [float(t) for t in at]
+    bounds = boundary_times(model)
+    bad = [t for t in wanted if t not in bounds]
+    if bad:
+        raise ValueError(f"times {bad} are not block boundaries ({bounds[:5]}...)")
     device = torch.device(device) if device is not None else generator.device
     if method == "sde" and generator.device != device:
         raise ValueError("the SDE sampler draws on the generator's device: pass a generator there")
-    out = []
+    out: list[Tensor] = []
+    kept: list[list[Tensor]] = [[] for _ in wanted]
     batches = math.ceil(n / batch_size)
     if method == "sde":
         units = sum(steps_for(model.segments(), solver.steps))
@@ -170,10 +239,26 @@ def sample(
             bar.set_postfix_str(f"batch {j + 1}/{batches}", refresh=False)
             m = min(batch_size, n - i)
             x1 = prior_sample(m, shape, generator=generator, dtype=dtype, device=device)
-            tick = lambda t, y: bar.update(1)  # noqa: E731
+            here: dict[float, Tensor] = {bounds[0]: x1}
+
+            def tick(t: float, y: tuple[Tensor, ...], here=here) -> None:
+                bar.update(1)
+                if t in wanted:
+                    here[t] = y[0]
+
             if method == "ode":
                 x = sample_ode(model, x1, solver=solver, on_step=tick)
             else:
                 x = sample_sde(model, x1, generator=generator, steps=solver.steps, on_step=tick)
             out.append(x)
-    return torch.cat(out) if out else torch.empty((0, *shape), dtype=dtype, device=device)
+            for k, t in enumerate(wanted):
+                kept[k].append(here[t])
+    if not out:
+        empty = torch.empty((0, *shape), dtype=dtype, device=device)
+        return empty, empty.new_empty((len(wanted), 0, *shape))
+    states = (
+        torch.stack([torch.cat(k) for k in kept])
+        if wanted
+        else torch.empty((0, n, *shape), dtype=dtype, device=device)
+    )
+    return torch.cat(out), states
