@@ -3,8 +3,10 @@ records, image grids, boundary strips, time and memory, one-line refusals."""
 
 from __future__ import annotations
 
+import functools
 import json
 import math
+from pathlib import Path
 
 import numpy as np
 import pytest
@@ -12,7 +14,7 @@ import torch
 from PIL import Image
 
 from helpers import one_line_error, run_cli
-from psm.config import validate_config
+from psm.config import load_config, validate_config
 from psm.ode import SolverSettings, integrate_blocks
 from psm.run import Run
 from psm.sample import boundary_times, pick_times, sample, sample_path
@@ -21,7 +23,7 @@ from psm.trained import evaluate_run, load_model
 
 TINY_UNET = {"name": "ddpm_unet", "base": 8, "mults": [1, 2], "res_blocks": 1, "groups": 4,
              "attention_levels": [], "dropout": 0.0}  # fmt: skip
-TRAIN = {"steps": 20, "batch_size": 16, "log_every": 5, "checkpoint_every": 20}
+TRAIN = {"steps": 10, "batch_size": 16, "log_every": 5, "checkpoint_every": 10}
 EVAL = {"n_test": 8, "steps": 6, "test_seed": 5}
 
 
@@ -32,7 +34,7 @@ def digits_config(name: str, partition: dict, net: dict) -> dict:
 
 @pytest.fixture(scope="module")
 def tpsm(tmp_path_factory) -> Run:
-    """TPSM on digits: 3 blocks of a tiny DDPM U-Net, t0 = 1e-3, every block done."""
+    """TPSM on digits: 3 blocks of a tiny DDPM U-Net (10 steps each), t0 = 1e-3."""
     cfg = digits_config("digits_tiny", {"kind": "equal", "blocks": 3, "t0": 1e-3}, TINY_UNET)
     run = Run.create(validate_config(cfg), tmp_path_factory.mktemp("img") / "tpsm")
     assert [train_block(run, b).state for b in range(3)] == ["done"] * 3
@@ -113,7 +115,7 @@ def test_nll_prints_bits_per_dim_beside_the_trivial_bound(tpsm, capsys, tensorbo
     ev = evaluate_run(tpsm, progress=False)
     assert ev.bits.bpd == pytest.approx(rec["bpd"], abs=1e-9)
     # TensorBoard: eval/nll and eval/bpd at the trained step
-    assert tensorboard.scalars == [("eval/nll", rec["nll"], 20), ("eval/bpd", rec["bpd"], 20)]
+    assert tensorboard.scalars == [("eval/nll", rec["nll"], 10), ("eval/bpd", rec["bpd"], 10)]
     assert tensorboard.closed
 
 
@@ -301,3 +303,108 @@ def test_plot_refuses_flags_of_the_other_kind_of_run(tpsm, capsys, make_run):
     run = make_run()
     one_line_error(capsys, "plot", run.path, "--rows", 3, match="--rows apply to image runs")
     assert not (tpsm.path / "plots").exists()
+
+
+# --------------------------------------------------------------------------- shipped configs
+ROOT = Path(__file__).parents[1]
+IMAGE_CONFIGS = sorted((ROOT / "configs" / "images").glob("*.yaml"))
+SHAPES = {"digits": (1, 8, 8), "mnist": (1, 28, 28), "cifar10": (3, 32, 32),
+          "celeba64": (3, 64, 64), "imagenet64": (3, 64, 64)}  # fmt: skip
+METHODS = ("sa", "tpsm0", "tpsm1", "tpsm2", "dpsm")
+TABLE6 = {"cifar10": (800_000, 400_000, 100_000, 50_000, 50_000),
+          "celeba64": (800_000, 400_000, 100_000, 50_000, 100_000),
+          "imagenet64": (2_000_000, 1_000_000, 250_000, 150_000, 250_000)}  # fmt: skip
+BATCH = {"cifar10": 128, "celeba64": 32, "imagenet64": 32}
+
+
+def test_image_configs_hold_the_paper_settings():
+    names = {p.stem for p in IMAGE_CONFIGS}
+    assert names == {f"{d}_{m}" for d in SHAPES for m in METHODS}
+    for path in IMAGE_CONFIGS:
+        cfg = load_config(path)
+        data, method = path.stem.split("_")
+        built = cfg.partition.build()
+        assert cfg.name == path.stem and cfg.data.name == data and built.t0 == 1e-3
+        blocks = {"sa": 1, "tpsm0": 2, "tpsm1": 10, "tpsm2": 100}
+        if method == "dpsm":
+            assert built.kind == "grid" and cfg.net.name == "classic_unet"
+            assert (cfg.eval.solver, cfg.eval.steps) == ("euler", 5000)  # appendix H
+        else:
+            assert built.num_blocks == blocks[method] and cfg.net.name == "ddpm_unet"
+            assert (cfg.eval.solver, cfg.eval.steps) == ("rk4", 1000)
+        if method == "tpsm0":
+            assert built.edges == (0.0, 0.1, 1.0)
+        gpu = data in TABLE6
+        if gpu:
+            assert cfg.train.steps == TABLE6[data][METHODS.index(method)], path.stem
+            assert cfg.train.batch_size == BATCH[data] * (4 if method == "dpsm" else 1)
+            assert cfg.train.lr == (1e-3 if method == "dpsm" else 2e-4)
+            recipe = (cfg.train.device, cfg.train.precision, cfg.train.ema)
+            assert recipe == ("auto", "bf16", 0.9999)
+            assert cfg.net.base == 64 and cfg.data.path == f"data/{data}"
+            assert built.num_blocks == (1000 if method == "dpsm" else blocks[method])
+        else:
+            assert cfg.train.device == "cpu" and cfg.train.steps <= 4000
+        # the net takes the data's shape; the documented parameter counts (docs/images.md)
+        out, count = meta_net(cfg.net.model_dump_json(), SHAPES[data], built.time_conditioned)
+        assert out == (2, *SHAPES[data]), path.stem
+        if gpu:
+            assert count == (31_037_763 if method == "dpsm" else 63_482_755), path.stem
+
+
+@functools.cache
+def meta_net(spec: str, shape: tuple[int, ...], time_conditioned: bool) -> tuple[tuple, int]:
+    """Output shape and parameter count of a net spec, built and run on the meta device (no
+    memory, little time); cached, since the configs of one data set share their nets."""
+    from psm.nets import NETS
+
+    with torch.device("meta"):
+        net = NETS.validate(json.loads(spec)).build(shape, time_conditioned=time_conditioned)
+        out = net(torch.empty(2, *shape), torch.empty(2))
+    return tuple(out.shape), sum(p.numel() for p in net.parameters())
+
+
+def test_the_digits_config_trains_scores_and_samples_from_a_fresh_clone(capsys, tmp_path):
+    # issue 8's "done": psm train configs/images/digits_tpsm1.yaml, then psm nll prints bits/dim
+    # and psm sample writes a grid (here with a few steps)
+    run_dir = tmp_path / "digits_tpsm1"
+    code, _, err = run_cli(
+        capsys, "train", ROOT / "configs/images/digits_tpsm1.yaml", "--out", run_dir,
+        "--steps", 2, "--workers", 1, "--set", "train.threads=1", "--no-progress", "--no-plot",
+    )  # fmt: skip
+    assert code == 0, err
+    code, out, err = run_cli(
+        capsys, "nll", run_dir, "--n", 3, "--steps", 2, "--no-progress", "--threads", 1
+    )
+    assert code == 0, err
+    assert "bits/dim [psm convention" in out and "trivial bound log2 17" in out
+    code, _, err = run_cli(
+        capsys, "sample", run_dir, "-n", 4, "--steps", 2, "--out", tmp_path / "g.png",
+        "--no-progress",
+    )  # fmt: skip
+    assert code == 0, err
+    with Image.open(tmp_path / "g.png") as im:
+        assert im.size == (12 + 2 * 60, 12 + 2 * 60)
+
+
+def test_the_mnist_config_trains_on_a_prepared_directory(capsys, tmp_path):
+    from image_files import rng_images, write_mnist
+
+    write_mnist(tmp_path / "raw", rng_images(40, (28, 28), 0), rng_images(6, (28, 28), 1), gz=True)
+    prepared = tmp_path / "mnist"
+    code, _, err = run_cli(
+        capsys, "data", "prepare", "mnist", "--from", tmp_path / "raw", "--out", prepared,
+        "--no-progress",
+    )  # fmt: skip
+    assert code == 0, err
+    run_dir = tmp_path / "run"
+    code, _, err = run_cli(
+        capsys, "train", ROOT / "configs/images/mnist_sa.yaml", "--out", run_dir,
+        "--set", f"data.path={prepared}", "--steps", 2, "--no-progress", "--no-plot",
+    )  # fmt: skip
+    assert code == 0, err
+    code, out, err = run_cli(
+        capsys, "nll", run_dir, "--n", 2, "--steps", 1, "--no-progress", "--threads", 1
+    )
+    assert code == 0, err
+    assert "trivial bound log2 256 = 8.0000 bits/dim" in out and "(784 dims)" in out
