@@ -265,16 +265,22 @@ def reproduce(
     *,
     recipe: str = "paper",
     threads: int = 2,
+    datasets: tuple[str, ...] | None = None,
     progress: bool = True,
     log: Callable[[str], None] = print,
 ) -> list[Cell]:
     """Train (or reuse) and score every cell of a preset; write ``results.md``/``.json``.
+
+    ``datasets`` restricts the work to some data sets (e.g. one process per data set on a
+    machine with spare cores); the results files then hold every cell already scored in
+    ``out``, whichever process scored it.
 
     Args:
         out: the folder (``runs/``, ``evals/``, ``floors.json``, results, figures).
         preset_name: a key of :data:`PRESETS`.
         recipe: a key of :data:`RECIPES`.
         threads: torch threads.
+        datasets: train and score only these (default: the preset's).
         progress: progress bars.
         log: where one line per finished step goes.
 
@@ -286,14 +292,15 @@ def reproduce(
     torch.set_num_threads(threads)
     (out / "evals").mkdir(parents=True, exist_ok=True)
     cells = plan(preset)
-    for i, cell in enumerate(cells, 1):
+    mine = [c for c in cells if datasets is None or c.data in datasets]
+    for i, cell in enumerate(mine, 1):
         m = BY_KEY[cell.method]
         cfg = run_config(out / "runs" / cell.run, cell.data, m, cell.steps, recipe,
                          n_test=preset.n_test, eval_steps=preset.eval_steps)  # fmt: skip
         run = Run.create(cfg)
         todo = run.unfinished(target=run.target_steps)
         if todo:
-            desc = f"[{i}/{len(cells)}] {cell.run}"
+            desc = f"[{i}/{len(mine)}] {cell.run}"
             with ProgressMonitor(run, todo, enabled=progress, desc=desc):
                 outs = train_ensemble(run, todo)
             if any(o.state != "done" for o in outs):
@@ -303,16 +310,43 @@ def reproduce(
         cell.train_seconds = max(s.wall_time for s in statuses)
         cell.floor = floor_nll(cell.data, m, out / "floors.json", preset.floor_samples)
         _evaluate(run, cell, out / "evals" / f"{cell.run}.json", progress)
-        log(f"[{i}/{len(cells)}] {cell.run}: NLL {cell.nll:.4f} ± {cell.stderr:.4f} "
+        log(f"[{i}/{len(mine)}] {cell.run}: NLL {cell.nll:.4f} ± {cell.stderr:.4f} "
             f"(floor {cell.floor:.3f}; {cell.block_steps:,} block-steps)")  # fmt: skip
-    curves = _curves(out, preset, recipe, progress, log) if preset.curve else []
-    write_results(out, preset_name, recipe, cells, curves)
+    if preset.curve:
+        _curves(out, preset, recipe, datasets or preset.datasets, progress, log)
+    for cell in cells:  # cells another process scored
+        if cell not in mine:
+            _load_cell(out, cell)
+    curves = _load_curves(out, preset)
+    write_results(out, preset_name, recipe, [c for c in cells if c.nll is not None], curves)
     if preset.figures:
         _figures(out, cells, progress)
     return cells
 
 
-def _evaluate(run: Run, cell: Cell, path: Path, progress: bool) -> None:
+def _load_cell(out: Path, cell: Cell) -> None:
+    """Fill a cell from its cached evaluation and run status, if they exist."""
+    path = out / "evals" / f"{cell.run}.json"
+    run_dir = out / "runs" / cell.run
+    if not path.exists() or not (run_dir / "config.yaml").exists():
+        return
+    run = Run.open(run_dir)
+    _evaluate(run, cell, path, False, cached_only=True)
+    if cell.nll is None:
+        return
+    statuses = run.statuses()
+    cell.block_steps = sum(s.step for s in statuses)
+    cell.train_seconds = max(s.wall_time for s in statuses)
+    floors = json.loads((out / "floors.json").read_text())
+    m = BY_KEY[cell.method]
+    proc = json.dumps(m.process, sort_keys=True)
+    key = f"{cell.data}:{proc}:t0={m.partition['t0']}:"
+    cell.floor = next((v for k, v in floors.items() if k.startswith(key)), math.nan)
+
+
+def _evaluate(
+    run: Run, cell: Cell, path: Path, progress: bool, *, cached_only: bool = False
+) -> None:
     """Score a run once (cached in ``path``, keyed by the evaluation settings)."""
     ev = run.config.eval
     key = {"n": ev.n_test, "steps": ev.steps, "seed": ev.test_seed, "hash": run.hash}
@@ -322,7 +356,11 @@ def _evaluate(run: Run, cell: Cell, path: Path, progress: bool) -> None:
             cell.nll, cell.stderr, cell.n = rec["nll"], rec["stderr"], rec["n"]
             cell.eval_steps, cell.eval_seconds = rec["steps"], rec["seconds"]
             return
-    res = evaluate_run(run, solver=SolverSettings("rk4", ev.steps), progress=progress).result
+    if cached_only:
+        return
+    res = evaluate_run(
+        run, solver=SolverSettings("rk4", ev.steps), batch_size=5000, progress=progress
+    ).result
     cell.nll, cell.stderr, cell.n = res.nll, res.stderr, res.n
     cell.eval_steps, cell.eval_seconds = ev.steps, res.seconds
     atomic_write_json(path, {"key": key, "nll": res.nll, "stderr": res.stderr, "n": res.n,
@@ -342,11 +380,10 @@ class CurvePoint:
     stderr: float
 
 
-def _curves(out: Path, preset: Preset, recipe: str, progress: bool, log) -> list[CurvePoint]:
+def _curves(out: Path, preset: Preset, recipe: str, datasets, progress: bool, log) -> None:
     """SA-DPM and TPSM-10 trained to growing step targets (one run each, extended: a constant
     learning rate makes an extended run the same as a straight one) and scored at each."""
-    points = []
-    for data in preset.datasets:
+    for data in datasets:
         for key in ("sa", "tpsm10"):
             m = BY_KEY[key]
             for steps in preset.curve:
@@ -360,19 +397,33 @@ def _curves(out: Path, preset: Preset, recipe: str, progress: bool, log) -> list
                     with ProgressMonitor(run, todo, enabled=progress, desc=f"curve {data} {key}"):
                         train_ensemble(run, todo)
                 cell = Cell(data, key, steps, [], run.path.name)
-                _evaluate(run, cell, out / "evals" / f"curve_{data}_{key}_{steps}.json", progress)
+                path = out / "evals" / f"curve_{data}_{key}_{steps}.json"
+                _evaluate(run, cell, path, progress)
                 st = run.statuses()
-                p = CurvePoint(
-                    data,
-                    key,
-                    steps,
-                    sum(s.step for s in st),
-                    max(s.wall_time for s in st),
-                    cell.nll,
-                    cell.stderr,
-                )  # type: ignore[arg-type]
-                points.append(p)  # fmt: skip
-                log(f"curve {data} {key} {steps} steps/block: NLL {p.nll:.4f} ± {p.stderr:.4f}")
+                rec = json.loads(path.read_text())
+                rec["curve"] = {
+                    "block_steps": sum(s.step for s in st),
+                    "train_seconds": max(s.wall_time for s in st),
+                }
+                atomic_write_json(path, rec)
+                log(f"curve {data} {key} {steps} steps/block: NLL {cell.nll:.4f}")
+
+
+def _load_curves(out: Path, preset: Preset) -> list[CurvePoint]:
+    """The curve points scored so far (by any process)."""
+    points = []
+    for data in preset.datasets:
+        for key in ("sa", "tpsm10"):
+            for steps in preset.curve:
+                path = out / "evals" / f"curve_{data}_{key}_{steps}.json"
+                rec = json.loads(path.read_text()) if path.exists() else {}
+                if "curve" not in rec:
+                    continue
+                c = rec["curve"]
+                points.append(
+                    CurvePoint(data, key, steps, c["block_steps"], c["train_seconds"],
+                               rec["nll"], rec["stderr"])
+                )  # fmt: skip
     return points
 
 

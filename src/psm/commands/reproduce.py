@@ -25,6 +25,9 @@ def add(sub: argparse._SubParsersAction) -> None:
     )  # fmt: skip
     p.add_argument("--recipe", default="paper", help="training recipe (default: the paper's)")
     p.add_argument("--out", help="folder (default: reproduce-<preset>)")
+    p.add_argument(
+        "--data", help="only these data sets, e.g. ty (run one process per set on spare cores)"
+    )
     p.add_argument("--threads", type=int, default=2, help="torch threads (default 2)")
     p.add_argument("--no-progress", action="store_true", help="no progress bars")
     p.set_defaults(func=cmd_reproduce)
@@ -40,9 +43,16 @@ def cmd_reproduce(args: argparse.Namespace) -> int:
     if args.threads < 1:
         raise PSMError(f"--threads must be >= 1, got {args.threads}")
     out = args.out or f"reproduce-{args.preset}"
+    datasets = None
+    if args.data:
+        datasets = tuple(d.strip() for d in args.data.split(",") if d.strip())
+        bad = [d for d in datasets if d not in PRESETS[args.preset].datasets]
+        if bad or not datasets:
+            raise PSMError(f"--data {args.data!r}: choose from "
+                           f"{', '.join(PRESETS[args.preset].datasets)}")  # fmt: skip
     start = time.perf_counter()
     cells = reproduce(
-        out, args.preset, recipe=args.recipe, threads=args.threads,
+        out, args.preset, recipe=args.recipe, threads=args.threads, datasets=datasets,
         progress=not args.no_progress, log=lambda line: print(line, file=sys.stderr),
     )  # fmt: skip
     print(format_tables(args.preset, args.recipe, cells))
