@@ -27,6 +27,7 @@ the excess over each row's own floor compares them.
 
 from __future__ import annotations
 
+import hashlib
 import json
 import math
 from collections.abc import Callable
@@ -227,23 +228,26 @@ def run_config(
 
 
 def floor_nll(data: str, method: Method, cache: Path, samples: int = 1_000_000) -> float:
-    """``E[-log p_{t0}(x)]`` over the data, exact density, Monte Carlo (cached)."""
+    """``E[-log p_{t0}(x)]`` over the data, exact density, Monte Carlo; cached in the folder
+    ``cache``, one small file per (data, process, t0, samples)."""
     from .data import make_dataset
     from .parts import Parts
 
     proc = json.dumps(method.process, sort_keys=True)
     key = f"{data}:{proc}:t0={method.partition['t0']}:n={samples}"
-    known = json.loads(cache.read_text()) if cache.exists() else {}
-    if key not in known:
-        ds = make_dataset(data)
-        process = Parts(validate_config({"process": method.process})).process
-        c = process.schedule(torch.tensor(float(method.partition["t0"]), dtype=torch.float64))
-        x = ds.sample(samples, torch.Generator().manual_seed(FLOOR_SEED))
-        lp = torch.cat([ds.marginal_log_prob(xb, float(c.alpha), float(c.sigma))  # type: ignore[attr-defined]
-                        for xb in x.split(100_000)])  # fmt: skip
-        known[key] = -float(lp.mean())
-        atomic_write_json(cache, known)
-    return float(known[key])
+    path = cache / (hashlib.sha256(key.encode()).hexdigest()[:16] + ".json")
+    if path.exists():
+        return float(json.loads(path.read_text())["floor"])
+    ds = make_dataset(data)
+    process = Parts(validate_config({"process": method.process})).process
+    c = process.schedule(torch.tensor(float(method.partition["t0"]), dtype=torch.float64))
+    x = ds.sample(samples, torch.Generator().manual_seed(FLOOR_SEED))
+    lp = torch.cat([ds.marginal_log_prob(xb, float(c.alpha), float(c.sigma))  # type: ignore[attr-defined]
+                    for xb in x.split(100_000)])  # fmt: skip
+    floor = -float(lp.mean())
+    cache.mkdir(parents=True, exist_ok=True)
+    atomic_write_json(path, {"key": key, "floor": floor})
+    return floor
 
 
 def plan(preset: Preset) -> list[Cell]:
@@ -276,7 +280,7 @@ def reproduce(
     ``out``, whichever process scored it.
 
     Args:
-        out: the folder (``runs/``, ``evals/``, ``floors.json``, results, figures).
+        out: the folder (``runs/``, ``evals/``, ``floors/``, results, figures).
         preset_name: a key of :data:`PRESETS`.
         recipe: a key of :data:`RECIPES`.
         threads: torch threads.
@@ -308,7 +312,7 @@ def reproduce(
         statuses = run.statuses()
         cell.block_steps = sum(s.step for s in statuses)
         cell.train_seconds = max(s.wall_time for s in statuses)
-        cell.floor = floor_nll(cell.data, m, out / "floors.json", preset.floor_samples)
+        cell.floor = floor_nll(cell.data, m, out / "floors", preset.floor_samples)
         _evaluate(run, cell, out / "evals" / f"{cell.run}.json", progress)
         log(f"[{i}/{len(mine)}] {cell.run}: NLL {cell.nll:.4f} ± {cell.stderr:.4f} "
             f"(floor {cell.floor:.3f}; {cell.block_steps:,} block-steps)")  # fmt: skip
@@ -316,7 +320,7 @@ def reproduce(
         _curves(out, preset, recipe, datasets or preset.datasets, progress, log)
     for cell in cells:  # cells another process scored
         if cell not in mine:
-            _load_cell(out, cell)
+            _load_cell(out, cell, preset.floor_samples)
     curves = _load_curves(out, preset)
     write_results(out, preset_name, recipe, [c for c in cells if c.nll is not None], curves)
     if preset.figures:
@@ -324,7 +328,7 @@ def reproduce(
     return cells
 
 
-def _load_cell(out: Path, cell: Cell) -> None:
+def _load_cell(out: Path, cell: Cell, floor_samples: int) -> None:
     """Fill a cell from its cached evaluation and run status, if they exist."""
     path = out / "evals" / f"{cell.run}.json"
     run_dir = out / "runs" / cell.run
@@ -337,11 +341,7 @@ def _load_cell(out: Path, cell: Cell) -> None:
     statuses = run.statuses()
     cell.block_steps = sum(s.step for s in statuses)
     cell.train_seconds = max(s.wall_time for s in statuses)
-    floors = json.loads((out / "floors.json").read_text())
-    m = BY_KEY[cell.method]
-    proc = json.dumps(m.process, sort_keys=True)
-    key = f"{cell.data}:{proc}:t0={m.partition['t0']}:"
-    cell.floor = next((v for k, v in floors.items() if k.startswith(key)), math.nan)
+    cell.floor = floor_nll(cell.data, BY_KEY[cell.method], out / "floors", floor_samples)
 
 
 def _evaluate(
