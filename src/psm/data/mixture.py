@@ -136,7 +136,6 @@ class Mixture(Dataset):
         per_comp = lw + torch.where(self._is_box[None], log_box, log_gauss)
         return torch.logsumexp(per_comp, dim=1).to(device=x.device, dtype=x.dtype)
 
-
     def marginal_log_prob(self, x: Tensor, alpha: float, sigma: float) -> Tensor:
         """Exact log-density of ``x_t = α x0 + σ ε`` (x0 from this mixture, centred) at points
         ``x [n, 2]`` → ``[n]`` float64: a Gaussian component becomes ``N(α m, α² v + σ²)``, a box
