@@ -217,10 +217,10 @@ def test_ode_likelihood_of_the_exact_model_is_the_true_density(name, dist, parti
     model = exact_model(dist, process, partition)
     x = dist.sample(12, torch.Generator().manual_seed(0))
     got = log_likelihood(
-        model, x, solver=SolverSettings("rk4", 1000), prior_log_prob=exact_prior(dist, process)
+        model, x, solver=SolverSettings("rk4", 200), prior_log_prob=exact_prior(dist, process)
     )
     want = dist.log_prob(process, x, T0)
-    assert (got - want).abs().max().item() < 1e-3
+    assert (got - want).abs().max().item() < 1e-6  # RK4 in float64: ~1e-9 at 200 steps
 
 
 def test_flow_matching_prior_is_the_standard_normal():
