@@ -253,9 +253,12 @@ def legacy_config_hash(cfg: RunConfig) -> str | None:
     data, net = cfg.data.model_dump(mode="json"), cfg.net.model_dump(mode="json")
     if data["name"] not in LEGACY_DATA or net.get("name") != "mlp" or net.get("dropout"):
         return None
+    if net.get("input_scale", 1.0) != 1.0 or cfg.partition.kind not in LEGACY_PARTITIONS:
+        return None
     if set(hashed_train(cfg.train)) != set(HASHED_TRAIN_FIELDS):  # a recipe psm 0.1 lacked
         return None
     partition = cfg.partition.model_dump(mode="json")
+    partition = {k: partition[k] for k in ("kind", "blocks", "splits", "points", "t0")}
     keyed = {
         "data": {"center": True, "path": None, "test_fraction": 0.1, **data},
         "process": {**cfg.process.model_dump(mode="json"), "t0": partition.pop("t0")},
@@ -266,6 +269,7 @@ def legacy_config_hash(cfg: RunConfig) -> str | None:
     return _digest(keyed)
 
 
+LEGACY_PARTITIONS = ("equal", "splits", "grid")
 LEGACY_DATA = ("ty", "hg", "8gaussians", "checkerboard", "moons", "pinwheel", "rings", "spirals",
                "swissroll", "points")  # fmt: skip
 

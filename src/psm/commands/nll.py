@@ -156,6 +156,7 @@ def cmd_nll(args: argparse.Namespace) -> int:
     from ..trained import evaluate_run
 
     run = Run.open(args.run)
+    run.check_data()  # a changed or vanished data file, before anything is built from it
     set_threads(args)
     check_positive(n=args.n, batch_size=args.batch_size, probes=args.probes)
     settings = resolve_settings(args, run)

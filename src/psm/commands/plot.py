@@ -104,6 +104,7 @@ def cmd_plot(args: argparse.Namespace) -> int:
     from ..viz.samples import data_extent, plot_samples
 
     run = Run.open(args.run)
+    run.check_data()  # a changed or vanished data file, before anything is built from it
     set_threads(args)
     if len(run.shape) == 3:
         return plot_images(args, run)

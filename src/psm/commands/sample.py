@@ -106,6 +106,7 @@ def cmd_sample(args: argparse.Namespace) -> int:
     check_out(out, args.force)
     check_positive(n=args.n, batch_size=args.batch_size, nrow=args.nrow)
     run = Run.open(args.run)
+    run.check_data()  # a changed or vanished data file, before anything is built from it
     set_threads(args)
     ev = run.config.eval
     image = len(run.shape) == 3
