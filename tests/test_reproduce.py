@@ -7,7 +7,7 @@ import json
 import pytest
 
 from helpers import one_line_error, run_cli
-from psm.reproduce import BY_KEY, PRESETS, floor_nll, plan, steps_per_block
+from psm.reproduce import BY_KEY, PRESETS, floor_nll, plan, run_config, steps_per_block
 
 
 def test_budgets_follow_the_papers_ratio_total_compute_and_steps_per_network():
@@ -23,6 +23,15 @@ def test_budgets_follow_the_papers_ratio_total_compute_and_steps_per_network():
     assert len(sa_cells) == 1 and len(sa_cells[0].budgets) == 3  # one run serves all three
     b_cells = {c.steps: c.budgets for c in cells if c.method == "tpsm_b" and c.data == "hg"}
     assert b_cells == {150: ["paper ratio", "equal total"], 600: ["equal per net"]}
+
+
+def test_the_psm_recipe_keeps_each_methods_problem_and_changes_only_the_training(tmp_path):
+    paper = run_config(tmp_path, "ty", BY_KEY["tpsm_b"], 5000, "paper", n_test=10, eval_steps=4)
+    psm = run_config(tmp_path, "ty", BY_KEY["tpsm_b"], 5000, "psm", n_test=10, eval_steps=4)
+    assert psm.partition == paper.partition and psm.process == paper.process
+    assert (paper.net.input_scale, psm.net.input_scale) == (1.0, 30.0)
+    assert (psm.train.lr, psm.train.lr_schedule, psm.train.warmup) == (3e-3, "cosine", 100)
+    assert (paper.train.lr, paper.train.lr_schedule, paper.train.warmup) == (1e-3, "constant", 0)
 
 
 def test_floors_of_each_t0_match_the_mixtures(tmp_path):

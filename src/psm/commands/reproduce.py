@@ -23,8 +23,11 @@ def add(sub: argparse._SubParsersAction) -> None:
         help="tiny (CI), small (< 30 min on 2 cores), full (docs/results.md), paper (the "
         "authors' step counts; days)",
     )  # fmt: skip
-    p.add_argument("--recipe", default="paper", help="training recipe (default: the paper's)")
-    p.add_argument("--out", help="folder (default: reproduce-<preset>)")
+    p.add_argument(
+        "--recipe", default="paper",
+        help="training recipe: paper (default) or psm (docs/results.md's better recipe)",
+    )  # fmt: skip
+    p.add_argument("--out", help="folder (default: reproduce-<preset>, -<recipe> unless paper)")
     p.add_argument(
         "--data", help="only these data sets, e.g. ty (run one process per set on spare cores)"
     )
@@ -42,7 +45,8 @@ def cmd_reproduce(args: argparse.Namespace) -> int:
         raise PSMError(f"--recipe {args.recipe!r}: choose from {', '.join(RECIPES)}")
     if args.threads < 1:
         raise PSMError(f"--threads must be >= 1, got {args.threads}")
-    out = args.out or f"reproduce-{args.preset}"
+    suffix = "" if args.recipe == "paper" else f"-{args.recipe}"
+    out = args.out or f"reproduce-{args.preset}{suffix}"
     datasets = None
     if args.data:
         datasets = tuple(d.strip() for d in args.data.split(",") if d.strip())
