@@ -146,6 +146,7 @@ def test_bad_blocks_flag(tmp_path, capsys):
     one_line_error(capsys, "train", cfg, "--blocks", "7", match="out of range 0-2")
 
 
+@pytest.mark.slow
 def test_ctrl_c_then_same_command_resumes(tmp_path):
     """Issue 2 'done means': Ctrl-C during `psm train --executor local --workers 2`, then the
     same command resumes from the saved steps instead of restarting."""

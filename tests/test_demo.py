@@ -5,10 +5,13 @@ from __future__ import annotations
 import json
 import math
 
+import pytest
+
 from psm.cli import main
 from psm.run import Run
 
 
+@pytest.mark.slow
 def test_demo_trains_both_methods_and_reports(tmp_path, capsys):
     out = tmp_path / "demo"
     argv = ["demo", "--out", str(out), "--seconds", "1", "--n-test", "64", "--steps", "8",

@@ -55,6 +55,7 @@ def test_flags_override_the_config():
         make_executor("ray", cfg, num_cpus=0)
 
 
+@pytest.mark.slow
 def test_cli_trains_a_run_on_a_local_ray(tmp_path, capsys):
     """`psm train CONFIG --executor ray` on a local 2-CPU instance: one block per task and a
     stacked group of two; progress and status come from the run directory."""
@@ -76,6 +77,7 @@ def test_cli_trains_a_run_on_a_local_ray(tmp_path, capsys):
     assert len(rows) == 3 and all(" done " in r and "100/100" in r for r in rows)
 
 
+@pytest.mark.slow
 def test_killed_worker_is_retried_and_resumes(make_run):
     run = make_run(
         partition={"kind": "equal", "blocks": 1},

@@ -69,6 +69,7 @@ def test_cli_submits_a_job_array_and_status_shows_the_jobs(tmp_path, capsys):
     assert "0 to train" in capsys.readouterr().err
 
 
+@pytest.mark.slow
 def test_preempted_task_is_requeued_and_resumes(make_run):
     run = make_run(
         partition={"kind": "equal", "blocks": 1}, net={"hidden": [64, 64]},

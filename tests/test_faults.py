@@ -89,6 +89,7 @@ tr.BlockProblem.draw_batch = slow
 """
 
 
+@pytest.mark.slow
 def test_sigkill_of_a_worker_mid_block_then_same_command_resumes(tmp_path, capsys):
     """`psm train --workers 2`; one worker is killed with SIGKILL in the middle of its block:
     the other block finishes, the killed one is reported failed, and the same command again
