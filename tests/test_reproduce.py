@@ -47,11 +47,14 @@ def test_floors_of_each_t0_match_the_mixtures(tmp_path):
 def test_tiny_preset_end_to_end_and_resumable(tmp_path, capsys):
     out = tmp_path / "rep"
     code, stdout, err = run_cli(capsys, "reproduce", "--preset", "tiny", "--out", out,
-                                "--threads", 1, "--no-progress")  # fmt: skip
+                                "--threads", 2, "--no-progress")  # fmt: skip
     assert code == 0, err
+    # two data sets, two threads: one child process per data set, one thread each
+    assert "ty: one process, 1 thread(s)" in err and "hg: one process, 1 thread(s)" in err
     res = json.loads((out / "results.json").read_text())
     cells = res["cells"]
     assert {c["method"] for c in cells} == set(PRESETS["tiny"].methods)
+    assert {c["data"] for c in cells} == {"ty", "hg"}
     assert all(c["nll"] is not None and c["stderr"] > 0 and c["floor"] > 0.4 for c in cells)
     table = (out / "results.md").read_text()
     assert "| SA-DPM | 0.76 |" in table and "TPSM_A" in table and "Table 11" in table

@@ -164,8 +164,8 @@ class Preset:
 
 
 PRESETS: dict[str, Preset] = {
-    # CI: TY, four rows, tiny budgets and a light likelihood; checks the wiring only
-    "tiny": Preset(unit=10, n_test=200, eval_steps=20, datasets=("ty",),
+    # CI: four rows, tiny budgets and a light likelihood; checks the wiring only
+    "tiny": Preset(unit=10, n_test=200, eval_steps=20,
                    methods=("sa", "tpsm_a", "tpsm10", "fm_sa"), figures=False,
                    floor_samples=20000),
     # under 30 minutes on a 2-core machine; RK4 with 100 steps on 2,000 points
