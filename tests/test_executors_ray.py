@@ -85,8 +85,9 @@ def test_killed_worker_is_retried_and_resumes(make_run):
     )
 
     def slow_steps() -> None:
-        """Worker setup hook: each step takes >= 5 ms, so the test can act mid-block. (Nested,
-        so Ray ships it by value: the workers cannot import this test module.)"""
+        """Worker setup hook: each step takes >= 20 ms, so the test can act mid-block even on a
+        busy machine (a 5 s window). (Nested, so Ray ships it by value: the workers cannot
+        import this test module.)"""
         import time as _time
 
         import psm.train as tr
@@ -94,7 +95,7 @@ def test_killed_worker_is_retried_and_resumes(make_run):
         draw = tr.BlockProblem.draw_batch
 
         def slow(self, generator):
-            _time.sleep(0.005)
+            _time.sleep(0.02)
             return draw(self, generator)
 
         tr.BlockProblem.draw_batch = slow

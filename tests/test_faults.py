@@ -83,7 +83,7 @@ import time
 import psm.train as tr
 draw = tr.BlockProblem.draw_batch
 def slow(self, g):
-    time.sleep(0.004)
+    time.sleep(0.01)
     return draw(self, g)
 tr.BlockProblem.draw_batch = slow
 """
@@ -101,7 +101,7 @@ def test_sigkill_of_a_worker_mid_block_then_same_command_resumes(tmp_path, capsy
     out_dir = tmp_path / "run"
     argv = ["train", str(cfg), "--out", str(out_dir), "--executor", "local", "--workers", "2",
             "--no-progress", "--no-plot"]  # fmt: skip
-    hook = tmp_path / "hook"  # slows every step of the spawned workers down to >= 4 ms
+    hook = tmp_path / "hook"  # slows every step of the spawned workers down to >= 10 ms
     hook.mkdir()
     (hook / "sitecustomize.py").write_text(SLOW_STEPS)
     env = {**os.environ, "PYTHONPATH": str(hook)}
