@@ -100,7 +100,6 @@ def cmd_plot(args: argparse.Namespace) -> int:
     from ..trained import load_model
     from ..viz.animation import animate_samples
     from ..viz.density import plot_density_comparison
-    from ..viz.losses import plot_loss_curves
     from ..viz.samples import data_extent, plot_samples
 
     run = Run.open(args.run)
@@ -130,26 +129,14 @@ def cmd_plot(args: argparse.Namespace) -> int:
     device = resolve_device(args.device)
     dtype = dtype_of(args.dtype)
     model = load_model(run, device=device, dtype=dtype, grid_field=grid_field_for(args, run))
-    out_dir = Path(args.out) if args.out else run.path / "plots"
-    try:
-        out_dir.mkdir(parents=True, exist_ok=True)
-    except OSError as e:
-        raise PSMError(f"cannot create {out_dir}: {e.strerror}") from None
+    out_dir = _out_dir(args, run)
     progress = not args.no_progress
     name = run.config.name
     how = ode.describe()
     data = dataset.test_set(20000, run.config.eval.test_seed)
     extent = data_extent(data)
 
-    def done(path: Path, start: float) -> None:
-        print(path, flush=True)
-        print(f"  ({time.perf_counter() - start:.1f}s)", file=sys.stderr)
-
-    start = time.perf_counter()
-    try:
-        done(plot_loss_curves(run, out_dir / "loss_curves.png"), start)
-    except PSMError as e:
-        warn(f"no loss plot: {e}")
+    _loss_curves(run, out_dir)
 
     start = time.perf_counter()
     gen = torch.Generator(device=device).manual_seed(args.seed)
@@ -190,7 +177,6 @@ def plot_images(args: argparse.Namespace, run) -> int:
     from ..sample import boundary_times, pick_times, sample_path
     from ..trained import load_model
     from ..viz.images import save_boundary_strip, save_image_grid
-    from ..viz.losses import plot_loss_curves
 
     given = [
         f"--{k.replace('_', '-')}"
@@ -217,22 +203,10 @@ def plot_images(args: argparse.Namespace, run) -> int:
     device = resolve_device(args.device)
     dtype = dtype_of(args.dtype)
     model = load_model(run, device=device, dtype=dtype, grid_field=grid_field_for(args, run))
-    out_dir = Path(args.out) if args.out else run.path / "plots"
-    try:
-        out_dir.mkdir(parents=True, exist_ok=True)
-    except OSError as e:
-        raise PSMError(f"cannot create {out_dir}: {e.strerror}") from None
+    out_dir = _out_dir(args, run)
     name = run.config.name
 
-    def done(path: Path, start: float) -> None:
-        print(path, flush=True)
-        print(f"  ({time.perf_counter() - start:.1f}s)", file=sys.stderr)
-
-    start = time.perf_counter()
-    try:
-        done(plot_loss_curves(run, out_dir / "loss_curves.png"), start)
-    except PSMError as e:
-        warn(f"no loss plot: {e}")
+    _loss_curves(run, out_dir)
 
     start = time.perf_counter()
     times = pick_times(boundary_times(model), columns)
@@ -254,3 +228,30 @@ def plot_images(args: argparse.Namespace, run) -> int:
     path = save_boundary_strip(strip, times, out_dir / "boundaries.png", t0=model.t0, title=title)
     done(path, start)
     return 0
+
+
+def _out_dir(args: argparse.Namespace, run) -> Path:
+    """``--out`` or ``<run>/plots``, created; a folder that cannot be made is one line."""
+    out_dir = Path(args.out) if args.out else run.path / "plots"
+    try:
+        out_dir.mkdir(parents=True, exist_ok=True)
+    except OSError as e:
+        raise PSMError(f"cannot create {out_dir}: {e.strerror}") from None
+    return out_dir
+
+
+def done(path: Path, start: float) -> None:
+    """Print a written figure's path (stdout) and the seconds it took (stderr)."""
+    print(path, flush=True)
+    print(f"  ({time.perf_counter() - start:.1f}s)", file=sys.stderr)
+
+
+def _loss_curves(run, out_dir: Path) -> None:
+    """``loss_curves.png`` of every run; a run without logged losses is a warning."""
+    from ..viz.losses import plot_loss_curves
+
+    start = time.perf_counter()
+    try:
+        done(plot_loss_curves(run, out_dir / "loss_curves.png"), start)
+    except PSMError as e:
+        warn(f"no loss plot: {e}")
