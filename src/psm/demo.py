@@ -124,7 +124,7 @@ def speed_notes(
 
 def _train(run: Run, stacked: bool, progress: bool) -> float:
     """Train a demo run; seconds of training recorded in its blocks."""
-    todo = run.unfinished(target=run.target_steps)
+    todo = run.todo()
     if todo:
         with ProgressMonitor(run, todo, enabled=progress, desc=f"train {run.config.name}"):
             if stacked:
@@ -132,7 +132,7 @@ def _train(run: Run, stacked: bool, progress: bool) -> float:
             else:
                 for b in todo:
                     train_block(run, b)
-    if run.unfinished(target=run.target_steps):
+    if run.todo():
         raise KeyboardInterrupt  # a block stopped early: Ctrl-C reached the trainer
     return max(s.wall_time for s in run.statuses())
 
@@ -180,7 +180,7 @@ def run_demo(
         cfg = demo_config(name, k, out / "runs" / name, seconds, data=data, seed=seed,
                           n_test=n_test, steps=steps)  # fmt: skip
         run = Run.create(cfg)
-        fresh = bool(run.unfinished(target=run.target_steps))
+        fresh = bool(run.todo())
         calibration = calibrate(run) if fresh else 0.0
         train_s = _train(run, stacked, progress)
         t0 = time.perf_counter()

@@ -311,7 +311,7 @@ def reproduce(
         cfg = run_config(out / "runs" / cell.run, cell.data, m, cell.steps, recipe,
                          n_test=preset.n_test, eval_steps=preset.eval_steps)  # fmt: skip
         run = Run.create(cfg)
-        todo = run.unfinished(target=run.target_steps)
+        todo = run.todo()
         if todo:
             desc = f"[{i}/{len(mine)}] {cell.run}"
             with ProgressMonitor(run, todo, enabled=progress, desc=desc):

@@ -286,9 +286,19 @@ class Run:
 
     @property
     def target_steps(self) -> int:
-        """The step target of this invocation (``train.steps``): blocks trained now go to it;
-        every block also records the target it was last trained to in its status."""
+        """``train.steps``: the step target of every block unless ``train.block_steps`` gives
+        each its own (:meth:`step_target`)."""
         return self.config.train.steps
+
+    def step_target(self, block: int) -> int:
+        """The step target of this invocation for one block (``train.block_steps[block]`` or
+        ``train.steps``): a block trained now goes to it and records it in its status."""
+        return self.config.step_target(block)
+
+    @property
+    def total_steps(self) -> int:
+        """Block-steps of the whole run at this invocation's targets."""
+        return sum(self.step_target(b) for b in range(self.num_blocks))
 
     def _block_file(self, sub: str, block: int, suffix: str) -> Path:
         return self.path / sub / f"{block:04d}{suffix}"
@@ -330,7 +340,7 @@ class Run:
     def block_target(self, block: int) -> int:
         """The step target a block was last trained to (this invocation's if never trained)."""
         rec = self.read_status(block) or {}
-        return int(rec.get("target", self.target_steps))
+        return int(rec.get("target", self.step_target(block)))
 
     def is_done(self, block: int, *, target: int | None = None) -> bool:
         """Whether a block reached its step target (or spent its time budget, if one is set)
@@ -345,7 +355,7 @@ class Run:
         if not rec or rec.get("state") != "done" or not self.weights_path(block).exists():
             return False
         if target is None:  # the block's own target, recorded when it was trained
-            own = int(rec.get("target", self.target_steps))
+            own = int(rec.get("target", self.step_target(block)))
             return rec.get("step", 0) >= own or bool(rec.get("budget_spent"))
         budget = self.config.train.max_seconds
         spent = budget is not None and float(rec.get("wall_time", 0.0)) >= budget
@@ -367,7 +377,7 @@ class Run:
             span=self.partition.describe(block),
             state=state,
             step=step,
-            target=int(rec.get("target", self.target_steps)),
+            target=int(rec.get("target", self.step_target(block))),
             last_loss=rec.get("last_loss"),
             wall_time=float(rec.get("wall_time", 0.0)),
             checkpoint_step=rec.get("checkpoint_step"),
@@ -390,6 +400,12 @@ class Run:
         :meth:`is_done`)."""
         ids = range(self.num_blocks) if blocks is None else blocks
         return [b for b in ids if not self.is_done(b, target=target)]
+
+    def todo(self, blocks: list[int] | None = None) -> list[int]:
+        """The blocks (of ``blocks``, default all) not yet done at this invocation's targets
+        (:meth:`step_target`): what a training call has left to do."""
+        ids = range(self.num_blocks) if blocks is None else blocks
+        return [b for b in ids if not self.is_done(b, target=self.step_target(b))]
 
     def check_block_ids(self, blocks: list[int]) -> None:
         """Refuse block ids outside ``0..K-1``."""

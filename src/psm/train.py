@@ -243,6 +243,8 @@ class StackTrainer:
     def __init__(self, run: Run, blocks: Sequence[int]) -> None:
         cfg = run.config.train
         self.run, self.blocks = run, list(blocks)
+        if len({run.step_target(b) for b in self.blocks}) > 1:
+            raise ValueError(f"blocks {self.blocks} have different step targets: stack them apart")
         self.device = train_device(cfg.device)
         self.problems = [BlockProblem.build(run, b, self.device) for b in self.blocks]
         self.process = run.process
@@ -262,7 +264,7 @@ class StackTrainer:
         self.opt = make_adam(list(self.stack.params.values()), cfg.lr)
         if states[0] is not None and states[0].adam_m is not None:
             restore_adam(self.opt, self.stack, states, self.step)
-        self.recipe = Recipe(cfg, run.target_steps, self.device)
+        self.recipe = Recipe(cfg, run.step_target(blocks[0]), self.device)
         self.ema: dict[str, Tensor] | None = None
         if cfg.ema is not None:  # the averaged weights inference will use
             saved = [s.ema if s is not None else None for s in states]
@@ -433,7 +435,7 @@ def _cuda_index(device: str) -> list[int]:
 
 def _train_loop(run: Run, tr: StackTrainer, stop: StopRequest) -> list[BlockOutcome]:
     cfg = run.config.train
-    blocks, target = tr.blocks, run.target_steps
+    blocks, target = tr.blocks, run.step_target(tr.blocks[0])
     for b in blocks:
         truncate_metrics(run.metrics_path(b), tr.step)
         run.write_status(
@@ -541,10 +543,9 @@ def train_blocks(
     run = run_dir if isinstance(run_dir, Run) else Run.open(run_dir)
     ids = list(range(run.num_blocks)) if blocks is None else sorted(set(blocks))
     run.check_block_ids(ids)
-    target = run.target_steps
     outcomes: dict[int, BlockOutcome] = {}
     for b in ids:
-        if run.is_done(b, target=target):
+        if run.is_done(b, target=run.step_target(b)):
             rec = run.read_status(b) or {}
             outcomes[b] = BlockOutcome(b, "skipped", rec.get("step", 0), rec.get("last_loss"))
     todo = [b for b in ids if b not in outcomes]
@@ -602,10 +603,11 @@ def train_ensemble(
 
 
 def _step_groups(run: Run, blocks: list[int], max_stack: int | None) -> list[list[int]]:
-    """Blocks grouped by their resume step (so Adam's step count is shared), then chunked."""
-    by_step: dict[int, list[int]] = defaultdict(list)
+    """Blocks grouped by their resume step (so Adam's step count is shared) and step target
+    (a stack trains to one target), then chunked."""
+    by_step: dict[tuple[int, int], list[int]] = defaultdict(list)
     for b in blocks:
-        by_step[resume_step(run, b)].append(b)
+        by_step[resume_step(run, b), run.step_target(b)].append(b)
     size = max_stack or len(blocks) or 1
     groups = []
     for step in sorted(by_step):

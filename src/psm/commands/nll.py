@@ -285,7 +285,7 @@ def nll_record(
         "process": cfg.process.name,
         "partition": run.partition.kind,
         "blocks": run.num_blocks,
-        "train_steps": cfg.train.steps,
+        "train_steps": cfg.train.block_steps or cfg.train.steps,
         "t0": s.t0 if s is not None else run.partition.t0,
         "run_t0": run.partition.t0,
         "convention": bits.convention if bits else None,

@@ -109,10 +109,10 @@ def cmd_train(args: argparse.Namespace) -> int:
         if old.hash_of(cfg) == old.hash:  # reuse: check its checkpoints before touching it
             verify_checkpoints(old, blocks)
     run = Run.create(cfg, parts=parts)
-    todo = run.unfinished(blocks, target=run.target_steps)
+    todo = run.todo(blocks)
     print(
         f"run {run.path} ({run.hash}): {len(blocks)} block(s), {len(todo)} to train, "
-        f"{run.target_steps} steps each; {executor.describe()}",
+        f"{_steps_phrase(run)}; {executor.describe()}",
         file=sys.stderr,
     )
     from ..executors.monitor import ProgressMonitor
@@ -193,12 +193,20 @@ def _kind(cause: str) -> str:
     return re.sub(r"[-+]?\d[\d.e+-]*|nan|inf", "#", cause)
 
 
+def _steps_phrase(run) -> str:
+    """``"20000 steps each"``, or the per-block targets of ``train.block_steps``."""
+    given = run.config.train.block_steps
+    if given is None:
+        return f"{run.target_steps} steps each"
+    return "steps per block " + ", ".join(str(s) for s in given)
+
+
 def _report_outcomes(run, outcomes, blocks, wall: float) -> int:
     by_state: dict[str, list[int]] = {}
     for o in outcomes:
         by_state.setdefault(o.state, []).append(o.block)
     failed = [o for o in outcomes if o.state == "failed"]
-    done = sum(run.is_done(b, target=run.target_steps) for b in blocks)
+    done = sum(run.is_done(b, target=run.step_target(b)) for b in blocks)
     parts = [f"{len(v)} {k}" for k, v in sorted(by_state.items())]
     print(
         f"{done}/{len(blocks)} block(s) done ({', '.join(parts) or 'nothing to do'}) "
@@ -241,8 +249,8 @@ def _print_plan(cfg, h: str, blocks: list[int], executor: str) -> None:
     exists = (cfg.out_dir / CONFIG_FILE).exists()
     run = Run.open(cfg.out_dir) if exists else None
     print(f"# plan: {len(blocks)} of {partition.num_blocks} block(s) -> {cfg.out_dir}")
-    print(f"# executor: {executor}; {cfg.train.steps} steps per block")
-    print(f"{'block':>5}  {'span':<20} {'train t':<24} {'status':<10}")
+    print(f"# executor: {executor}")
+    print(f"{'block':>5}  {'span':<20} {'train t':<24} {'steps':>8}  {'status':<10}")
     for b in blocks:
         lo, hi = partition.train_range(b)
         span = f"U[{lo:.4g}, {hi:.4g}]" if hi > lo else f"t = {lo:.4g}"
@@ -252,4 +260,5 @@ def _print_plan(cfg, h: str, blocks: list[int], executor: str) -> None:
             state = f"{st.state} {st.step}"
         elif run is not None:
             state = "other cfg"
-        print(f"{b:>5}  {partition.describe(b):<20} {span:<24} {state:<10}")
+        steps = cfg.step_target(b)
+        print(f"{b:>5}  {partition.describe(b):<20} {span:<24} {steps:>8}  {state:<10}")

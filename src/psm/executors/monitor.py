@@ -73,7 +73,8 @@ class ProgressMonitor:
                 fmt = "{desc}: {percentage:3.0f}%|{bar}| {n}/{total} s "
                 fmt += "[{elapsed}<{remaining}{postfix}]"
             else:
-                total, unit, scale = len(self.blocks) * self.run.target_steps, "block-step", True
+                total = sum(self.run.step_target(b) for b in self.blocks)
+                unit, scale = "block-step", True
             self._bar = tqdm(
                 total=total, desc=self.desc, unit=unit, unit_scale=scale, dynamic_ncols=True,
                 bar_format=fmt,
