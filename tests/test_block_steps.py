@@ -88,3 +88,26 @@ def test_cli_trains_each_block_to_its_target(tmp_path, capsys):
     assert code == 0
     rows = [line.split() for line in out_text.splitlines() if line.strip()[:1].isdigit()]
     assert [r[-3] for r in rows] == ["15", "5", "10"]
+
+
+def test_worker_shares_balance_the_step_targets():
+    from psm.executors.base import balanced_shares
+
+    # equal targets: the interleaved split the ensemble executor always made
+    assert balanced_shares([0, 1, 2, 3, 4], [5] * 5, 2) == [[0, 2, 4], [1, 3]]
+    assert balanced_shares([3, 5, 9], [1, 1, 1], 4) == [[3], [5], [9]]
+    # uneven targets: equal work per worker, not equal block counts
+    shares = balanced_shares([0, 1, 2, 3, 4], [420, 430, 430, 340, 100], 2)
+    loads = {0: 420, 1: 430, 2: 430, 3: 340, 4: 100}
+    totals = sorted(sum(loads[b] for b in s) for s in shares)
+    assert totals == [850, 870] and sorted(b for s in shares for b in s) == [0, 1, 2, 3, 4]
+
+
+def test_two_ensemble_workers_train_uneven_targets(make_run):
+    from psm.executors.ensemble import EnsembleExecutor
+
+    run = make_run(train={"block_steps": [12, 4, 8]})
+    outs = EnsembleExecutor(workers=2, threads=1).run(run, [0, 1, 2])
+    assert sorted(o.block for o in outs) == [0, 1, 2]
+    assert all(o.state == "done" for o in outs)
+    assert [run.read_status(b)["step"] for b in range(3)] == [12, 4, 8]

@@ -22,6 +22,32 @@ def cpu_count() -> int:
         return os.cpu_count() or 1
 
 
+def balanced_shares(blocks: list[int], loads: list[int], n: int) -> list[list[int]]:
+    """Split ``blocks`` into at most ``n`` shares of nearly equal total load (greedy: the
+    largest load first, each to the lightest share; each share in block order).
+
+    With equal loads this is the interleaved split ``blocks[i::n]``. Empty shares are dropped.
+
+    Args:
+        blocks: block ids.
+        loads: the work of each block (its step target), same order as ``blocks``.
+        n: most shares (workers).
+    """
+    shares: list[list[int]] = [[] for _ in range(max(1, n))]
+    totals = [0] * len(shares)
+    for load, b in sorted(zip(loads, blocks), key=lambda lb: (-lb[0], blocks.index(lb[1]))):
+        i = min(range(len(shares)), key=lambda j: (totals[j], j))
+        shares[i].append(b)
+        totals[i] += load
+    return [sorted(s, key=blocks.index) for s in shares if s]
+
+
+def longest_first(run: Run, blocks: list[int]) -> list[int]:
+    """``blocks`` with the largest step targets first (a queue of whole blocks then ends with
+    the short ones, so workers finish together); ties keep their order."""
+    return sorted(blocks, key=lambda b: -run.step_target(b))
+
+
 class Executor(ABC):
     """Trains a list of blocks of a run and reports one outcome per block."""
 

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 from ..run import Run
 from ..train import BlockOutcome, train_ensemble
-from .base import Executor, cpu_count
+from .base import Executor, balanced_shares, cpu_count
 from .pool import run_pool
 
 
@@ -36,8 +36,9 @@ class EnsembleExecutor(Executor):
 
             torch.set_num_threads(self.threads)
             return train_ensemble(run, blocks, max_stack=self.max_stack)
-        shares = [blocks[i :: self.workers] for i in range(self.workers)]
-        shares = [s for s in shares if s]
+        # equal targets: the interleaved split; train.block_steps: shares of equal work
+        loads = [run.step_target(b) for b in blocks]
+        shares = balanced_shares(blocks, loads, self.workers)
         return run_pool(
             run.path, shares, kind="ensemble", workers=len(shares), threads=self.threads,
             max_stack=self.max_stack,

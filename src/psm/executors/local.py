@@ -4,7 +4,7 @@ from __future__ import annotations
 
 from ..run import Run
 from ..train import BlockOutcome, train_block
-from .base import Executor, cpu_count
+from .base import Executor, cpu_count, longest_first
 from .pool import run_pool
 
 
@@ -41,6 +41,6 @@ class LocalExecutor(Executor):
                     break
             return outs
         return run_pool(
-            run.path, [[b] for b in blocks], kind="block", workers=self.workers,
+            run.path, [[b] for b in longest_first(run, blocks)], kind="block", workers=self.workers,
             threads=self.threads,
         )  # fmt: skip
