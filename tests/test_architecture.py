@@ -238,7 +238,8 @@ def test_new_options_leave_existing_hashes_alone():
 # ------------------------------------------------------------------ math off the disk
 def test_math_modules_import_nothing_from_the_disk_layer():
     code = (
-        "import sys, psm.ode, psm.model, psm.sample, psm.likelihood, psm.process, psm.partition\n"
+        "import sys, psm.ode, psm.model, psm.sample, psm.likelihood, psm.blockerror\n"
+        "import psm.process, psm.partition\n"
         "bad = [m for m in ('psm.run', 'psm.config', 'psm.checkpoint', 'psm.trained')"
         " if m in sys.modules]\n"
         "print(','.join(bad))"

@@ -9,7 +9,7 @@ import argparse
 import importlib
 
 COMMAND_MODULES: tuple[str, ...] = (
-    "train", "status", "nll", "sample", "plot", "demo", "bench", "data", "reproduce",
+    "train", "status", "nll", "kl", "sample", "plot", "demo", "bench", "data", "reproduce",
 )  # fmt: skip
 
 

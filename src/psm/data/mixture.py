@@ -146,7 +146,20 @@ class Mixture(Dataset):
         """
         if sigma <= 0:
             return self.log_prob(x).to(torch.float64)
-        xd = x.detach().to(torch.float64).cpu() + alpha * self.shift
+        return self._marginal_log_prob(x.detach().to(torch.float64).cpu(), alpha, sigma)
+
+    def marginal_score(self, x: Tensor, alpha: float, sigma: float) -> Tensor:
+        """Exact score ``∇ log p_t(x)`` of ``x_t = α x0 + σ ε`` at points ``x [n, 2]`` →
+        ``[n, 2]`` float64 (autograd through :meth:`marginal_log_prob`'s closed form; σ > 0)."""
+        if sigma <= 0:
+            raise ValueError("the score of the data themselves (sigma = 0) is not defined here")
+        with torch.enable_grad():
+            xd = x.detach().to(torch.float64).cpu().requires_grad_(True)
+            (score,) = torch.autograd.grad(self._marginal_log_prob(xd, alpha, sigma).sum(), xd)
+        return score
+
+    def _marginal_log_prob(self, x: Tensor, alpha: float, sigma: float) -> Tensor:
+        xd = x + alpha * self.shift
         lw = torch.log(self._weights)
         var = alpha**2 * self._std**2 + sigma**2
         diff = xd[:, None, :] - alpha * self._mean[None]
