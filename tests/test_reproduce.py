@@ -7,7 +7,7 @@ import json
 import pytest
 
 from helpers import one_line_error, run_cli
-from psm.reproduce import BY_KEY, PRESETS, floor_nll, plan, run_config, steps_per_block
+from psm.reproduce import BY_KEY, PRESETS, floor_nll, plan, plan_rows, run_config, steps_per_block
 
 
 def test_budgets_follow_the_papers_ratio_total_compute_and_steps_per_network():
@@ -46,6 +46,14 @@ def test_floors_of_each_t0_match_the_mixtures(tmp_path):
 
 def test_tiny_preset_end_to_end_and_resumable(tmp_path, capsys):
     out = tmp_path / "rep"
+    # --plan first: every run to do, its block-steps, nothing written
+    code, text, _ = run_cli(capsys, "reproduce", "--preset", "tiny", "--out", out, "--plan")
+    assert code == 0 and not out.exists()
+    rows = plan_rows(out, "tiny")
+    assert all(r.state == "to do" and r.evaluations_left == 1 for r in rows)
+    want = sum(BY_KEY[c.method].networks * c.steps for c in plan(PRESETS["tiny"]))
+    assert sum(r.block_steps_left for r in rows) == want
+    assert f"left: {want:,} block-steps and {len(rows)} evaluations" in text
     code, stdout, err = run_cli(capsys, "reproduce", "--preset", "tiny", "--out", out,
                                 "--threads", 2, "--no-progress")  # fmt: skip
     assert code == 0, err
@@ -65,6 +73,8 @@ def test_tiny_preset_end_to_end_and_resumable(tmp_path, capsys):
                    "--no-progress")[0] == 0  # fmt: skip
     assert {p: p.stat().st_mtime_ns for p in out.rglob("*.safetensors")} == stamp
     assert json.loads((out / "results.json").read_text())["cells"] == cells
+    rows = plan_rows(out, "tiny")
+    assert all(r.state == "scored" and r.block_steps_left == 0 for r in rows)
 
 
 def test_bad_flags_are_one_line(tmp_path, capsys):

@@ -39,6 +39,7 @@ import torch
 
 from .atomic import atomic_write_json, atomic_write_text
 from .config import RunConfig, validate_config
+from .errors import PSMError
 from .executors.monitor import ProgressMonitor
 from .ode import SolverSettings
 from .run import Run
@@ -270,6 +271,98 @@ def plan(preset: Preset) -> list[Cell]:
                 c = cells.setdefault((data, key, s), Cell(data, key, s, [], f"{data}_{key}_{s}"))
                 c.budgets.append(budget)
     return list(cells.values())
+
+
+TRAIN_RATE = 220.0
+"""Block-steps per second of one process with one thread (paper MLP, batch 512), measured on this
+project's 2-core CPU: what :func:`plan_report` estimates hours with."""
+EVAL_RATE = 1.4e5
+"""Point-evaluations per second of the exact-trace field (paper MLP, 2D) on one such thread."""
+
+
+@dataclass
+class PlanRow:
+    """What one run of a preset still needs (:func:`plan_rows`)."""
+
+    data: str
+    run: str
+    networks: int
+    steps: int
+    block_steps_left: int
+    evaluations_left: int
+    point_evals_left: float
+    state: str
+
+
+def plan_rows(out: str | Path, preset_name: str, recipe: str = "paper",
+              datasets: tuple[str, ...] | None = None) -> list[PlanRow]:  # fmt: skip
+    """Every run of a preset (cells, then the curves' runs) with the training and evaluation it
+    still needs in ``out``; reads the disk, trains nothing."""
+    out, preset = Path(out), PRESETS[preset_name]
+    rows = []
+
+    def row(data: str, key: str, steps: int, run_dir: Path, evals: list[tuple[Path, int, int]]):
+        m = BY_KEY[key]
+        done_steps = 0
+        if (run_dir / "config.yaml").exists():
+            try:
+                run = Run.open(run_dir)
+                done_steps = sum(min(s.step, steps) for s in run.statuses())
+            except PSMError:
+                done_steps = 0
+        left = m.networks * steps - done_steps
+        todo = [(n, k) for path, n, k in evals if not path.exists()]
+        point_evals = sum(4.0 * n * k for n, k in todo)  # RK4: 4 evaluations per step
+        state = (
+            "scored"
+            if not todo and left <= 0
+            else "trained"
+            if left <= 0
+            else ("partly trained" if done_steps else "to do")
+        )
+        rows.append(PlanRow(data, run_dir.name, m.networks, steps, max(0, left), len(todo),
+                            point_evals, state))  # fmt: skip
+
+    for cell in plan(preset):
+        if datasets is not None and cell.data not in datasets:
+            continue
+        steps = BY_KEY[cell.method].eval_steps or preset.eval_steps
+        row(cell.data, cell.method, cell.steps, out / "runs" / cell.run,
+            [(out / "evals" / f"{cell.run}.json", preset.n_test, steps)])  # fmt: skip
+    for data in datasets or preset.datasets:
+        for key in ("sa", "tpsm10") if preset.curve else ():
+            evals = [(out / "evals" / f"curve_{data}_{key}_{s}.json", preset.curve_n_test,
+                      preset.eval_steps) for s in preset.curve]  # fmt: skip
+            row(data, key, max(preset.curve), out / "curves" / f"{data}_{key}", evals)
+    return rows
+
+
+def plan_report(rows: list[PlanRow], processes: int) -> str:
+    """The plan as a table, with totals and hours estimated at :data:`TRAIN_RATE` and
+    :data:`EVAL_RATE` per process (data sets side by side over ``processes``)."""
+    lines = [f"{'run':<22} {'nets':>5} {'steps/net':>10} {'block-steps left':>17} "
+             f"{'evals left':>10}  state"]  # fmt: skip
+    for r in rows:
+        lines.append(f"{r.run:<22} {r.networks:>5} {r.steps:>10,} {r.block_steps_left:>17,} "
+                     f"{r.evaluations_left:>10}  {r.state}")  # fmt: skip
+    per_data: dict[str, float] = {}
+    for r in rows:
+        per_data[r.data] = per_data.get(r.data, 0.0) + (
+            r.block_steps_left / TRAIN_RATE + r.point_evals_left / EVAL_RATE
+        )
+    train = sum(r.block_steps_left for r in rows)
+    evals = sum(r.evaluations_left for r in rows)
+    loads = sorted(per_data.values(), reverse=True)
+    lanes = [0.0] * max(1, min(processes, len(loads) or 1))
+    for load in loads:  # data sets side by side: the longest first, each to the freest lane
+        lanes[lanes.index(min(lanes))] += load
+    hours = max(lanes) / 3600
+    lines.append(
+        f"left: {train:,} block-steps and {evals} evaluations; about {hours:.1f} h with "
+        f"{len(lanes)} process(es) (at {TRAIN_RATE:.0f} block-steps/s and "
+        f"{EVAL_RATE:.1e} point-evaluations/s per process, a 2-core CPU's one-thread rates)"
+    )
+    return "\n".join(lines)
 
 
 def reproduce(

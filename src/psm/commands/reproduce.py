@@ -40,6 +40,10 @@ def add(sub: argparse._SubParsersAction) -> None:
         "one per data set while there is a thread for each; small MLPs use one core better "
         "than two)",
     )  # fmt: skip
+    p.add_argument(
+        "--plan", action="store_true",
+        help="list the runs, what each still needs and the hours left (trains nothing)",
+    )  # fmt: skip
     p.add_argument("--no-progress", action="store_true", help="no progress bars")
     p.set_defaults(func=cmd_reproduce)
 
@@ -67,6 +71,12 @@ def cmd_reproduce(args: argparse.Namespace) -> int:
     processes = args.processes or min(len(todo), args.threads)
     if processes < 1:
         raise PSMError(f"--processes must be >= 1, got {args.processes}")
+    if args.plan:
+        from ..reproduce import plan_report, plan_rows
+
+        rows = plan_rows(out, args.preset, args.recipe, datasets)
+        print(plan_report(rows, processes))
+        return 0
     if processes > 1 and len(todo) > 1:
         _side_by_side(args, out, todo, processes)
     cells = reproduce(
