@@ -35,11 +35,11 @@ def balanced_shares(blocks: list[int], loads: list[int], n: int) -> list[list[in
     """
     shares: list[list[int]] = [[] for _ in range(max(1, n))]
     totals = [0] * len(shares)
-    for load, b in sorted(zip(loads, blocks), key=lambda lb: (-lb[0], blocks.index(lb[1]))):
+    for pos in sorted(range(len(blocks)), key=lambda k: (-loads[k], k)):
         i = min(range(len(shares)), key=lambda j: (totals[j], j))
-        shares[i].append(b)
-        totals[i] += load
-    return [sorted(s, key=blocks.index) for s in shares if s]
+        shares[i].append(pos)
+        totals[i] += loads[pos]
+    return [[blocks[k] for k in sorted(s)] for s in shares if s]
 
 
 def longest_first(run: Run, blocks: list[int]) -> list[int]:
