@@ -77,6 +77,26 @@ def test_tiny_preset_end_to_end_and_resumable(tmp_path, capsys):
     assert all(r.state == "scored" and r.block_steps_left == 0 for r in rows)
 
 
+def test_runs_go_cheapest_first_in_the_plans_order(tmp_path, monkeypatch):
+    # an interrupted full preset should have filled as many table cells as its time allowed
+    import psm.reproduce as rep
+
+    order: list[str] = []
+    monkeypatch.setattr(rep, "_score_cell", lambda out, pre, rec, cell, *a: order.append(cell.run))
+    monkeypatch.setattr(rep, "_curve", lambda out, pre, rec, d, key, *a: order.append(f"{d}_{key}"))
+    monkeypatch.setattr(rep, "write_results", lambda *a, **k: None)
+    monkeypatch.setattr(rep, "_figures", lambda *a, **k: None)
+    rep.reproduce(tmp_path, "full", datasets=("hg",), progress=False, log=lambda line: None)
+    rows = plan_rows(tmp_path, "full", datasets=("hg",))
+    assert order == [r.run for r in rows]  # --plan lists the runs in the order they go
+    preset = PRESETS["full"]
+    costs = {c.run: rep.cell_cost(preset, c) for c in plan(preset) if c.data == "hg"}
+    costs |= {f"hg_{k}": rep.curve_cost(preset, k) for k in rep.CURVE_METHODS}
+    assert [costs[r] for r in order] == sorted(costs[r] for r in order)
+    # the authors' SA row (299 RK4 steps) is the cheapest; 200 blocks x 8000 steps the dearest
+    assert order[0] == "hg_sa_authors_8000" and order[-1] == "hg_tpsm_c_8000"
+
+
 def test_bad_flags_are_one_line(tmp_path, capsys):
     one_line_error(capsys, "reproduce", "--preset", "huge", "--out", tmp_path / "r",
                    match="--preset 'huge'")  # fmt: skip

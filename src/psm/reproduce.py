@@ -32,6 +32,7 @@ import json
 import math
 from collections.abc import Callable
 from dataclasses import asdict, dataclass
+from functools import partial
 from pathlib import Path
 from typing import Any
 
@@ -279,6 +280,24 @@ project's 2-core CPU: what :func:`plan_report` estimates hours with."""
 EVAL_RATE = 1.4e5
 """Point-evaluations per second of the exact-trace field (paper MLP, 2D) on one such thread."""
 
+CURVE_METHODS = ("sa", "tpsm10")
+"""The methods whose NLL is scored against training compute (a preset's ``curve``)."""
+
+
+def cell_cost(preset: Preset, cell: Cell) -> float:
+    """Estimated one-thread seconds to train and score a cell from scratch
+    (:data:`TRAIN_RATE`, :data:`EVAL_RATE`; RK4: 4 field evaluations per step)."""
+    m = BY_KEY[cell.method]
+    steps = m.eval_steps or preset.eval_steps
+    return m.networks * cell.steps / TRAIN_RATE + 4.0 * preset.n_test * steps / EVAL_RATE
+
+
+def curve_cost(preset: Preset, key: str) -> float:
+    """Estimated one-thread seconds for one method's curve on one data set."""
+    m = BY_KEY[key]
+    evals = len(preset.curve) * 4.0 * preset.curve_n_test * preset.eval_steps / EVAL_RATE
+    return m.networks * max(preset.curve, default=0) / TRAIN_RATE + evals
+
 
 @dataclass
 class PlanRow:
@@ -296,12 +315,14 @@ class PlanRow:
 
 def plan_rows(out: str | Path, preset_name: str, recipe: str = "paper",
               datasets: tuple[str, ...] | None = None) -> list[PlanRow]:  # fmt: skip
-    """Every run of a preset (cells, then the curves' runs) with the training and evaluation it
-    still needs in ``out``; reads the disk, trains nothing."""
+    """Every run of a preset with the training and evaluation it still needs in ``out``, per
+    data set in the order :func:`reproduce` takes them (cheapest first); reads the disk, trains
+    nothing."""
     out, preset = Path(out), PRESETS[preset_name]
-    rows = []
+    rows: list[tuple[int, float, PlanRow]] = []
 
-    def row(data: str, key: str, steps: int, run_dir: Path, evals: list[tuple[Path, int, int]]):
+    def row(data: str, key: str, steps: int, run_dir: Path, evals: list[tuple[Path, int, int]],
+            cost: float):  # fmt: skip
         m = BY_KEY[key]
         done_steps = 0
         if (run_dir / "config.yaml").exists():
@@ -320,21 +341,30 @@ def plan_rows(out: str | Path, preset_name: str, recipe: str = "paper",
             if left <= 0
             else ("partly trained" if done_steps else "to do")
         )
-        rows.append(PlanRow(data, run_dir.name, m.networks, steps, max(0, left), len(todo),
-                            point_evals, state))  # fmt: skip
+        rows.append((preset.datasets.index(data), cost,
+                     PlanRow(data, run_dir.name, m.networks, steps, max(0, left), len(todo),
+                             point_evals, state)))  # fmt: skip
 
     for cell in plan(preset):
         if datasets is not None and cell.data not in datasets:
             continue
         steps = BY_KEY[cell.method].eval_steps or preset.eval_steps
         row(cell.data, cell.method, cell.steps, out / "runs" / cell.run,
-            [(out / "evals" / f"{cell.run}.json", preset.n_test, steps)])  # fmt: skip
+            [(out / "evals" / f"{cell.run}.json", preset.n_test, steps)],
+            cell_cost(preset, cell))  # fmt: skip
     for data in datasets or preset.datasets:
-        for key in ("sa", "tpsm10") if preset.curve else ():
+        for key in CURVE_METHODS if preset.curve else ():
             evals = [(out / "evals" / f"curve_{data}_{key}_{s}.json", preset.curve_n_test,
                       preset.eval_steps) for s in preset.curve]  # fmt: skip
-            row(data, key, max(preset.curve), out / "curves" / f"{data}_{key}", evals)
-    return rows
+            row(
+                data,
+                key,
+                max(preset.curve),
+                out / "curves" / f"{data}_{key}",
+                evals,
+                curve_cost(preset, key),
+            )
+    return [r for _, _, r in sorted(rows, key=lambda r: r[:2])]
 
 
 def plan_report(rows: list[PlanRow], processes: int) -> str:
@@ -399,27 +429,17 @@ def reproduce(
     (out / "evals").mkdir(parents=True, exist_ok=True)
     cells = plan(preset)
     mine = [c for c in cells if datasets is None or c.data in datasets]
+    jobs: list[tuple[float, Callable[[], None]]] = []
     for i, cell in enumerate(mine, 1):
-        m = BY_KEY[cell.method]
-        cfg = run_config(out / "runs" / cell.run, cell.data, m, cell.steps, recipe,
-                         n_test=preset.n_test, eval_steps=preset.eval_steps)  # fmt: skip
-        run = Run.create(cfg)
-        todo = run.todo()
-        if todo:
-            desc = f"[{i}/{len(mine)}] {cell.run}"
-            with ProgressMonitor(run, todo, enabled=progress, desc=desc):
-                outs = train_ensemble(run, todo)
-            if any(o.state != "done" for o in outs):
-                raise KeyboardInterrupt  # interrupted (Ctrl-C): the same command resumes
-        statuses = run.statuses()
-        cell.block_steps = sum(s.step for s in statuses)
-        cell.train_seconds = max(s.wall_time for s in statuses)
-        cell.floor = floor_nll(cell.data, m, out / "floors", preset.floor_samples)
-        _evaluate(run, cell, out / "evals" / f"{cell.run}.json", progress)
-        log(f"[{i}/{len(mine)}] {cell.run}: NLL {cell.nll:.4f} ± {cell.stderr:.4f} "
-            f"(floor {cell.floor:.3f}; {cell.block_steps:,} block-steps)")  # fmt: skip
-    if preset.curve:
-        _curves(out, preset, recipe, datasets or preset.datasets, progress, log)
+        label = f"[{i}/{len(mine)}] {cell.run}"
+        job = partial(_score_cell, out, preset, recipe, cell, label, progress, log)
+        jobs.append((cell_cost(preset, cell), job))
+    for data in (datasets or preset.datasets) if preset.curve else ():
+        for key in CURVE_METHODS:
+            job = partial(_curve, out, preset, recipe, data, key, progress, log)
+            jobs.append((curve_cost(preset, key), job))
+    for _, job in sorted(jobs, key=lambda j: j[0]):  # cheapest first: a stopped run fills most
+        job()
     for cell in cells:  # cells another process scored
         if cell not in mine:
             _load_cell(out, cell, preset.floor_samples)
@@ -482,40 +502,61 @@ class CurvePoint:
     stderr: float
 
 
-def _curves(out: Path, preset: Preset, recipe: str, datasets, progress: bool, log) -> None:
-    """SA-DPM and TPSM-10 trained to growing step targets (one run each, extended: a constant
-    learning rate makes an extended run the same as a straight one) and scored at each."""
-    for data in datasets:
-        for key in ("sa", "tpsm10"):
-            m = BY_KEY[key]
-            for steps in preset.curve:
-                cfg = run_config(
-                    out / "curves" / f"{data}_{key}", data, m, steps, recipe,
-                    n_test=preset.curve_n_test, eval_steps=preset.eval_steps,
-                )  # fmt: skip
-                run = Run.create(cfg)
-                todo = run.unfinished(target=steps)
-                if todo:
-                    with ProgressMonitor(run, todo, enabled=progress, desc=f"curve {data} {key}"):
-                        train_ensemble(run, todo)
-                cell = Cell(data, key, steps, [], run.path.name)
-                path = out / "evals" / f"curve_{data}_{key}_{steps}.json"
-                _evaluate(run, cell, path, progress)
-                st = run.statuses()
-                rec = json.loads(path.read_text())
-                rec["curve"] = {
-                    "block_steps": sum(s.step for s in st),
-                    "train_seconds": max(s.wall_time for s in st),
-                }
-                atomic_write_json(path, rec)
-                log(f"curve {data} {key} {steps} steps/block: NLL {cell.nll:.4f}")
+def _score_cell(out: Path, preset: Preset, recipe: str, cell: Cell, label: str, progress: bool,
+                log: Callable[[str], None]) -> None:  # fmt: skip
+    """Train (or reuse) one cell's run and score it (cached)."""
+    m = BY_KEY[cell.method]
+    cfg = run_config(out / "runs" / cell.run, cell.data, m, cell.steps, recipe,
+                     n_test=preset.n_test, eval_steps=preset.eval_steps)  # fmt: skip
+    run = Run.create(cfg)
+    todo = run.todo()
+    if todo:
+        with ProgressMonitor(run, todo, enabled=progress, desc=label):
+            outs = train_ensemble(run, todo)
+        if any(o.state != "done" for o in outs):
+            raise KeyboardInterrupt  # interrupted (Ctrl-C): the same command resumes
+    statuses = run.statuses()
+    cell.block_steps = sum(s.step for s in statuses)
+    cell.train_seconds = max(s.wall_time for s in statuses)
+    cell.floor = floor_nll(cell.data, m, out / "floors", preset.floor_samples)
+    _evaluate(run, cell, out / "evals" / f"{cell.run}.json", progress)
+    log(f"{label}: NLL {cell.nll:.4f} ± {cell.stderr:.4f} "
+        f"(floor {cell.floor:.3f}; {cell.block_steps:,} block-steps)")  # fmt: skip
+
+
+def _curve(out: Path, preset: Preset, recipe: str, data: str, key: str, progress: bool,
+           log: Callable[[str], None]) -> None:  # fmt: skip
+    """One method's curve on one data set: trained to growing step targets (one run, extended:
+    a constant learning rate makes an extended run the same as a straight one), scored at each."""
+    m = BY_KEY[key]
+    for steps in preset.curve:
+        cfg = run_config(
+            out / "curves" / f"{data}_{key}", data, m, steps, recipe,
+            n_test=preset.curve_n_test, eval_steps=preset.eval_steps,
+        )  # fmt: skip
+        run = Run.create(cfg)
+        todo = run.unfinished(target=steps)
+        if todo:
+            with ProgressMonitor(run, todo, enabled=progress, desc=f"curve {data} {key}"):
+                train_ensemble(run, todo)
+        cell = Cell(data, key, steps, [], run.path.name)
+        path = out / "evals" / f"curve_{data}_{key}_{steps}.json"
+        _evaluate(run, cell, path, progress)
+        st = run.statuses()
+        rec = json.loads(path.read_text())
+        rec["curve"] = {
+            "block_steps": sum(s.step for s in st),
+            "train_seconds": max(s.wall_time for s in st),
+        }
+        atomic_write_json(path, rec)
+        log(f"curve {data} {key} {steps} steps/block: NLL {cell.nll:.4f}")
 
 
 def _load_curves(out: Path, preset: Preset) -> list[CurvePoint]:
     """The curve points scored so far (by any process)."""
     points = []
     for data in preset.datasets:
-        for key in ("sa", "tpsm10"):
+        for key in CURVE_METHODS:
             for steps in preset.curve:
                 path = out / "evals" / f"curve_{data}_{key}_{steps}.json"
                 rec = json.loads(path.read_text()) if path.exists() else {}
