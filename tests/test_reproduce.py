@@ -75,6 +75,19 @@ def test_tiny_preset_end_to_end_and_resumable(tmp_path, capsys):
     assert json.loads((out / "results.json").read_text())["cells"] == cells
     rows = plan_rows(out, "tiny")
     assert all(r.state == "scored" and r.block_steps_left == 0 for r in rows)
+    # --report on a preset stopped part way: the scored cells, "-" for the rest, nothing trained
+    (out / "evals" / "hg_tpsm_a_10.json").unlink()
+    (out / "results.md").unlink()
+    code, stdout, err = run_cli(capsys, "reproduce", "--preset", "tiny", "--out", out, "--report")
+    assert code == 0, err
+    assert {p: p.stat().st_mtime_ns for p in out.rglob("*.safetensors")} == stamp
+    assert not (out / "evals" / "hg_tpsm_a_10.json").exists()
+    again = json.loads((out / "results.json").read_text())["cells"]
+    assert again == [c for c in cells if c["run"] != "hg_tpsm_a_10"]
+    hg_a = [ln for ln in (out / "results.md").read_text().splitlines()
+            if ln.startswith("| TPSM_A")][1]  # fmt: skip
+    assert hg_a.split("|")[3].strip() == "-"  # its paper-ratio cell
+    assert hg_a.count(" - |") == 1
 
 
 def test_runs_go_cheapest_first_in_the_plans_order(tmp_path, monkeypatch):
@@ -102,4 +115,6 @@ def test_bad_flags_are_one_line(tmp_path, capsys):
                    match="--preset 'huge'")  # fmt: skip
     one_line_error(capsys, "reproduce", "--recipe", "magic", "--out", tmp_path / "r",
                    match="--recipe 'magic'")  # fmt: skip
+    one_line_error(capsys, "reproduce", "--out", tmp_path / "r", "--report",
+                   match="nothing scored")  # fmt: skip
     assert not (tmp_path / "r").exists()

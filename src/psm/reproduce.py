@@ -404,6 +404,7 @@ def reproduce(
     datasets: tuple[str, ...] | None = None,
     progress: bool = True,
     log: Callable[[str], None] = print,
+    report_only: bool = False,
 ) -> list[Cell]:
     """Train (or reuse) and score every cell of a preset; write ``results.md``/``.json``.
 
@@ -419,22 +420,24 @@ def reproduce(
         datasets: train and score only these (default: the preset's).
         progress: progress bars.
         log: where one line per finished step goes.
+        report_only: train and score nothing: write the results of the cells and curve points
+            already scored in ``out`` (a preset stopped part way; the rest show as "-").
 
     Returns:
-        The cells, evaluated.
+        The cells (``nll`` None where not scored).
     """
     out = Path(out)
     preset = PRESETS[preset_name]
     torch.set_num_threads(threads)
     (out / "evals").mkdir(parents=True, exist_ok=True)
     cells = plan(preset)
-    mine = [c for c in cells if datasets is None or c.data in datasets]
+    mine = [] if report_only else [c for c in cells if datasets is None or c.data in datasets]
     jobs: list[tuple[float, Callable[[], None]]] = []
     for i, cell in enumerate(mine, 1):
         label = f"[{i}/{len(mine)}] {cell.run}"
         job = partial(_score_cell, out, preset, recipe, cell, label, progress, log)
         jobs.append((cell_cost(preset, cell), job))
-    for data in (datasets or preset.datasets) if preset.curve else ():
+    for data in (datasets or preset.datasets) if preset.curve and not report_only else ():
         for key in CURVE_METHODS:
             job = partial(_curve, out, preset, recipe, data, key, progress, log)
             jobs.append((curve_cost(preset, key), job))
@@ -669,7 +672,10 @@ def _figures(out: Path, cells: list[Cell], progress: bool) -> None:
     from .viz.samples import data_extent
 
     for data in sorted({c.data for c in cells}):
-        chosen = [c for c in cells if c.data == data and "equal per net" in c.budgets]
+        chosen = [c for c in cells if c.data == data and "equal per net" in c.budgets
+                  and c.nll is not None]  # fmt: skip
+        if not chosen:
+            continue
         models = {BY_KEY[c.method].key: load_model(out / "runs" / c.run) for c in chosen}
         run = Run.open(out / "runs" / chosen[0].run)
         pts = run.dataset.test_set(20000, run.config.eval.test_seed)

@@ -44,6 +44,11 @@ def add(sub: argparse._SubParsersAction) -> None:
         "--plan", action="store_true",
         help="list the runs, what each still needs and the hours left (trains nothing)",
     )  # fmt: skip
+    p.add_argument(
+        "--report", action="store_true",
+        help="train and score nothing: write results.md/.json and the figures from what is "
+        "already scored in --out (a preset stopped part way)",
+    )  # fmt: skip
     p.add_argument("--no-progress", action="store_true", help="no progress bars")
     p.set_defaults(func=cmd_reproduce)
 
@@ -77,11 +82,14 @@ def cmd_reproduce(args: argparse.Namespace) -> int:
         rows = plan_rows(out, args.preset, args.recipe, datasets)
         print(plan_report(rows, processes))
         return 0
-    if processes > 1 and len(todo) > 1:
+    if args.report and not Path(out, "evals").is_dir():
+        raise PSMError(f"--report: nothing scored in {out} (run the preset first)")
+    if processes > 1 and len(todo) > 1 and not args.report:
         _side_by_side(args, out, todo, processes)
     cells = reproduce(
         out, args.preset, recipe=args.recipe, threads=args.threads, datasets=datasets,
         progress=not args.no_progress, log=lambda line: print(line, file=sys.stderr),
+        report_only=args.report,
     )  # fmt: skip
     print(format_tables(args.preset, args.recipe, cells))
     print(f"{out}/results.md written in {time.perf_counter() - start:.0f}s", file=sys.stderr)
