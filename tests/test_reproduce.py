@@ -95,8 +95,18 @@ def test_runs_go_cheapest_first_in_the_plans_order(tmp_path, monkeypatch):
     import psm.reproduce as rep
 
     order: list[str] = []
-    monkeypatch.setattr(rep, "_score_cell", lambda out, pre, rec, cell, *a: order.append(cell.run))
-    monkeypatch.setattr(rep, "_curve", lambda out, pre, rec, d, key, *a: order.append(f"{d}_{key}"))
+    labels: list[str] = []
+
+    def score_cell(out, preset, recipe, cell, label, *args):
+        order.append(cell.run)
+        labels.append(label)
+
+    def curve(out, preset, recipe, data, key, label, *args):
+        order.append(f"{data}_{key}")
+        labels.append(label)
+
+    monkeypatch.setattr(rep, "_score_cell", score_cell)
+    monkeypatch.setattr(rep, "_curve", curve)
     monkeypatch.setattr(rep, "write_results", lambda *a, **k: None)
     monkeypatch.setattr(rep, "_figures", lambda *a, **k: None)
     rep.reproduce(tmp_path, "full", datasets=("hg",), progress=False, log=lambda line: None)
@@ -108,6 +118,9 @@ def test_runs_go_cheapest_first_in_the_plans_order(tmp_path, monkeypatch):
     assert [costs[r] for r in order] == sorted(costs[r] for r in order)
     # the authors' SA row (299 RK4 steps) is the cheapest; 200 blocks x 8000 steps the dearest
     assert order[0] == "hg_sa_authors_8000" and order[-1] == "hg_tpsm_c_8000"
+    n = len(order)
+    assert labels[0] == f"[1/{n}] hg_sa_authors_8000" and labels[-1] == f"[{n}/{n}] hg_tpsm_c_8000"
+    assert "curve hg sa" in labels[order.index("hg_sa")]
 
 
 def test_bad_flags_are_one_line(tmp_path, capsys):

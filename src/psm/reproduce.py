@@ -32,7 +32,6 @@ import json
 import math
 from collections.abc import Callable
 from dataclasses import asdict, dataclass
-from functools import partial
 from pathlib import Path
 from typing import Any
 
@@ -432,17 +431,17 @@ def reproduce(
     (out / "evals").mkdir(parents=True, exist_ok=True)
     cells = plan(preset)
     mine = [] if report_only else [c for c in cells if datasets is None or c.data in datasets]
-    jobs: list[tuple[float, Callable[[], None]]] = []
-    for i, cell in enumerate(mine, 1):
-        label = f"[{i}/{len(mine)}] {cell.run}"
-        job = partial(_score_cell, out, preset, recipe, cell, label, progress, log)
-        jobs.append((cell_cost(preset, cell), job))
+    jobs: list[tuple[float, Cell | tuple[str, str]]] = [(cell_cost(preset, c), c) for c in mine]
     for data in (datasets or preset.datasets) if preset.curve and not report_only else ():
-        for key in CURVE_METHODS:
-            job = partial(_curve, out, preset, recipe, data, key, progress, log)
-            jobs.append((curve_cost(preset, key), job))
-    for _, job in sorted(jobs, key=lambda j: j[0]):  # cheapest first: a stopped run fills most
-        job()
+        jobs += [(curve_cost(preset, key), (data, key)) for key in CURVE_METHODS]
+    jobs.sort(key=lambda j: j[0])  # cheapest first: a preset stopped part way has filled the most
+    for i, (_, job) in enumerate(jobs, 1):
+        if isinstance(job, Cell):
+            _score_cell(out, preset, recipe, job, f"[{i}/{len(jobs)}] {job.run}", progress, log)
+        else:
+            data, key = job
+            _curve(out, preset, recipe, data, key, f"[{i}/{len(jobs)}] curve {data} {key}",
+                   progress, log)  # fmt: skip
     for cell in cells:  # cells another process scored
         if cell not in mine:
             _load_cell(out, cell, preset.floor_samples)
@@ -527,8 +526,8 @@ def _score_cell(out: Path, preset: Preset, recipe: str, cell: Cell, label: str, 
         f"(floor {cell.floor:.3f}; {cell.block_steps:,} block-steps)")  # fmt: skip
 
 
-def _curve(out: Path, preset: Preset, recipe: str, data: str, key: str, progress: bool,
-           log: Callable[[str], None]) -> None:  # fmt: skip
+def _curve(out: Path, preset: Preset, recipe: str, data: str, key: str, label: str,
+           progress: bool, log: Callable[[str], None]) -> None:  # fmt: skip
     """One method's curve on one data set: trained to growing step targets (one run, extended:
     a constant learning rate makes an extended run the same as a straight one), scored at each."""
     m = BY_KEY[key]
@@ -540,7 +539,7 @@ def _curve(out: Path, preset: Preset, recipe: str, data: str, key: str, progress
         run = Run.create(cfg)
         todo = run.unfinished(target=steps)
         if todo:
-            with ProgressMonitor(run, todo, enabled=progress, desc=f"curve {data} {key}"):
+            with ProgressMonitor(run, todo, enabled=progress, desc=label):
                 train_ensemble(run, todo)
         cell = Cell(data, key, steps, [], run.path.name)
         path = out / "evals" / f"curve_{data}_{key}_{steps}.json"
@@ -552,7 +551,7 @@ def _curve(out: Path, preset: Preset, recipe: str, data: str, key: str, progress
             "train_seconds": max(s.wall_time for s in st),
         }
         atomic_write_json(path, rec)
-        log(f"curve {data} {key} {steps} steps/block: NLL {cell.nll:.4f}")
+        log(f"{label} {steps} steps/block: NLL {cell.nll:.4f} ± {cell.stderr:.4f}")
 
 
 def _load_curves(out: Path, preset: Preset) -> list[CurvePoint]:
