@@ -123,6 +123,20 @@ def test_runs_go_cheapest_first_in_the_plans_order(tmp_path, monkeypatch):
     assert "curve hg sa" in labels[order.index("hg_sa")]
 
 
+def test_a_curve_stopped_short_of_its_steps_is_not_scored(tmp_path, monkeypatch):
+    # Ctrl-C mid-curve: scoring the part-trained run would cache a wrong curve point
+    import dataclasses
+    from types import SimpleNamespace
+
+    import psm.reproduce as rep
+
+    monkeypatch.setattr(rep, "train_ensemble", lambda run, todo: [SimpleNamespace(state="stopped")])
+    preset = dataclasses.replace(PRESETS["tiny"], curve=(10,))
+    with pytest.raises(KeyboardInterrupt):
+        rep._curve(tmp_path, preset, "paper", "ty", "sa", "curve", False, lambda line: None)
+    assert not list(tmp_path.rglob("curve_*.json"))
+
+
 def test_bad_flags_are_one_line(tmp_path, capsys):
     one_line_error(capsys, "reproduce", "--preset", "huge", "--out", tmp_path / "r",
                    match="--preset 'huge'")  # fmt: skip

@@ -355,14 +355,8 @@ def plan_rows(out: str | Path, preset_name: str, recipe: str = "paper",
         for key in CURVE_METHODS if preset.curve else ():
             evals = [(out / "evals" / f"curve_{data}_{key}_{s}.json", preset.curve_n_test,
                       preset.eval_steps) for s in preset.curve]  # fmt: skip
-            row(
-                data,
-                key,
-                max(preset.curve),
-                out / "curves" / f"{data}_{key}",
-                evals,
-                curve_cost(preset, key),
-            )
+            run_dir = out / "curves" / f"{data}_{key}"
+            row(data, key, max(preset.curve), run_dir, evals, curve_cost(preset, key))
     return [r for _, _, r in sorted(rows, key=lambda r: r[:2])]
 
 
@@ -540,7 +534,9 @@ def _curve(out: Path, preset: Preset, recipe: str, data: str, key: str, label: s
         todo = run.unfinished(target=steps)
         if todo:
             with ProgressMonitor(run, todo, enabled=progress, desc=label):
-                train_ensemble(run, todo)
+                outs = train_ensemble(run, todo)
+            if any(o.state != "done" for o in outs):
+                raise KeyboardInterrupt  # stopped short of `steps`: score nothing, resume later
         cell = Cell(data, key, steps, [], run.path.name)
         path = out / "evals" / f"curve_{data}_{key}_{steps}.json"
         _evaluate(run, cell, path, progress)
