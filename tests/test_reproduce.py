@@ -137,6 +137,15 @@ def test_a_curve_stopped_short_of_its_steps_is_not_scored(tmp_path, monkeypatch)
     assert not list(tmp_path.rglob("curve_*.json"))
 
 
+def test_a_row_with_nothing_scored_shows_dashes_not_nan():
+    from psm.reproduce import format_tables
+
+    text = format_tables("tiny", "paper", [])
+    rows = [ln for ln in text.splitlines() if ln.startswith("| SA-DPM |")]
+    assert rows[0] == "| SA-DPM | 0.76 | - | - | - | - |"  # TY, Table 1: three budgets, floor
+    assert "nan" not in text
+
+
 def test_bad_flags_are_one_line(tmp_path, capsys):
     one_line_error(capsys, "reproduce", "--preset", "huge", "--out", tmp_path / "r",
                    match="--preset 'huge'")  # fmt: skip

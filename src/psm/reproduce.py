@@ -616,7 +616,7 @@ def format_tables(
                         continue
                     floor = c.floor
                     row.append(f"{c.nll:.3f} ± {c.stderr:.3f} [+{c.excess:.3f}] ({c.steps:,})")
-                row.append(f"{floor:.3f}")
+                row.append("-" if math.isnan(floor) else f"{floor:.3f}")
                 lines.append("| " + " | ".join(row) + " |")
             lines.append("")
     if curves:
