@@ -446,6 +446,21 @@ def reproduce(
     return cells
 
 
+def _train(run: Run, todo: list[int], label: str, progress: bool) -> None:
+    """Train ``todo`` to the run's step targets; stopped short (Ctrl-C), raise so that nothing
+    part-trained is scored (the same command resumes)."""
+    with ProgressMonitor(run, todo, enabled=progress, desc=label):
+        outs = train_ensemble(run, todo)
+    if any(o.state != "done" for o in outs):
+        raise KeyboardInterrupt
+
+
+def _compute(run: Run) -> tuple[int, float]:
+    """A run's training compute: block-steps over all blocks, and the longest block's seconds."""
+    statuses = run.statuses()
+    return sum(s.step for s in statuses), max(s.wall_time for s in statuses)
+
+
 def _load_cell(out: Path, cell: Cell, floor_samples: int) -> None:
     """Fill a cell from its cached evaluation and run status, if they exist."""
     path = out / "evals" / f"{cell.run}.json"
@@ -456,9 +471,7 @@ def _load_cell(out: Path, cell: Cell, floor_samples: int) -> None:
     _evaluate(run, cell, path, False, cached_only=True)
     if cell.nll is None:
         return
-    statuses = run.statuses()
-    cell.block_steps = sum(s.step for s in statuses)
-    cell.train_seconds = max(s.wall_time for s in statuses)
+    cell.block_steps, cell.train_seconds = _compute(run)
     cell.floor = floor_nll(cell.data, BY_KEY[cell.method], out / "floors", floor_samples)
 
 
@@ -507,13 +520,8 @@ def _score_cell(out: Path, preset: Preset, recipe: str, cell: Cell, label: str, 
     run = Run.create(cfg)
     todo = run.todo()
     if todo:
-        with ProgressMonitor(run, todo, enabled=progress, desc=label):
-            outs = train_ensemble(run, todo)
-        if any(o.state != "done" for o in outs):
-            raise KeyboardInterrupt  # interrupted (Ctrl-C): the same command resumes
-    statuses = run.statuses()
-    cell.block_steps = sum(s.step for s in statuses)
-    cell.train_seconds = max(s.wall_time for s in statuses)
+        _train(run, todo, label, progress)
+    cell.block_steps, cell.train_seconds = _compute(run)
     cell.floor = floor_nll(cell.data, m, out / "floors", preset.floor_samples)
     _evaluate(run, cell, out / "evals" / f"{cell.run}.json", progress)
     log(f"{label}: NLL {cell.nll:.4f} ± {cell.stderr:.4f} "
@@ -533,19 +541,13 @@ def _curve(out: Path, preset: Preset, recipe: str, data: str, key: str, label: s
         run = Run.create(cfg)
         todo = run.unfinished(target=steps)
         if todo:
-            with ProgressMonitor(run, todo, enabled=progress, desc=label):
-                outs = train_ensemble(run, todo)
-            if any(o.state != "done" for o in outs):
-                raise KeyboardInterrupt  # stopped short of `steps`: score nothing, resume later
+            _train(run, todo, label, progress)
         cell = Cell(data, key, steps, [], run.path.name)
         path = out / "evals" / f"curve_{data}_{key}_{steps}.json"
         _evaluate(run, cell, path, progress)
-        st = run.statuses()
+        block_steps, train_seconds = _compute(run)
         rec = json.loads(path.read_text())
-        rec["curve"] = {
-            "block_steps": sum(s.step for s in st),
-            "train_seconds": max(s.wall_time for s in st),
-        }
+        rec["curve"] = {"block_steps": block_steps, "train_seconds": train_seconds}
         atomic_write_json(path, rec)
         log(f"{label} {steps} steps/block: NLL {cell.nll:.4f} ± {cell.stderr:.4f}")
 
