@@ -123,6 +123,45 @@ def test_runs_go_cheapest_first_in_the_plans_order(tmp_path, monkeypatch):
     assert "curve hg sa" in labels[order.index("hg_sa")]
 
 
+def test_runs_names_runs_with_or_without_their_data_set(tmp_path, monkeypatch):
+    # finishing a preset's last runs: --runs tpsm_c_8000 on both sets, hg_sa the HG SA curve
+    import psm.reproduce as rep
+
+    order: list[str] = []
+    monkeypatch.setattr(
+        rep, "_score_cell", lambda out, preset, recipe, cell, *a: order.append(cell.run)
+    )
+    monkeypatch.setattr(
+        rep, "_curve", lambda out, preset, recipe, data, key, *a: order.append(f"{data}_{key}")
+    )
+    monkeypatch.setattr(rep, "write_results", lambda *a, **k: None)
+    monkeypatch.setattr(rep, "_figures", lambda *a, **k: None)
+    runs = ("tpsm_c_8000", "hg_sa")
+    rep.reproduce(tmp_path, "full", runs=runs, progress=False, log=lambda line: None)
+    assert order == ["hg_sa", "ty_tpsm_c_8000", "hg_tpsm_c_8000"]
+    assert sorted(r.run for r in plan_rows(tmp_path, "full", runs=runs)) == sorted(order)
+
+
+def test_runs_trains_and_scores_only_the_named_runs(tmp_path, capsys):
+    out = tmp_path / "rep"
+    # two data sets named: one child process each, given only the names that are its own
+    code, _, err = run_cli(capsys, "reproduce", "--preset", "tiny", "--out", out, "--threads", 2,
+                           "--runs", "sa_40,hg_tpsm_a_10", "--no-progress")  # fmt: skip
+    assert code == 0, err
+    assert "ty: one process" in err and "hg: one process" in err
+    assert {p.stem for p in (out / "evals").glob("*.json")} == {
+        "ty_sa_40", "hg_sa_40", "hg_tpsm_a_10"
+    }  # fmt: skip
+    assert {p.name for p in (out / "runs").iterdir()} == {"ty_sa_40", "hg_sa_40", "hg_tpsm_a_10"}
+    cells = json.loads((out / "results.json").read_text())["cells"]
+    assert sorted(c["run"] for c in cells) == ["hg_sa_40", "hg_tpsm_a_10", "ty_sa_40"]
+    code, text, _ = run_cli(capsys, "reproduce", "--preset", "tiny", "--out", out, "--plan",
+                            "--runs", "tpsm_a_10")  # fmt: skip
+    assert code == 0
+    rows = [ln.split()[0] for ln in text.splitlines()[1:-1]]
+    assert rows == ["ty_tpsm_a_10", "hg_tpsm_a_10"] and "scored" in text and "to do" in text
+
+
 def test_a_curve_stopped_short_of_its_steps_is_not_scored(tmp_path, monkeypatch):
     # Ctrl-C mid-curve: scoring the part-trained run would cache a wrong curve point
     import dataclasses
@@ -153,4 +192,8 @@ def test_bad_flags_are_one_line(tmp_path, capsys):
                    match="--recipe 'magic'")  # fmt: skip
     one_line_error(capsys, "reproduce", "--out", tmp_path / "r", "--report",
                    match="nothing scored")  # fmt: skip
+    one_line_error(capsys, "reproduce", "--preset", "tiny", "--out", tmp_path / "r", "--runs",
+                   "sa_41", match="--runs 'sa_41': no such run")  # fmt: skip
+    one_line_error(capsys, "reproduce", "--preset", "tiny", "--out", tmp_path / "r", "--data",
+                   "ty", "--runs", "hg_sa_40", match="no such run")  # fmt: skip
     assert not (tmp_path / "r").exists()

@@ -30,7 +30,7 @@ from __future__ import annotations
 import hashlib
 import json
 import math
-from collections.abc import Callable
+from collections.abc import Callable, Collection
 from dataclasses import asdict, dataclass
 from pathlib import Path
 from typing import Any
@@ -260,6 +260,12 @@ def floor_nll(data: str, method: Method, cache: Path, samples: int = 1_000_000) 
     return floor
 
 
+def selected(run: str, data: str, runs: Collection[str] | None) -> bool:
+    """Whether ``runs`` (``--runs``) names a run: in full (``hg_tpsm_c_8000``, a curve's
+    ``hg_sa``) or without its data set (``tpsm_c_8000``: on every data set); None names all."""
+    return runs is None or run in runs or run.removeprefix(f"{data}_") in runs
+
+
 def plan(preset: Preset) -> list[Cell]:
     """The runs a preset needs: one per (data, method, steps), with the budgets it serves."""
     cells: dict[tuple[str, str, int], Cell] = {}
@@ -313,15 +319,18 @@ class PlanRow:
 
 
 def plan_rows(out: str | Path, preset_name: str, recipe: str = "paper",
-              datasets: tuple[str, ...] | None = None) -> list[PlanRow]:  # fmt: skip
-    """Every run of a preset with the training and evaluation it still needs in ``out``, per
-    data set in the order :func:`reproduce` takes them (cheapest first); reads the disk, trains
-    nothing."""
+              datasets: tuple[str, ...] | None = None,
+              runs: Collection[str] | None = None) -> list[PlanRow]:  # fmt: skip
+    """Every run of a preset (or those ``runs`` names, see :func:`selected`) with the training
+    and evaluation it still needs in ``out``, per data set in the order :func:`reproduce` takes
+    them (cheapest first); reads the disk, trains nothing."""
     out, preset = Path(out), PRESETS[preset_name]
     rows: list[tuple[int, float, PlanRow]] = []
 
     def row(data: str, key: str, steps: int, run_dir: Path, evals: list[tuple[Path, int, int]],
             cost: float):  # fmt: skip
+        if not selected(run_dir.name, data, runs):
+            return
         m = BY_KEY[key]
         done_steps = 0
         if (run_dir / "config.yaml").exists():
@@ -398,6 +407,7 @@ def reproduce(
     progress: bool = True,
     log: Callable[[str], None] = print,
     report_only: bool = False,
+    runs: Collection[str] | None = None,
 ) -> list[Cell]:
     """Train (or reuse) and score every cell of a preset; write ``results.md``/``.json``.
 
@@ -415,6 +425,7 @@ def reproduce(
         log: where one line per finished step goes.
         report_only: train and score nothing: write the results of the cells and curve points
             already scored in ``out`` (a preset stopped part way; the rest show as "-").
+        runs: train and score only the runs these name (:func:`selected`; default all).
 
     Returns:
         The cells (``nll`` None where not scored).
@@ -424,10 +435,12 @@ def reproduce(
     torch.set_num_threads(threads)
     (out / "evals").mkdir(parents=True, exist_ok=True)
     cells = plan(preset)
-    mine = [] if report_only else [c for c in cells if datasets is None or c.data in datasets]
+    mine = [] if report_only else [c for c in cells if (datasets is None or c.data in datasets)
+                                   and selected(c.run, c.data, runs)]  # fmt: skip
     jobs: list[tuple[float, Cell | tuple[str, str]]] = [(cell_cost(preset, c), c) for c in mine]
     for data in (datasets or preset.datasets) if preset.curve and not report_only else ():
-        jobs += [(curve_cost(preset, key), (data, key)) for key in CURVE_METHODS]
+        jobs += [(curve_cost(preset, key), (data, key)) for key in CURVE_METHODS
+                 if selected(f"{data}_{key}", data, runs)]  # fmt: skip
     jobs.sort(key=lambda j: j[0])  # cheapest first: a preset stopped part way has filled the most
     for i, (_, job) in enumerate(jobs, 1):
         if isinstance(job, Cell):

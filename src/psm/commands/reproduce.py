@@ -33,6 +33,11 @@ def add(sub: argparse._SubParsersAction) -> None:
     p.add_argument(
         "--data", help="only these data sets, e.g. ty (run one process per set on spare cores)"
     )
+    p.add_argument(
+        "--runs",
+        help="only these runs, named as --plan lists them, e.g. hg_tpsm_c_8000 or tpsm_c_8000 "
+        "(on every data set); a curve is named by data set and method, e.g. ty_sa",
+    )  # fmt: skip
     p.add_argument("--threads", type=int, default=2, help="torch threads in all (default 2)")
     p.add_argument(
         "--processes", type=int,
@@ -71,6 +76,15 @@ def cmd_reproduce(args: argparse.Namespace) -> int:
         if bad or not datasets:
             raise PSMError(f"--data {args.data!r}: choose from "
                            f"{', '.join(PRESETS[args.preset].datasets)}")  # fmt: skip
+    runs, named = None, None
+    if args.runs is not None:
+        runs = tuple(r.strip() for r in args.runs.split(",") if r.strip())
+        named = _named_per_data(args, out, datasets, runs)
+        bad = [r for r in runs if not any(r in names for names in named.values())]
+        if bad or not runs:
+            raise PSMError(f"--runs {args.runs!r}: no such run in preset {args.preset} "
+                           f"(psm reproduce --plan lists them)")  # fmt: skip
+        datasets = tuple(d for d in named if named[d])
     start = time.perf_counter()
     todo = datasets or PRESETS[args.preset].datasets
     processes = args.processes or min(len(todo), args.threads)
@@ -79,26 +93,42 @@ def cmd_reproduce(args: argparse.Namespace) -> int:
     if args.plan:
         from ..reproduce import plan_report, plan_rows
 
-        rows = plan_rows(out, args.preset, args.recipe, datasets)
+        rows = plan_rows(out, args.preset, args.recipe, datasets, runs)
         print(plan_report(rows, processes))
         return 0
     if args.report and not Path(out, "evals").is_dir():
         raise PSMError(f"--report: nothing scored in {out} (run the preset first)")
     if processes > 1 and len(todo) > 1 and not args.report:
-        _side_by_side(args, out, todo, processes)
+        _side_by_side(args, out, todo, processes, named)
     cells = reproduce(
         out, args.preset, recipe=args.recipe, threads=args.threads, datasets=datasets,
         progress=not args.no_progress, log=lambda line: print(line, file=sys.stderr),
-        report_only=args.report,
+        report_only=args.report, runs=runs,
     )  # fmt: skip
     print(format_tables(args.preset, args.recipe, cells))
     print(f"{out}/results.md written in {time.perf_counter() - start:.0f}s", file=sys.stderr)
     return 0
 
 
-def _side_by_side(args: argparse.Namespace, out: str, datasets, processes: int) -> None:
+def _named_per_data(
+    args: argparse.Namespace, out: str, datasets: tuple[str, ...] | None, runs: tuple[str, ...]
+) -> dict[str, list[str]]:
+    """Data set → the names in ``runs`` that select one of its runs (the preset's order)."""
+    from ..reproduce import PRESETS, plan_rows, selected
+
+    rows = plan_rows(out, args.preset, args.recipe, datasets)
+    return {
+        d: [r for r in runs if any(x.data == d and selected(x.run, d, (r,)) for x in rows)]
+        for d in datasets or PRESETS[args.preset].datasets
+    }
+
+
+def _side_by_side(
+    args: argparse.Namespace, out: str, datasets, processes: int, runs: dict | None
+) -> None:
     """Train and score the data sets in ``processes`` child processes (``--threads`` shared),
-    each a ``psm reproduce --data D``; the parent then only gathers the cells they scored."""
+    each a ``psm reproduce --data D`` (``--runs``: the names ``runs[D]``); the parent then only
+    gathers the cells they scored."""
     threads = max(1, args.threads // processes)
     Path(out).mkdir(parents=True, exist_ok=True)
     pending = list(datasets)
@@ -110,6 +140,8 @@ def _side_by_side(args: argparse.Namespace, out: str, datasets, processes: int) 
             cmd = [sys.executable, "-m", "psm.cli", "reproduce", "--preset", args.preset,
                    "--recipe", args.recipe, "--out", out, "--data", data,
                    "--threads", str(threads), "--processes", "1", "--no-progress"]  # fmt: skip
+            if runs is not None:
+                cmd += ["--runs", ",".join(runs[data])]
             print(f"{data}: one process, {threads} thread(s)", file=sys.stderr)
             running.append((data, subprocess.Popen(cmd, stdout=subprocess.DEVNULL)))
         time.sleep(0.5)
