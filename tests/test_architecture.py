@@ -191,7 +191,10 @@ def test_every_shipped_config_loads_and_builds_its_parts(path):
 def test_a_run_made_by_psm_0_1_loads_evaluates_and_resumes(tmp_path, capsys):
     """tests/fixtures/run_v0_1 was written by psm 0.1.0 (t0 under process, every field dumped):
     it keeps its hash, gives the NLL psm 0.1 printed, and training the same config anew gives
-    the very same weights, in the loop and in the ensemble."""
+    the same weights, in the loop and in the ensemble. Same to float rounding, not to the bit:
+    the fixture was written on another CPU, whose float32 kernels round differently (measured
+    on an AMD EPYC: NLL 1.7e-8 apart, weights 3e-8; a changed seed, data stream or step would
+    move them by 1e-2 or more)."""
     old = tmp_path / "old"
     shutil.copytree(FIXTURES / "run_v0_1", old)
     run = Run.open(old)
@@ -200,7 +203,7 @@ def test_a_run_made_by_psm_0_1_loads_evaluates_and_resumes(tmp_path, capsys):
     code, _, err = run_cli(capsys, "nll", old, "--no-progress", "--json", tmp_path / "n.json")
     assert code == 0, err
     got = json.loads((tmp_path / "n.json").read_text())
-    assert got["nll"] == pytest.approx(want["nll"], abs=1e-9)
+    assert got["nll"] == pytest.approx(want["nll"], abs=1e-6)
 
     fixture_cfg = FIXTURES / "run_v0_1.yaml"
     for executor, ref in (("local", FIXTURES / "run_v0_1" / "blocks"),
@@ -214,7 +217,10 @@ def test_a_run_made_by_psm_0_1_loads_evaluates_and_resumes(tmp_path, capsys):
                 load_file(out_dir / "blocks" / f"{b:04d}.safetensors"),
                 load_file(ref / f"{b:04d}.safetensors"),
             )
-            assert all(torch.equal(a[k], r[k]) for k in r), (executor, b)
+            for k in r:
+                torch.testing.assert_close(
+                    a[k], r[k], rtol=0, atol=1e-6, msg=f"{executor} block {b} {k}"
+                )
 
     # the old run accepts its own config again (legacy hash) and extends its blocks
     code, _, err = run_cli(capsys, "train", fixture_cfg, "--out", old, "--steps", 40,
