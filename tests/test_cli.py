@@ -187,3 +187,16 @@ def test_ctrl_c_then_same_command_resumes(tmp_path):
         assert Run.open(out_dir).block_status(b).state == "done"
         # wall time kept accumulating from the interrupted part instead of restarting
         assert Run.open(out_dir).block_status(b).wall_time > stopped[b].wall_time
+
+
+def test_a_reader_that_leaves_early_gets_no_traceback(tmp_path):
+    # `psm reproduce --plan | head -1`: stdout's reader has gone before psm writes
+    read_end, write_end = os.pipe()
+    os.close(read_end)
+    cmd = [sys.executable, "-m", "psm.cli", "reproduce", "--preset", "tiny", "--plan", "--out",
+           str(tmp_path / "r")]  # fmt: skip
+    try:
+        proc = subprocess.run(cmd, stdout=write_end, stderr=subprocess.PIPE, text=True, timeout=120)
+    finally:
+        os.close(write_end)
+    assert proc.returncode == 141 and proc.stderr == ""

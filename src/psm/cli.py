@@ -9,6 +9,7 @@ the current step (exit code 130); the same command resumes. Each command is a mo
 from __future__ import annotations
 
 import argparse
+import os
 import sys
 from collections.abc import Sequence
 from typing import NoReturn
@@ -17,6 +18,7 @@ from .errors import PSMError
 
 EXIT_BAD_INPUT = 2
 EXIT_INTERRUPTED = 130
+EXIT_BROKEN_PIPE = 141  # 128 + SIGPIPE, what a shell reports for a reader that left early
 
 
 class OneLineParser(argparse.ArgumentParser):
@@ -50,7 +52,12 @@ def main(argv: Sequence[str] | None = None) -> int:
     except SystemExit as e:  # --help, --version, or a one-line flag error
         return int(e.code or 0) if isinstance(e.code, int) else EXIT_BAD_INPUT
     try:
-        return int(args.func(args) or 0)
+        code = int(args.func(args) or 0)
+        sys.stdout.flush()  # a closed pipe (``psm ... | head``) fails here, not at exit
+        return code
+    except BrokenPipeError:  # the reader has gone: nothing more to say to it, and no traceback
+        os.dup2(os.open(os.devnull, os.O_WRONLY), sys.stdout.fileno())
+        return EXIT_BROKEN_PIPE
     except PSMError as e:
         print(f"psm: error: {e}", file=sys.stderr)
         return EXIT_BAD_INPUT
