@@ -9,8 +9,8 @@ import pytest
 import torch
 
 from helpers import tiny_config
-from psm.config import validate_config
-from psm.run import Run
+from psm.runs.config import validate_config
+from psm.runs.run import Run
 
 torch.set_num_threads(1)
 

@@ -17,11 +17,11 @@ from safetensors.torch import load_file
 from torch import nn
 
 from helpers import run_cli, tiny_config
-from psm.config import config_hash, load_config, validate_config
 from psm.data import DATASETS, Dataset, DataSpec
 from psm.nets import NETS, NetSpec
-from psm.run import Run
-from psm.train import train_block, train_ensemble
+from psm.runs.config import config_hash, load_config, validate_config
+from psm.runs.run import Run
+from psm.training.train import train_block, train_ensemble
 
 FIXTURES = Path(__file__).parent / "fixtures"
 CONFIGS = sorted((Path(__file__).parents[1] / "configs").rglob("*.yaml"))
@@ -177,7 +177,7 @@ def test_a_net_that_cannot_take_the_shape_is_a_clear_error(registered, tmp_path,
 # ------------------------------------------------------------------ configs and old runs
 @pytest.mark.parametrize("path", CONFIGS, ids=lambda p: f"{p.parent.name}/{p.stem}")
 def test_every_shipped_config_loads_and_builds_its_parts(path):
-    from psm.parts import Parts
+    from psm.runs.run_parts import Parts
 
     cfg = load_config(path)
     parts = Parts(cfg)
@@ -244,10 +244,10 @@ def test_new_options_leave_existing_hashes_alone():
 # ------------------------------------------------------------------ math off the disk
 def test_math_modules_import_nothing_from_the_disk_layer():
     code = (
-        "import sys, psm.ode, psm.model, psm.sample, psm.likelihood, psm.blockerror\n"
-        "import psm.process, psm.partition\n"
-        "bad = [m for m in ('psm.run', 'psm.config', 'psm.checkpoint', 'psm.trained')"
-        " if m in sys.modules]\n"
+        "import sys, psm.core.ode, psm.core.model, psm.core.sample, psm.core.likelihood\n"
+        "import psm.core.block_kl, psm.core.process, psm.core.partition\n"
+        "bad = [m for m in ('psm.runs.run', 'psm.runs.config', 'psm.runs.checkpoint',"
+        " 'psm.runs.inference') if m in sys.modules]\n"
         "print(','.join(bad))"
     )
     out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True)

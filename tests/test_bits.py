@@ -17,23 +17,23 @@ import numpy as np
 import pytest
 import torch
 
-from psm.config import validate_config
+from psm.core.likelihood import EXACT_TRACE_MAX_DIM, auto_trace, divergence, log_likelihood
+from psm.core.model import BlockModel
+from psm.core.ode import SolverSettings
+from psm.core.partition import equal, grid, splits
+from psm.core.process import make_process
+from psm.core.sample import sample
 from psm.data.images import ImageArrays, ImageDataset
 from psm.errors import PSMError
-from psm.likelihood import EXACT_TRACE_MAX_DIM, auto_trace, divergence, log_likelihood
-from psm.model import BlockModel
-from psm.ode import SolverSettings
-from psm.partition import equal, grid, splits
-from psm.process import make_process
-from psm.run import Run
-from psm.sample import sample
-from psm.trained import (
+from psm.runs.config import validate_config
+from psm.runs.inference import (
     AUTHORS_T0,
     EvalSettings,
     authors_solver,
     eval_settings,
     evaluate_model,
 )
+from psm.runs.run import Run
 from test_likelihood import GaussianMixture
 
 D64 = torch.float64

@@ -7,9 +7,9 @@ import torch
 from safetensors.torch import load_file
 
 from helpers import one_line_error, tiny_config
-from psm.config import ConfigError, config_hash, load_config, validate_config
-from psm.train import train_block, train_ensemble
-from psm.trained import load_model
+from psm.runs.config import ConfigError, config_hash, load_config, validate_config
+from psm.runs.inference import load_model
+from psm.training.train import train_block, train_ensemble
 
 
 def weights(run, block: int) -> dict[str, torch.Tensor]:
@@ -74,7 +74,7 @@ def test_cli_trains_each_block_to_its_target(tmp_path, capsys):
     import yaml
 
     from helpers import run_cli
-    from psm.run import Run
+    from psm.runs.run import Run
 
     cfg = tmp_path / "c.yaml"
     cfg.write_text(yaml.safe_dump(tiny_config(train={"block_steps": [15, 5, 10]})))

@@ -1,4 +1,4 @@
-"""The KL bound split by block (psm.blockerror, psm kl) against closed forms."""
+"""The KL bound split by block (psm.core.block_kl, psm kl) against closed forms."""
 
 from __future__ import annotations
 
@@ -10,11 +10,11 @@ import torch
 import yaml
 
 from helpers import one_line_error, run_cli, tiny_config
-from psm.blockerror import block_kl
+from psm.core.block_kl import block_kl
+from psm.core.model import BlockModel
+from psm.core.partition import splits
+from psm.core.process import make_process
 from psm.data.mixture import paper_toy
-from psm.model import BlockModel
-from psm.partition import splits
-from psm.process import make_process
 from test_likelihood import MIXTURE
 
 D64 = torch.float64

@@ -15,7 +15,7 @@ import yaml
 
 from helpers import one_line_error, run_cli, tiny_config
 from psm.cli import main
-from psm.run import Run
+from psm.runs.run import Run
 
 
 def write_config(path: Path, **sections) -> Path:

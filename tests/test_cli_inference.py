@@ -11,10 +11,10 @@ import pytest
 from PIL import Image
 
 from helpers import one_line_error, run_cli, tiny_config
-from psm.config import validate_config
-from psm.run import Run
-from psm.train import train_block
-from psm.trained import evaluate_run
+from psm.runs.config import validate_config
+from psm.runs.inference import evaluate_run
+from psm.runs.run import Run
+from psm.training.train import train_block
 
 # the eval section is what `psm nll` falls back on: small, so the defaults run fast
 EVAL = {"n_test": 48, "steps": 12, "solver": "rk4", "test_seed": 7}

@@ -7,8 +7,8 @@ from pathlib import Path
 import pytest
 
 from helpers import tiny_config
-from psm.config import config_hash, hashed_differences, load_config, validate_config
 from psm.errors import ConfigError
+from psm.runs.config import config_hash, hashed_differences, load_config, validate_config
 
 CONFIGS = sorted((Path(__file__).parents[1] / "configs" / "toy").glob("*.yaml"))
 DATA, METHODS = ("ty", "hg"), ("sa", "sa_authors", "tpsm_a", "tpsm_b", "tpsm10", "tpsm_c",

@@ -4,11 +4,12 @@ from __future__ import annotations
 
 import json
 import math
+import re
 
 import pytest
 
 from psm.cli import main
-from psm.run import Run
+from psm.runs.run import Run
 
 
 @pytest.mark.slow
@@ -18,7 +19,9 @@ def test_demo_trains_both_methods_and_reports(tmp_path, capsys):
             "--threads", "1", "--grid", "8", "--no-progress"]  # fmt: skip
     assert main(argv) == 0
     table = capsys.readouterr().out
-    assert "| SA-DPM | 1 |" in table and "| TPSM-10 | 10 |" in table and "0.475" in table
+    # a row is flagged (" ⚠") when the machine ran slower than a quiet one: load, not a fault
+    assert re.search(r"\| SA-DPM( ⚠)? \| 1 \|", table) and "0.475" in table
+    assert re.search(r"\| TPSM-10( ⚠)? \| 10 \|", table)
     rows = json.loads((out / "results.json").read_text())
     assert [r["method"] for r in rows] == ["SA-DPM", "TPSM-10"]
     for r in rows:
@@ -43,7 +46,7 @@ def test_demo_bad_flags(tmp_path, capsys):
 
 
 def test_demo_flags_a_method_that_trained_far_slower_than_measured():
-    from psm.demo import DemoRow, format_table, speed_notes
+    from psm.experiments.demo import DemoRow, format_table, speed_notes
 
     assert speed_notes("SA-DPM", 1, 560.0, 600.0, threads=2) == []
     busy = speed_notes("TPSM-10", 10, 200.0, 700.0, threads=2)

@@ -14,13 +14,13 @@ import torch
 import yaml
 
 from helpers import tiny_config
-from psm.checkpoint import load_weights
 from psm.cli import main
-from psm.config import validate_config
 from psm.errors import ConfigError, PSMError
 from psm.executors import make_executor
-from psm.run import Run
-from psm.train import BlockProblem
+from psm.runs.checkpoint import load_weights
+from psm.runs.config import validate_config
+from psm.runs.run import Run
+from psm.training.train import BlockProblem
 
 ray = pytest.importorskip("ray")
 from psm.executors.ray import RayExecutor  # noqa: E402
@@ -90,7 +90,7 @@ def test_killed_worker_is_retried_and_resumes(make_run):
         import this test module.)"""
         import time as _time
 
-        import psm.train as tr
+        import psm.training.train as tr
 
         draw = tr.BlockProblem.draw_batch
 

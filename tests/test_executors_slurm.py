@@ -15,11 +15,11 @@ import yaml
 
 from helpers import tiny_config
 from psm.cli import main
-from psm.config import validate_config
 from psm.errors import ConfigError, PSMError
 from psm.executors import make_executor
 from psm.executors.options import job_states, parse_sacct, record_jobs
-from psm.run import Run
+from psm.runs.config import validate_config
+from psm.runs.run import Run
 
 submitit = pytest.importorskip("submitit")
 from psm.executors.slurm import SlurmExecutor  # noqa: E402

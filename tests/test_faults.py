@@ -19,17 +19,17 @@ import pytest
 import torch
 import yaml
 
-import psm.atomic
-import psm.lock
-import psm.train
+import psm.runs.atomic
+import psm.runs.lock
+import psm.training.train
 from helpers import tiny_config
-from psm.checkpoint import load_state, load_weights
 from psm.cli import main
 from psm.errors import RunError
 from psm.executors.ray import train_task
-from psm.lock import BlockLocks
-from psm.run import Run
-from psm.train import BlockProblem, train_block, train_ensemble
+from psm.runs.checkpoint import load_state, load_weights
+from psm.runs.lock import BlockLocks
+from psm.runs.run import Run
+from psm.training.train import BlockProblem, train_block, train_ensemble
 
 
 def write_config(path: Path, **sections) -> Path:
@@ -51,14 +51,14 @@ def slow_draws(monkeypatch, seconds: float = 0.002) -> None:
 def spy_resume_steps(monkeypatch) -> dict[int, list[int]]:
     """Record, per block, the step each load of its resume point returned (0: none)."""
     seen: dict[int, list[int]] = {}
-    real = psm.train.load_state
+    real = psm.training.train.load_state
 
     def spy(run, block, net):
         st = real(run, block, net)
         seen.setdefault(block, []).append(st.step if st else 0)
         return st
 
-    monkeypatch.setattr(psm.train, "load_state", spy)
+    monkeypatch.setattr(psm.training.train, "load_state", spy)
     return seen
 
 
@@ -80,7 +80,7 @@ def write_lock(path: Path, *, host: str, pid: int, age: float) -> None:
 # --------------------------------------------------------------------------- killed worker
 SLOW_STEPS = """
 import time
-import psm.train as tr
+import psm.training.train as tr
 draw = tr.BlockProblem.draw_batch
 def slow(self, g):
     time.sleep(0.01)
@@ -202,7 +202,7 @@ def test_two_takers_of_one_stale_lock_do_not_both_win(tmp_path, monkeypatch):
     path = tmp_path / "0000.lock"
     write_lock(path, host=socket.gethostname(), pid=dead_pid(), age=0.0)
     a, b = BlockLocks(), BlockLocks()
-    real = psm.lock._is_stale
+    real = psm.runs.lock._is_stale
     raced = []
 
     def judge(p, info, stale_after):
@@ -212,7 +212,7 @@ def test_two_takers_of_one_stale_lock_do_not_both_win(tmp_path, monkeypatch):
             assert a.acquire(path)
         return verdict
 
-    monkeypatch.setattr(psm.lock, "_is_stale", judge)
+    monkeypatch.setattr(psm.runs.lock, "_is_stale", judge)
     try:
         mine = None
         assert b.acquire(path) is False  # B must not remove A's fresh lock and take the block
@@ -278,7 +278,7 @@ def fail_second_checkpoint(monkeypatch, err: int) -> None:
                 raise OSError(err, os.strerror(err))
         return real(fd)
 
-    monkeypatch.setattr(psm.atomic.os, "fsync", fsync)
+    monkeypatch.setattr(psm.runs.atomic.os, "fsync", fsync)
 
 
 @pytest.mark.parametrize(
@@ -312,16 +312,16 @@ def test_full_or_read_only_disk_is_a_clear_error_and_tears_nothing(
 
 def test_failed_append_leaves_no_torn_line(tmp_path, monkeypatch):
     log = tmp_path / "m.jsonl"
-    psm.atomic.append_line(log, '{"step": 1}')
+    psm.runs.atomic.append_line(log, '{"step": 1}')
     real = os.write
 
     def half_then_full(fd, data):
         real(fd, bytes(data[: len(data) // 2]))
         raise OSError(errno.ENOSPC, "No space left on device")
 
-    monkeypatch.setattr(psm.atomic.os, "write", half_then_full)
+    monkeypatch.setattr(psm.runs.atomic.os, "write", half_then_full)
     with pytest.raises(RunError, match=r"m\.jsonl: no space left on device"):
-        psm.atomic.append_line(log, '{"step": 2, "loss": 0.5}')
+        psm.runs.atomic.append_line(log, '{"step": 2, "loss": 0.5}')
     monkeypatch.undo()
     assert log.read_text() == '{"step": 1}\n'
 

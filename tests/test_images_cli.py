@@ -14,12 +14,12 @@ import torch
 from PIL import Image
 
 from helpers import one_line_error, run_cli
-from psm.config import load_config, validate_config
-from psm.ode import SolverSettings, integrate_blocks
-from psm.run import Run
-from psm.sample import boundary_times, pick_times, sample, sample_path
-from psm.train import train_block, train_ensemble
-from psm.trained import evaluate_run, load_model
+from psm.core.ode import SolverSettings, integrate_blocks
+from psm.core.sample import boundary_times, pick_times, sample, sample_path
+from psm.runs.config import load_config, validate_config
+from psm.runs.inference import evaluate_run, load_model
+from psm.runs.run import Run
+from psm.training.train import train_block, train_ensemble
 
 TINY_UNET = {"name": "ddpm_unet", "base": 8, "mults": [1, 2], "res_blocks": 1, "groups": 4,
              "attention_levels": [], "dropout": 0.0}  # fmt: skip
@@ -77,7 +77,7 @@ class FakeWriter:
 @pytest.fixture
 def tensorboard(monkeypatch) -> FakeWriter:
     writer = FakeWriter()
-    monkeypatch.setattr("psm.tensorboard.summary_writer", lambda path: writer)
+    monkeypatch.setattr("psm.runs.tensorboard.summary_writer", lambda path: writer)
     return writer
 
 

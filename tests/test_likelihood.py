@@ -14,18 +14,18 @@ import pytest
 import torch
 from torch import Tensor
 
-from psm.likelihood import (
+from psm.core.likelihood import (
     divergence,
     evaluate_nll,
     log_likelihood,
     rademacher,
 )
-from psm.model import BlockModel
-from psm.ode import SolverSettings
-from psm.partition import equal, grid, splits
-from psm.process import Process, make_process
-from psm.train import train_block
-from psm.trained import evaluate_run, load_model
+from psm.core.model import BlockModel
+from psm.core.ode import SolverSettings
+from psm.core.partition import equal, grid, splits
+from psm.core.process import Process, make_process
+from psm.runs.inference import evaluate_run, load_model
+from psm.training.train import train_block
 
 D64 = torch.float64
 T0 = 1e-4  # the partitions' default time floor

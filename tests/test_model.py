@@ -5,13 +5,13 @@ from __future__ import annotations
 import pytest
 import torch
 
-from psm.checkpoint import load_weights, save_weights
+from psm.core.model import BlockModel
+from psm.core.partition import Segment, grid, splits
+from psm.core.process import make_process
 from psm.errors import IncompleteRunError, PSMError
-from psm.model import BlockModel
-from psm.partition import Segment, grid, splits
-from psm.process import make_process
-from psm.train import train_block
-from psm.trained import load_model
+from psm.runs.checkpoint import load_weights, save_weights
+from psm.runs.inference import load_model
+from psm.training.train import train_block
 
 D64 = torch.float64
 VP = make_process("vp")

@@ -5,8 +5,8 @@ from __future__ import annotations
 import pytest
 import torch
 
-from psm.config import ConfigError, validate_config
 from psm.nets import MLPSpec, PaperMLP
+from psm.runs.config import ConfigError, validate_config
 
 
 def test_paper_mlp_architecture():

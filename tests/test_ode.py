@@ -7,8 +7,8 @@ import math
 import pytest
 import torch
 
-from psm.model import BlockModel
-from psm.ode import (
+from psm.core.model import BlockModel
+from psm.core.ode import (
     SOLVER_NAMES,
     SolverSettings,
     allocate_steps,
@@ -20,8 +20,8 @@ from psm.ode import (
     rk4_step,
     steps_for,
 )
-from psm.partition import Segment, splits
-from psm.process import make_process
+from psm.core.partition import Segment, splits
+from psm.core.process import make_process
 
 D64 = torch.float64
 STEPS = {"euler": euler_step, "rk4": rk4_step}

@@ -5,7 +5,7 @@ from __future__ import annotations
 import pytest
 import torch
 
-from psm.partition import Partition, PartitionError, equal, grid, splits
+from psm.core.partition import Partition, PartitionError, equal, grid, splits
 
 
 def test_paper_partitions():
@@ -73,7 +73,7 @@ def test_block_range_checked():
 
 
 def test_geometric_blocks_crowd_near_zero():
-    from psm.partition import geometric
+    from psm.core.partition import geometric
 
     g = geometric(10, 1e-3)
     assert g.num_blocks == 10 and g.edges[:2] == (0.0, 1e-3) and g.edges[-1] == 1.0

@@ -7,7 +7,7 @@ import math
 import pytest
 import torch
 
-from psm.process import OTSchedule, VPSchedule, make_process
+from psm.core.process import OTSchedule, VPSchedule, make_process
 
 T = torch.linspace(1e-3, 0.999, 41, dtype=torch.float64)
 

@@ -14,9 +14,9 @@ import pytest
 import torch
 import yaml
 
-import psm.train
+import psm.training.train
 from helpers import one_line_error, run_cli, tiny_config
-from psm.run import Run
+from psm.runs.run import Run
 
 
 def write_config(path: Path, **sections) -> Path:
@@ -188,7 +188,7 @@ def test_an_empty_config_and_infinite_floats_are_refused(tmp_path, capsys):
 def test_a_lock_with_garbage_contents_is_stale_and_taken_over(make_run, capsys):
     run = make_run()
     run.lock_path(1).write_text("\x00garbage, not a psm lock")
-    out = psm.train.train_block(run, 1)
+    out = psm.training.train.train_block(run, 1)
     assert out.state == "done"
     assert "not a psm lock" in capsys.readouterr().err
     assert not run.lock_path(1).exists()
@@ -197,7 +197,7 @@ def test_a_lock_with_garbage_contents_is_stale_and_taken_over(make_run, capsys):
 # --------------------------------------------------------------------------- 6. progress
 def test_progress_marks_between_log_lines(make_run, monkeypatch):
     """The status step moves between two log lines (at least every PROGRESS_SECONDS)."""
-    monkeypatch.setattr(psm.train, "PROGRESS_SECONDS", 0.0)
+    monkeypatch.setattr(psm.training.train, "PROGRESS_SECONDS", 0.0)
     run = make_run(train={"steps": 30, "log_every": 1000, "checkpoint_every": 1000})
     seen: list[int] = []
     real = Run.write_status
@@ -208,16 +208,16 @@ def test_progress_marks_between_log_lines(make_run, monkeypatch):
         return real(self, block, **fields)
 
     monkeypatch.setattr(Run, "write_status", spy)
-    psm.train.train_block(run, 0)
+    psm.training.train.train_block(run, 0)
     assert set(range(1, 30)) <= set(seen)
 
 
 def test_the_nll_bar_moves_at_every_solver_step(monkeypatch):
-    from psm.likelihood import evaluate_nll
-    from psm.model import BlockModel
-    from psm.ode import SolverSettings, solve_units
-    from psm.partition import splits
-    from psm.process import make_process
+    from psm.core.likelihood import evaluate_nll
+    from psm.core.model import BlockModel
+    from psm.core.ode import SolverSettings, solve_units
+    from psm.core.partition import splits
+    from psm.core.process import make_process
 
     updates: list[float] = []
     import tqdm.auto
@@ -227,7 +227,7 @@ def test_the_nll_bar_moves_at_every_solver_step(monkeypatch):
             updates.append(n)
             return super().update(n)
 
-    monkeypatch.setattr("psm.likelihood.tqdm", Bar)
+    monkeypatch.setattr("psm.core.likelihood.tqdm", Bar)
     part = splits([0, 0.5, 1])
     model = BlockModel(make_process("vp"), part, [lambda x, t: 0.1 * x] * 2)
     solver = SolverSettings("rk4", 12)
@@ -241,7 +241,7 @@ def test_a_loss_curve_with_one_point_is_drawn_with_markers(make_run, monkeypatch
     from psm.viz.losses import plot_loss_curves
 
     run = make_run(train={"steps": 5, "log_every": 5, "checkpoint_every": 5})
-    psm.train.train_block(run, 0)
+    psm.training.train.train_block(run, 0)
     kwargs: list[dict] = []
     real = Axes.plot
 
@@ -257,7 +257,7 @@ def test_a_loss_curve_with_one_point_is_drawn_with_markers(make_run, monkeypatch
 def test_copying_a_run_elsewhere_keeps_its_data_guard_quiet(make_run, tmp_path):
     """Synthetic data have no files: a moved run directory opens and checks clean."""
     run = make_run()
-    psm.train.train_block(run, 0)
+    psm.training.train.train_block(run, 0)
     moved = tmp_path / "moved"
     shutil.copytree(run.path, moved)
     Run.open(moved).check_data()

@@ -7,7 +7,15 @@ import json
 import pytest
 
 from helpers import one_line_error, run_cli
-from psm.reproduce import BY_KEY, PRESETS, floor_nll, plan, plan_rows, run_config, steps_per_block
+from psm.experiments.reproduce import (
+    BY_KEY,
+    PRESETS,
+    floor_nll,
+    plan,
+    plan_rows,
+    run_config,
+    steps_per_block,
+)
 
 
 def test_budgets_follow_the_papers_ratio_total_compute_and_steps_per_network():
@@ -92,7 +100,7 @@ def test_tiny_preset_end_to_end_and_resumable(tmp_path, capsys):
 
 def test_runs_go_cheapest_first_in_the_plans_order(tmp_path, monkeypatch):
     # an interrupted full preset should have filled as many table cells as its time allowed
-    import psm.reproduce as rep
+    import psm.experiments.reproduce as rep
 
     order: list[str] = []
     labels: list[str] = []
@@ -125,7 +133,7 @@ def test_runs_go_cheapest_first_in_the_plans_order(tmp_path, monkeypatch):
 
 def test_runs_names_runs_with_or_without_their_data_set(tmp_path, monkeypatch):
     # finishing a preset's last runs: --runs tpsm_c_8000 on both sets, hg_sa the HG SA curve
-    import psm.reproduce as rep
+    import psm.experiments.reproduce as rep
 
     order: list[str] = []
     monkeypatch.setattr(
@@ -167,7 +175,7 @@ def test_a_curve_stopped_short_of_its_steps_is_not_scored(tmp_path, monkeypatch)
     import dataclasses
     from types import SimpleNamespace
 
-    import psm.reproduce as rep
+    import psm.experiments.reproduce as rep
 
     monkeypatch.setattr(rep, "train_ensemble", lambda run, todo: [SimpleNamespace(state="stopped")])
     preset = dataclasses.replace(PRESETS["tiny"], curve=(10,))
@@ -177,7 +185,7 @@ def test_a_curve_stopped_short_of_its_steps_is_not_scored(tmp_path, monkeypatch)
 
 
 def test_a_row_with_nothing_scored_shows_dashes_not_nan():
-    from psm.reproduce import format_tables
+    from psm.experiments.reproduce import format_tables
 
     text = format_tables("tiny", "paper", [])
     rows = [ln for ln in text.splitlines() if ln.startswith("| SA-DPM |")]

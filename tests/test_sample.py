@@ -8,10 +8,10 @@ import pytest
 import torch
 from torch import Tensor
 
-from psm.ode import SolverSettings, probability_flow
-from psm.partition import equal, grid
-from psm.process import make_process
-from psm.sample import prior_sample, sample, sample_ode, sample_sde
+from psm.core.ode import SolverSettings, probability_flow
+from psm.core.partition import equal, grid
+from psm.core.process import make_process
+from psm.core.sample import prior_sample, sample, sample_ode, sample_sde
 from test_likelihood import GAUSS, MIXTURE, UNEVEN7, exact_model
 
 D64 = torch.float64

@@ -8,11 +8,11 @@ import pytest
 import torch
 from safetensors.torch import load_file
 
-from psm.checkpoint import load_weights
 from psm.errors import CheckpointError
-from psm.run import Run
-from psm.stack import stack_nets
-from psm.train import BlockProblem, train_block, train_ensemble
+from psm.runs.checkpoint import load_weights
+from psm.runs.run import Run
+from psm.training.stack import stack_nets
+from psm.training.train import BlockProblem, train_block, train_ensemble
 
 
 def weights(run: Run, block: int) -> dict[str, torch.Tensor]:
@@ -168,7 +168,7 @@ def test_stacked_forwards_match_each_net():
 def test_learning_rate_schedules():
     from types import SimpleNamespace
 
-    from psm.train import Recipe
+    from psm.training.train import Recipe
 
     def recipe(schedule, warmup=0):
         cfg = SimpleNamespace(lr=1e-3, lr_schedule=schedule, warmup=warmup, ema=None,
@@ -202,8 +202,8 @@ def test_recipes_keep_the_ensemble_equal_to_one_by_one_and_resume_exact(make_run
     half = make_run(path=tmp_path / "h", train={**recipe, "steps": 20, "checkpoint_every": 10})
     straight = make_run(path=tmp_path / "s", train={**recipe, "steps": 20})
     train_block(straight, 1)
-    from psm.stop import StopRequest
-    from psm.train import train_stack
+    from psm.training.stop import StopRequest
+    from psm.training.train import train_stack
 
     class StopAt(StopRequest):  # stop after 10 steps, as Ctrl-C would
         calls = 0

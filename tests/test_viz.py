@@ -9,12 +9,12 @@ import pytest
 import torch
 from PIL import Image
 
+from psm.core.ode import SolverSettings
+from psm.core.partition import grid
+from psm.core.process import make_process
+from psm.core.sample import sample_ode
 from psm.data import Dataset, make_dataset
 from psm.errors import PSMError
-from psm.ode import SolverSettings
-from psm.partition import grid
-from psm.process import make_process
-from psm.sample import sample_ode
 from psm.viz.animation import animate_samples, record_trajectory
 from psm.viz.density import (
     grid_points,

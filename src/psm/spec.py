@@ -4,7 +4,7 @@ A *part* (a dataset, a net) is described in the config by a small pydantic model
 that lives next to the code it builds and knows how to build it. The config's ``data:`` and
 ``net:`` sections are discriminated by ``name``: the registry maps each name to its spec class,
 so adding a net or a dataset is its own file plus one registry line, and nothing in
-:mod:`psm.config`.
+:mod:`psm.runs.config`.
 """
 
 from __future__ import annotations

@@ -25,7 +25,7 @@ from ..errors import PSMError
 from ..executors.base import Executor
 from ..executors.ensemble import EnsembleExecutor
 from ..executors.local import LocalExecutor
-from ..train import train_block
+from ..training.train import train_block
 from .report import markdown_table, toy_run
 
 ENGINES = ("local", "ensemble", "ray", "ray-warm")

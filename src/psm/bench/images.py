@@ -2,7 +2,7 @@
 
 Training: for each digits-sized U-Net of ``configs/images/digits_*.yaml`` (the DDPM U-Net of
 SA/TPSM, the classic U-Net of DPSM) and each K, throwaway runs on the bundled digits are
-stepped through the real training step, :meth:`psm.train.StackTrainer.train_step` (draw,
+stepped through the real training step, :meth:`psm.training.train.StackTrainer.train_step` (draw,
 forward, loss, backward, Adam; no disk writes): K single-block trainers one after another (the
 loop, what the local executor does per worker) against one trainer of all K blocks stacked
 (``torch.func`` over the stacked weights, what the ensemble executor does). Both are warmed up
@@ -61,8 +61,8 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
 # ---------------------------------------------------------------------- throwaway runs
 def image_run(root: Path, name: str, net: dict, partition: dict, batch: int, **train: Any):
     """A fresh run on the bundled digits (or ``train.data``) for timing."""
-    from ..config import validate_config
-    from ..run import Run
+    from ..runs.config import validate_config
+    from ..runs.run import Run
 
     data = train.pop("data", {"name": "digits"})
     raw = {
@@ -115,7 +115,7 @@ def time_steps(trainer, steps: int) -> float:
 
 def loop_vs_stack(run, k: int, steps: int, warmup: int, repeats: int) -> dict[str, Any]:
     """Block-steps/s of K single-block trainers in turn vs one trainer of K stacked blocks."""
-    from ..train import StackTrainer
+    from ..training.train import StackTrainer
 
     singles = [StackTrainer(run, [b]) for b in range(k)]
     stack = StackTrainer(run, list(range(k)))
@@ -141,8 +141,8 @@ def loop_vs_stack(run, k: int, steps: int, warmup: int, repeats: int) -> dict[st
 # ---------------------------------------------------------------------- likelihood
 def nll_models(root: Path) -> dict[str, Any]:
     """Untrained SA, TPSM (10) and DPSM (100 points) models with the digits configs' nets."""
-    from ..model import BlockModel
-    from ..run import Run
+    from ..core.model import BlockModel
+    from ..runs.run import Run
 
     specs = {
         "SA": ("ddpm_unet", {"kind": "equal", "blocks": 1}),
@@ -161,8 +161,8 @@ def nll_models(root: Path) -> dict[str, Any]:
 def time_bits(model, dataset, n: int, steps: int, trace: str) -> dict[str, Any]:
     """One bits/dim evaluation of the first n digits test images; ``steps`` is a budget split
     by block length, at least one per block."""
-    from ..ode import SolverSettings, solve_units
-    from ..trained import EvalSettings, evaluate_model
+    from ..core.ode import SolverSettings, solve_units
+    from ..runs.inference import EvalSettings, evaluate_model
 
     solver = SolverSettings("rk4", steps)
     settings = EvalSettings("psm", solver, trace, 1, "solve", 1e-3, True)
@@ -195,7 +195,7 @@ def best_bits(jobs: dict[str, tuple], dataset, rounds: int) -> dict[str, dict[st
 # ---------------------------------------------------------------------- GPU
 def gpu_rows(root: Path, device: str, args: argparse.Namespace, net: dict = CIFAR_NET) -> dict:
     """CIFAR-10-sized U-Net steps on ``device``: fp32 one block, K loop vs stacked, EMA + bf16."""
-    from ..train import StackTrainer
+    from ..training.train import StackTrainer
 
     data = {"name": "cifar10", "path": str(synthetic_prepared(root, "cifar10", (3, 32, 32)))}
     common = {"data": data, "device": device}

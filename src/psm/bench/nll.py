@@ -2,7 +2,7 @@
 
 The time of an ODE likelihood does not depend on how well the nets are trained, so the models
 here are freshly initialised paper MLPs (one per block) assembled exactly as a trained run
-would be (:class:`psm.model.BlockModel`); every model scores the same TY test points with the
+would be (:class:`psm.core.model.BlockModel`); every model scores the same TY test points with the
 exact trace, side by side in one run.
 """
 
@@ -13,11 +13,11 @@ from typing import Any
 
 import torch
 
-from ..config import validate_config
-from ..likelihood import evaluate_nll
-from ..model import BlockModel
-from ..ode import SolverSettings
-from ..parts import Parts
+from ..core.likelihood import evaluate_nll
+from ..core.model import BlockModel
+from ..core.ode import SolverSettings
+from ..runs.config import validate_config
+from ..runs.run_parts import Parts
 from .report import markdown_table
 
 METHODS = {

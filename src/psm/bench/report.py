@@ -12,14 +12,14 @@ from typing import Any
 
 import torch
 
-from ..atomic import atomic_write_text
+from ..runs.atomic import atomic_write_text
 
 
 def toy_run(root: Path, name: str, blocks: int, steps: int, batch: int, **train: Any):
     """A fresh TY run of ``blocks`` equal blocks under ``root`` for timing: status every 100
     steps, one checkpoint at the end; ``train`` sets further ``train.*`` fields."""
-    from ..config import validate_config
-    from ..run import Run
+    from ..runs.config import validate_config
+    from ..runs.run import Run
 
     settings = {"steps": steps, "batch_size": batch, "log_every": 100, "checkpoint_every": steps}
     raw = {

@@ -16,7 +16,7 @@ from typing import Any
 
 import torch
 
-from ..train import StackTrainer, train_block, train_ensemble
+from ..training.train import StackTrainer, train_block, train_ensemble
 from .report import markdown_table, toy_run
 
 

@@ -32,7 +32,7 @@ def add(sub: argparse._SubParsersAction) -> None:
 
 def cmd_demo(args: argparse.Namespace) -> int:
     from ..data import TOYS
-    from ..demo import format_table, run_demo
+    from ..experiments.demo import format_table, run_demo
 
     for flag in ("seconds", "blocks", "n_test", "steps", "threads", "grid"):
         if getattr(args, flag) <= 0:

@@ -1,7 +1,7 @@
 """``psm kl RUN``: where a trained run's error lies in time, block by block.
 
 Data with an exact noised density (the 2D mixtures) give the exact score at every t, so the
-score-matching KL bound splits into one term per block (:mod:`psm.blockerror`). The table says
+score-matching KL bound splits into one term per block (:mod:`psm.core.block_kl`). The table says
 which blocks hold the likelihood gap: the ones to give more steps (``train.block_steps``), more
 blocks, or a better net.
 """
@@ -39,9 +39,9 @@ def cmd_kl(args: argparse.Namespace) -> int:
 
     import torch
 
-    from ..blockerror import block_kl
-    from ..run import Run
-    from ..trained import load_model
+    from ..core.block_kl import block_kl
+    from ..runs.inference import load_model
+    from ..runs.run import Run
 
     if args.threads:
         torch.set_num_threads(args.threads)

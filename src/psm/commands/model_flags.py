@@ -11,12 +11,12 @@ from ..errors import PSMError
 if TYPE_CHECKING:  # torch is imported when a command runs, not when `psm` parses its flags
     import torch
 
-    from ..ode import SolverSettings
+    from ..core.ode import SolverSettings
 
 DTYPES: tuple[str, ...] = ("float32", "float64")
 DEFAULT_TOL = 1e-5
-SOLVER_CHOICES: tuple[str, ...] = ("rk4", "euler", "dopri5")  # psm.ode.SOLVER_NAMES (tested)
-GRID_FIELD_CHOICES: tuple[str, ...] = ("constant", "linear")  # psm.model.GRID_FIELDS (tested)
+SOLVER_CHOICES: tuple[str, ...] = ("rk4", "euler", "dopri5")  # psm.core.ode.SOLVER_NAMES (tested)
+GRID_FIELD_CHOICES: tuple[str, ...] = ("constant", "linear")  # psm.core.model.GRID_FIELDS (tested)
 
 
 def parse_steps(text: str) -> int | tuple[int, ...]:
@@ -92,7 +92,7 @@ def ode_settings(
         PSMError: per-block steps of the wrong length; tolerances given for a fixed-step
             solver, or not > 0.
     """
-    from ..ode import SolverSettings
+    from ..core.ode import SolverSettings
 
     method = args.solver or solver
     steps = args.steps if args.steps is not None else steps
@@ -119,7 +119,7 @@ def dtype_of(name: str) -> torch.dtype:
 
 def resolve_device(name: str) -> torch.device:
     """``--device``: ``auto`` → cuda if available else cpu; refuse a missing CUDA."""
-    from ..device import resolve_device as resolve
+    from ..core.device import resolve_device as resolve
 
     try:
         return resolve(name)

@@ -2,9 +2,10 @@
 image runs in bits/dim beside the trivial bound ``log2 L``.
 
 The NLL is the mean of ``-log p₀(x)`` over the dataset's test set, ``log p₀`` from the
-probability-flow ODE through the blocks (paper eqs. 4 and 6, :func:`psm.trained.evaluate_run`);
+probability-flow ODE through the blocks (paper eqs. 4 and 6,
+:func:`psm.runs.inference.evaluate_run`);
 defaults come from the run's ``eval`` section. Image runs report bits/dim in one of two
-conventions (``--convention``, see :mod:`psm.trained`): ``psm`` (the headline: dequantized
+conventions (``--convention``, see :mod:`psm.runs.inference`): ``psm`` (the headline: dequantized
 test images, an upper bound on the discrete NLL) or ``authors`` (what the authors' scripts
 compute; labelled as such wherever it appears). The trace is exact up to 16 dimensions and
 Hutchinson above (``--trace auto``; one warning line says so); ``--trace exact`` above 16
@@ -45,14 +46,14 @@ from .model_flags import (
 )
 
 if TYPE_CHECKING:  # torch is imported when a command runs, not when `psm` parses its flags
-    from ..ode import SolverSettings
-    from ..trained import EvalSettings, RunEvaluation
+    from ..core.ode import SolverSettings
+    from ..runs.inference import EvalSettings, RunEvaluation
 
 NLL_LOG = "nll.jsonl"
 """The file in a run directory that collects one JSON line per ``psm nll`` evaluation."""
 
 TRACE_CHOICES = ("auto", "exact", "hutchinson")
-CONVENTION_CHOICES = ("psm", "authors")  # psm.trained.CONVENTIONS (tested)
+CONVENTION_CHOICES = ("psm", "authors")  # psm.runs.inference.CONVENTIONS (tested)
 
 
 # --------------------------------------------------------------------------- psm nll
@@ -111,8 +112,8 @@ def resolve_settings(args: argparse.Namespace, run) -> EvalSettings:
             exact`` above 16 dimensions without ``--force``, the authors' convention on data
             without levels, an adaptive solver with probes redrawn at every evaluation).
     """
-    from ..likelihood import EXACT_TRACE_MAX_DIM
-    from ..trained import eval_settings
+    from ..core.likelihood import EXACT_TRACE_MAX_DIM
+    from ..runs.inference import eval_settings
 
     ev = run.config.eval
     flags_set = args.solver is not None or args.steps is not None
@@ -151,9 +152,9 @@ def _probes(settings) -> str:
 
 
 def cmd_nll(args: argparse.Namespace) -> int:
-    from ..atomic import append_line, atomic_write_json
-    from ..run import Run
-    from ..trained import evaluate_run
+    from ..runs.atomic import append_line, atomic_write_json
+    from ..runs.inference import evaluate_run
+    from ..runs.run import Run
 
     run = Run.open(args.run)
     run.check_data()  # a changed or vanished data file, before anything is built from it
@@ -201,7 +202,7 @@ def cmd_nll(args: argparse.Namespace) -> int:
 def log_tensorboard(run, record: dict[str, Any]) -> None:
     """``eval/nll`` and ``eval/bpd`` (``_authors`` for the authors' convention) at the run's
     furthest trained step, when TensorBoard is installed."""
-    from ..tensorboard import add_scalars, summary_writer
+    from ..runs.tensorboard import add_scalars, summary_writer
 
     writer = summary_writer(run.path)
     if writer is None:
@@ -250,8 +251,8 @@ def nll_record(
     """The JSON line ``psm nll`` appends to ``<run>/nll.jsonl``.
 
     Args:
-        run: the :class:`~psm.run.Run`.
-        ev: its :class:`~psm.trained.RunEvaluation`.
+        run: the :class:`~psm.runs.run.Run`.
+        ev: its :class:`~psm.runs.inference.RunEvaluation`.
         solver, trace, test_seed, probe_seed, batch_size, device, dtype: the settings used.
         peak_memory_mb, memory_kind: the peak memory and what it measured.
 
@@ -335,7 +336,7 @@ def format_nll(rec: dict[str, Any]) -> str:
     def num(x: float | None, digits: int = 4) -> str:
         return f"{x:.{digits}f}" if x is not None else "nan"
 
-    from ..ode import SolverSettings
+    from ..core.ode import SolverSettings
 
     steps = rec["steps"] if rec["steps"] is not None else 1
     steps = steps if isinstance(steps, int) else tuple(steps)

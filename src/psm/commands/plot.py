@@ -95,9 +95,9 @@ def add(sub: argparse._SubParsersAction) -> None:
 def cmd_plot(args: argparse.Namespace) -> int:
     import torch
 
-    from ..run import Run
-    from ..sample import sample
-    from ..trained import load_model
+    from ..core.sample import sample
+    from ..runs.inference import load_model
+    from ..runs.run import Run
     from ..viz.animation import animate_samples
     from ..viz.density import plot_density_comparison
     from ..viz.samples import data_extent, plot_samples
@@ -174,8 +174,8 @@ def plot_images(args: argparse.Namespace, run) -> int:
     """``psm plot`` on an image run: sample grid, boundary strip, loss curves."""
     import torch
 
-    from ..sample import boundary_times, pick_times, sample_path
-    from ..trained import load_model
+    from ..core.sample import boundary_times, pick_times, sample_path
+    from ..runs.inference import load_model
     from ..viz.images import save_boundary_strip, save_image_grid
 
     given = [

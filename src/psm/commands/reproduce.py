@@ -59,7 +59,7 @@ def add(sub: argparse._SubParsersAction) -> None:
 
 
 def cmd_reproduce(args: argparse.Namespace) -> int:
-    from ..reproduce import PRESETS, RECIPES, format_tables, reproduce
+    from ..experiments.reproduce import PRESETS, RECIPES, format_tables, reproduce
 
     if args.preset not in PRESETS:
         raise PSMError(f"--preset {args.preset!r}: choose from {', '.join(PRESETS)}")
@@ -91,7 +91,7 @@ def cmd_reproduce(args: argparse.Namespace) -> int:
     if processes < 1:
         raise PSMError(f"--processes must be >= 1, got {args.processes}")
     if args.plan:
-        from ..reproduce import plan_report, plan_rows
+        from ..experiments.reproduce import plan_report, plan_rows
 
         rows = plan_rows(out, args.preset, args.recipe, datasets, runs)
         print(plan_report(rows, processes))
@@ -114,7 +114,7 @@ def _named_per_data(
     args: argparse.Namespace, out: str, datasets: tuple[str, ...] | None, runs: tuple[str, ...]
 ) -> dict[str, list[str]]:
     """Data set → the names in ``runs`` that select one of its runs (the preset's order)."""
-    from ..reproduce import PRESETS, plan_rows, selected
+    from ..experiments.reproduce import PRESETS, plan_rows, selected
 
     rows = plan_rows(out, args.preset, args.recipe, datasets)
     return {

@@ -98,9 +98,9 @@ def check_out(out: Path, force: bool) -> None:
 def cmd_sample(args: argparse.Namespace) -> int:
     import torch
 
-    from ..run import Run
-    from ..sample import sample
-    from ..trained import load_model
+    from ..core.sample import sample
+    from ..runs.inference import load_model
+    from ..runs.run import Run
 
     out = Path(args.out)
     check_out(out, args.force)
@@ -201,7 +201,7 @@ def _settings(run, args: argparse.Namespace, n: int, ode, field, device: str) ->
 def _write_npz(out: Path, x: torch.Tensor, settings: dict[str, Any]) -> None:
     import numpy as np
 
-    from ..atomic import atomic_write_bytes
+    from ..runs.atomic import atomic_write_bytes
 
     buf = io.BytesIO()
     np.savez(buf, samples=x.detach().cpu().numpy(), settings=np.array(json.dumps(settings)))

@@ -22,7 +22,7 @@ def _fmt_time(seconds: float) -> str:
 def cmd_status(args: argparse.Namespace) -> int:
     from dataclasses import asdict
 
-    from ..run import Run
+    from ..runs.run import Run
 
     run = Run.open(args.run)
     statuses = run.statuses()

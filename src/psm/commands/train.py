@@ -69,12 +69,12 @@ def _executor_options(args: argparse.Namespace) -> dict:
 
 
 def cmd_train(args: argparse.Namespace) -> int:
-    from ..checkpoint import verify_checkpoints
-    from ..config import EXECUTOR_NAMES, config_hash, load_config
     from ..executors import make_executor
-    from ..parts import Parts
-    from ..run import CONFIG_FILE, Run, parse_blocks
-    from ..train import train_device
+    from ..runs.checkpoint import verify_checkpoints
+    from ..runs.config import EXECUTOR_NAMES, config_hash, load_config
+    from ..runs.run import CONFIG_FILE, Run, parse_blocks
+    from ..runs.run_parts import Parts
+    from ..training.train import train_device
 
     if args.workers is not None and args.workers < 1:
         raise PSMError(f"--workers must be >= 1, got {args.workers}")
@@ -242,7 +242,7 @@ def _ranges(ids: Sequence[int]) -> str:
 def _print_plan(cfg, h: str, blocks: list[int], executor: str) -> None:
     import yaml
 
-    from ..run import CONFIG_FILE, Run
+    from ..runs.run import CONFIG_FILE, Run
 
     print(yaml.safe_dump({"config_hash": h, **cfg.model_dump(mode="json")}, sort_keys=False))
     partition = cfg.partition.build()

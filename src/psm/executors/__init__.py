@@ -10,7 +10,7 @@ from __future__ import annotations
 
 from typing import Any
 
-from ..config import EXECUTOR_NAMES, RunConfig
+from ..runs.config import EXECUTOR_NAMES, RunConfig
 from .base import Executor
 from .ensemble import EnsembleExecutor
 from .local import LocalExecutor

@@ -1,6 +1,7 @@
 """The executor interface: who runs the blocks of a run.
 
-Every executor ends up calling :func:`psm.train.train_block` (or the ensemble trainer, which
+Every executor ends up calling :func:`psm.training.train.train_block` (or the ensemble trainer,
+which
 writes the same files), so executors are interchangeable and a block started by one can be
 resumed by another.
 """
@@ -10,8 +11,8 @@ from __future__ import annotations
 import os
 from abc import ABC, abstractmethod
 
-from ..run import Run
-from ..train import BlockOutcome
+from ..runs.run import Run
+from ..training.train import BlockOutcome
 
 
 def cpu_count() -> int:

@@ -2,8 +2,8 @@
 
 from __future__ import annotations
 
-from ..run import Run
-from ..train import BlockOutcome, train_ensemble
+from ..runs.run import Run
+from ..training.train import BlockOutcome, train_ensemble
 from .base import Executor, balanced_shares, cpu_count
 from .pool import run_pool
 

@@ -2,8 +2,8 @@
 
 from __future__ import annotations
 
-from ..run import Run
-from ..train import BlockOutcome, train_block
+from ..runs.run import Run
+from ..training.train import BlockOutcome, train_block
 from .base import Executor, cpu_count, longest_first
 from .pool import run_pool
 

@@ -10,7 +10,7 @@ import threading
 
 from tqdm.auto import tqdm
 
-from ..run import Run
+from ..runs.run import Run
 
 
 class ProgressMonitor:

@@ -19,9 +19,9 @@ from typing import Any
 
 from pydantic import BaseModel, ValidationError
 
-from ..atomic import atomic_write_json
 from ..errors import ConfigError
-from ..run import Run
+from ..runs.atomic import atomic_write_json
+from ..runs.run import Run
 
 JOBS_FILE = "jobs.json"
 

@@ -3,7 +3,7 @@
 Worker i works on GPU ``i mod n`` when the machine has n > 1 GPUs (``train.device: cuda`` or
 ``auto``), and on the CPU when it has none (``auto``). Each worker takes a task (a list of block
 ids) from a queue and trains it with
-:func:`psm.train.train_block` (one block per task) or :func:`psm.ensemble.train_ensemble`
+:func:`psm.training.train.train_block` (one block per task) or :func:`psm.ensemble.train_ensemble`
 (a stack of blocks). Ctrl-C or SIGTERM in the driver is passed on to the workers as SIGTERM;
 each saves a checkpoint at its current step and stops. A worker that dies (killed, out of
 memory) has its blocks reported failed; running the same command again resumes them.
@@ -21,8 +21,8 @@ from typing import Literal
 import torch.multiprocessing as mp
 
 from ..errors import PSMError
-from ..run import Run
-from ..train import BlockOutcome, note_failure
+from ..runs.run import Run
+from ..training.train import BlockOutcome, note_failure
 
 TaskKind = Literal["block", "ensemble"]
 
@@ -44,8 +44,8 @@ def _worker(
         if torch.cuda.is_available() and torch.cuda.device_count() > 1:
             # one GPU per worker: "cuda" (and "auto") resolve to this worker's current device
             torch.cuda.set_device(index % torch.cuda.device_count())
-        from ..run import Run
-        from ..train import train_block, train_ensemble
+        from ..runs.run import Run
+        from ..training.train import train_block, train_ensemble
 
         run = Run.open(run_path)
         while True:

@@ -7,7 +7,7 @@ local Ray instance (``--local-cpus`` CPUs) and shuts it down afterwards. Every t
 * a task asks Ray for ``num_cpus`` / ``num_gpus`` and uses that many torch threads;
 * a task whose worker dies (killed, out of memory, node lost) or that raises is retried up to
   ``max_retries`` times; the retry resumes the block from its last checkpoint, because
-  :func:`~psm.train.train_block` is resumable and takes over the dead worker's lock;
+  :func:`~psm.training.train.train_block` is resumable and takes over the dead worker's lock;
 * errors a retry cannot fix (a :class:`~psm.errors.PSMError`: bad checkpoint, disk full) come
   back as ``failed`` outcomes and are not retried;
 * progress reaches the driver through the block status files, so the run directory must be on
@@ -23,11 +23,11 @@ import time
 from pathlib import Path
 from typing import Any
 
-from ..config import RunConfig
 from ..errors import PSMError
-from ..lock import held_elsewhere, lock_holder_alive
-from ..run import Run
-from ..train import BlockOutcome, note_failure
+from ..runs.config import RunConfig
+from ..runs.lock import held_elsewhere, lock_holder_alive
+from ..runs.run import Run
+from ..training.train import BlockOutcome, note_failure
 from .base import Executor
 from .options import RAY_FLAGS, flag_name, override
 
@@ -60,7 +60,7 @@ def train_task(
         run_path: the run directory (absolute, on a disk the task's machine sees).
         blocks: the blocks of this task.
         stacked: train them as one stack with :func:`~psm.ensemble.train_ensemble`; otherwise
-            one after another with :func:`~psm.train.train_block`.
+            one after another with :func:`~psm.training.train.train_block`.
         max_stack: most blocks per stack.
         threads: torch threads (None: leave torch's default).
         lock_wait_s: how long to wait for a block locked by a holder on ANOTHER machine: a
@@ -74,7 +74,7 @@ def train_task(
     """
     import torch
 
-    from ..train import train_block, train_ensemble
+    from ..training.train import train_block, train_ensemble
 
     if threads:
         torch.set_num_threads(threads)

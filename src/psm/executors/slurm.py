@@ -7,7 +7,8 @@ from the block status files; ``--no-wait`` submits and returns.
 
 Pre-emption and time-outs: submitit has SLURM send ``USR2`` to a task before its time limit
 (``--signal USR2@90``) and, on pre-emption, ``SIGTERM`` and ``USR2``. An array task
-(:class:`BlockJob`) turns either into a clean stop of :func:`~psm.train.train_block`, which saves
+(:class:`BlockJob`) turns either into a clean stop of
+:func:`~psm.training.train.train_block`, which saves
 a checkpoint at the current step, then has submitit requeue it (``checkpoint`` /
 ``scontrol requeue``); the requeued task resumes the block from that checkpoint. A task killed
 outright resumes from its last periodic checkpoint when the same command runs again.
@@ -27,11 +28,11 @@ import time
 from pathlib import Path
 from typing import Any
 
-from ..config import RunConfig, SlurmConfig
 from ..errors import PSMError
-from ..run import Run
-from ..stop import StopRequest
-from ..train import BlockOutcome, note_failure
+from ..runs.config import RunConfig, SlurmConfig
+from ..runs.run import Run
+from ..training.stop import StopRequest
+from ..training.train import BlockOutcome, note_failure
 from .base import Executor
 from .options import SLURM_FLAGS, flag_name, override, record_jobs
 from .ray import train_task

@@ -18,12 +18,12 @@ import torch
 from torch import Tensor
 from tqdm.auto import tqdm
 
-from ..atomic import atomic_write_bytes
+from ..core.model import BlockModel
+from ..core.ode import PLOT_SOLVER, SolverSettings, State, solve_units, steps_for
+from ..core.partition import Partition
+from ..core.sample import Method, prior_sample, sample_ode, sample_sde
 from ..errors import PSMError
-from ..model import BlockModel
-from ..ode import PLOT_SOLVER, SolverSettings, State, solve_units, steps_for
-from ..partition import Partition
-from ..sample import Method, prior_sample, sample_ode, sample_sde
+from ..runs.atomic import atomic_write_bytes
 from . import use_agg
 from .samples import DATA_COLOR, MODEL_COLOR, Extent, data_extent, style_axes
 

@@ -6,10 +6,10 @@ from pathlib import Path
 
 import torch
 
-from ..ode import SolverSettings
-from ..run import Run
-from ..sample import sample
-from ..trained import load_model
+from ..core.ode import SolverSettings
+from ..core.sample import sample
+from ..runs.inference import load_model
+from ..runs.run import Run
 from .animation import animate_samples
 from .density import plot_density_comparison
 from .losses import plot_loss_curves

@@ -2,7 +2,7 @@
 
 The model's density at each cell centre of a ``G × G`` grid is ``exp log p₀(x)`` with
 ``log p₀`` from the instantaneous change of variables through the blocks (paper eqs. 4 and 6,
-:func:`psm.likelihood.log_likelihood`): all ``G²`` points are integrated together, in batches,
+:func:`psm.core.likelihood.log_likelihood`): all ``G²`` points are integrated together, in batches,
 with a progress bar. Beside it goes the data's exact density (when the dataset has one) or a 2D
 histogram of data samples, on the same colour scale.
 
@@ -21,11 +21,11 @@ import torch
 from torch import Tensor
 from tqdm.auto import tqdm
 
+from ..core.likelihood import log_likelihood
+from ..core.model import BlockModel
+from ..core.ode import PLOT_SOLVER, SolverSettings
 from ..data import Dataset
 from ..errors import PSMError
-from ..likelihood import log_likelihood
-from ..model import BlockModel
-from ..ode import PLOT_SOLVER, SolverSettings
 from . import use_agg
 from .samples import Extent, data_extent, save_figure, style_axes
 

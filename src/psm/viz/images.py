@@ -23,8 +23,8 @@ import numpy as np
 import torch
 from torch import Tensor
 
-from ..atomic import atomic_write_bytes
 from ..errors import PSMError
+from ..runs.atomic import atomic_write_bytes
 from . import use_agg
 from .samples import save_figure
 

@@ -5,7 +5,7 @@ from __future__ import annotations
 import json
 from pathlib import Path
 
-from ..run import Run
+from ..runs.run import Run
 from . import use_agg
 
 MARKERS_BELOW = 20
@@ -70,7 +70,7 @@ def plot_loss_curves(run: Run, out: str | Path | None = None) -> Path:
     fig.tight_layout()
     import io
 
-    from ..atomic import atomic_write_bytes
+    from ..runs.atomic import atomic_write_bytes
 
     buf = io.BytesIO()
     fig.savefig(buf, format="png")

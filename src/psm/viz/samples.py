@@ -3,7 +3,7 @@
 Every 2D plot of a run (density heat maps, scatters, the evolution animation) is drawn over one
 :data:`Extent` computed from the data by :func:`data_extent`, so panels line up. Figures are
 written with :func:`save_figure`: rendered in memory, then written atomically
-(:mod:`psm.atomic`), so a reader never sees half a PNG.
+(:mod:`psm.runs.atomic`), so a reader never sees half a PNG.
 """
 
 from __future__ import annotations
@@ -16,8 +16,8 @@ from typing import Any
 import torch
 from torch import Tensor
 
-from ..atomic import atomic_write_bytes
 from ..errors import PSMError
+from ..runs.atomic import atomic_write_bytes
 from . import use_agg
 
 Extent = tuple[float, float, float, float]

@@ -3,7 +3,7 @@
 Both start from noise at t = 1 and run down to the floor t0, block by block, each block's net
 used only on its own sub-interval:
 
-* ODE: any solver of :mod:`psm.ode`. For DPSM with the piecewise-constant field, Euler with one
+* ODE: any solver of :mod:`psm.core.ode`. For DPSM with the piecewise-constant field, Euler with one
   step per grid cell (``steps`` = number of grid points) is exactly the paper's eq. 5,
   ``x(t_i) = x(t_{i+1}) - ε f_{i+1}(x(t_{i+1}))`` with net i on step i.
 * SDE: Euler–Maruyama on ``dx = [(α'/α) x - g² ∇log p_t(x)] dt + g dW̄`` (eq. 7 for VP:

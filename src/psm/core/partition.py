@@ -22,7 +22,7 @@ from typing import Literal
 import torch
 from torch import Tensor
 
-from .errors import PSMError
+from ..errors import PSMError
 
 PartitionKind = Literal["interval", "grid"]
 

@@ -1,7 +1,7 @@
 """A trained run as a model: the bridge between the run directory and the math.
 
-:mod:`psm.model`, :mod:`psm.ode`, :mod:`psm.sample` and :mod:`psm.likelihood` know nothing of
-files; this module loads a run's blocks into a :class:`~psm.model.BlockModel` (refusing missing
+:mod:`psm.core.model`, :mod:`psm.core.ode`, :mod:`psm.core.sample` and :mod:`psm.core.likelihood` know nothing of
+files; this module loads a run's blocks into a :class:`~psm.core.model.BlockModel` (refusing missing
 or unfinished blocks) and scores a run on its test set: the NLL in nats, and for image data
 bits/dim in one of two conventions (:data:`CONVENTIONS`):
 
@@ -30,17 +30,17 @@ import torch
 from torch import Tensor
 
 from .checkpoint import load_weights
-from .errors import IncompleteRunError, PSMError
-from .likelihood import (
+from ..errors import IncompleteRunError, PSMError
+from ..core.likelihood import (
     NLLResult,
     ProbeRedraw,
     TraceMethod,
     auto_trace,
     evaluate_nll,
 )
-from .model import BlockModel, GridField
-from .ode import SolverSettings
-from .partition import Partition, PartitionError
+from ..core.model import BlockModel, GridField
+from ..core.ode import SolverSettings
+from ..core.partition import Partition, PartitionError
 from .run import Run
 
 Convention = Literal["psm", "authors"]
@@ -62,7 +62,7 @@ def load_model(
     """Build a run's nets from its config and load every block's final weights.
 
     Args:
-        run: a run directory or an open :class:`~psm.run.Run`.
+        run: a run directory or an open :class:`~psm.runs.run.Run`.
         device: where the nets live.
         dtype: the nets' dtype (float64 for reference integrations).
         grid_field: DPSM field, ``"constant"`` (paper) or ``"linear"``.
@@ -204,7 +204,7 @@ def eval_settings(
 ) -> EvalSettings:
     """Resolve a run's evaluation settings: given values win, then the convention's, then the
     run's ``eval`` section; ``trace`` ``None``/``"auto"`` is exact up to
-    :data:`~psm.likelihood.EXACT_TRACE_MAX_DIM` dimensions, Hutchinson above.
+    :data:`~psm.core.likelihood.EXACT_TRACE_MAX_DIM` dimensions, Hutchinson above.
 
     Raises:
         PSMError: ``convention="authors"`` for data without levels, or an unknown convention.
@@ -340,7 +340,7 @@ def evaluate_run(
     ``test_seed``) and, for images, from the convention (module docstring).
 
     Args:
-        run: a run directory or an open :class:`~psm.run.Run`.
+        run: a run directory or an open :class:`~psm.runs.run.Run`.
         n: test points.
         solver: the ODE solver (default: the convention's, else ``eval.solver``/``eval.steps``).
         trace: ``"exact"``, ``"hutchinson"``, or ``"auto"``/None (exact up to 16 dimensions).

@@ -12,7 +12,7 @@ and metrics.
       blocks/0003.lock              held while a worker trains the block
       metrics/0003.jsonl            one line per logged step
 
-Every file is written atomically (:mod:`psm.atomic`); each block has its own files, so workers
+Every file is written atomically (:mod:`psm.runs.atomic`); each block has its own files, so workers
 on different machines never write the same file.
 """
 
@@ -37,11 +37,11 @@ from .config import (
     legacy_config_hash,
     validate_config,
 )
-from .data import DataError, Dataset
-from .errors import RunError
-from .partition import Partition
-from .parts import Parts
-from .process import Process
+from ..data import DataError, Dataset
+from ..errors import RunError
+from ..core.partition import Partition
+from .run_parts import Parts
+from ..core.process import Process
 
 CONFIG_FILE = "config.yaml"
 DATA_FILE = "data.json"
@@ -76,7 +76,7 @@ class Run:
     Attributes:
         hash: the config hash every block file carries.
         legacy_hash: True for a run made by psm 0.1, whose hash is
-            :func:`~psm.config.legacy_config_hash` (so its checkpoints stay valid).
+            :func:`~psm.runs.config.legacy_config_hash` (so its checkpoints stay valid).
     """
 
     def __init__(
@@ -119,7 +119,7 @@ class Run:
     ) -> Run:
         """Start a run for ``config`` at ``path`` (default ``config.out_dir``), or reopen it.
 
-        An existing run with the same problem (same :func:`~psm.config.config_hash`) is reused;
+        An existing run with the same problem (same :func:`~psm.runs.config.config_hash`) is reused;
         its step target, logging and executor settings are updated to ``config``'s, so a longer
         ``train.steps`` extends every block. A run with a different problem, or a non-empty
         folder that is not a run, is refused and left untouched. ``parts`` already built for

@@ -24,7 +24,7 @@ from safetensors.torch import save as st_save
 from torch import Tensor, nn
 
 from .atomic import atomic_write_bytes
-from .errors import CheckpointError
+from ..errors import CheckpointError
 
 if TYPE_CHECKING:
     from .run import Run

@@ -131,7 +131,7 @@ class Process:
         name: the config name of this process (``"vp"`` or ``"ot"``).
 
     The smallest time used, t0, belongs to the time domain the blocks split
-    (:class:`psm.partition.Partition`), not to the process.
+    (:class:`psm.core.partition.Partition`), not to the process.
     """
 
     def __init__(self, schedule: Schedule, prediction: Prediction, *, name: str = "") -> None:

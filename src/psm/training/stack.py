@@ -1,6 +1,6 @@
 """K block nets of one architecture trained as one model: the mechanics of stacking.
 
-The training loop (:mod:`psm.train`) sees a :class:`NetStack`: a forward over
+The training loop (:mod:`psm.training.train`) sees a :class:`NetStack`: a forward over
 ``x [K, B, *D], t [K, B] -> [K, B, *D]``, the tensors the optimizer steps, and per-block views of
 weights and optimizer state for the per-block checkpoints. Two kinds:
 
@@ -26,7 +26,7 @@ import torch
 from torch import Tensor, nn
 from torch.func import functional_call, stack_module_state, vmap
 
-from .errors import RunError
+from ..errors import RunError
 
 
 class NetStack(ABC):

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import torch
 
-from .errors import PSMError
+from ..errors import PSMError
 
 DEVICE_HELP = "cpu, cuda, cuda:N or auto"
 

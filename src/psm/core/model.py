@@ -8,7 +8,7 @@ the partition and the K blocks and turns them into
 * the network output, the score and the probability-flow field ``f(x, t)`` (eq. 30) at times
   inside one block (explicit block index, what the integrators use: a block's field is defined
   on its own closed sub-interval, so RK4 stages at a boundary never leak into the neighbour), or
-  routed by :meth:`~psm.partition.Partition.block_of` for an arbitrary batch of times;
+  routed by :meth:`~psm.core.partition.Partition.block_of` for an arbitrary batch of times;
 * the reverse-SDE drift and diffusion (eq. 7).
 
 Interval partitions (TPSM, K = 1 is SA-DPM, eqs. 3-4): block i is evaluated at the real t.

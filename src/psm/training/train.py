@@ -3,7 +3,8 @@
 A block is trained with Adam on fresh samples every step (appendix H). Block i of an interval
 partition draws ``t ~ U[t_i, t_{i+1}]`` (Algorithm 1; K = 1 is SA-DPM, Algorithm 3); a grid
 block uses its fixed time ``t_i`` (Algorithm 2). Blocks at the same step can be trained
-together as one stacked model (:mod:`psm.stack`); the loop (:func:`train_stack`) is the same
+together as one stacked model (:mod:`psm.training.stack`); the loop (:func:`train_stack`) is the
+same
 for one block and for a stack, and so are the files it writes:
 
 * :func:`train_block` is the loop with K = 1 — the only thing the local, Ray and SLURM
@@ -36,17 +37,17 @@ import numpy as np
 import torch
 from torch import Tensor, nn
 
-from .atomic import append_line, atomic_write_text
-from .checkpoint import BlockState, load_state, resume_step, save_state, save_weights
-from .data import Dataset
-from .device import resolve_device
-from .errors import PSMError, RunError
-from .lock import BlockLocks, lock_holder, lock_holder_alive
-from .process import Process
-from .run import Run
+from ..core.device import resolve_device
+from ..core.process import Process
+from ..data import Dataset
+from ..errors import PSMError, RunError
+from ..runs.atomic import append_line, atomic_write_text
+from ..runs.checkpoint import BlockState, load_state, resume_step, save_state, save_weights
+from ..runs.lock import BlockLocks, lock_holder, lock_holder_alive
+from ..runs.run import Run
+from ..runs.tensorboard import add_scalars, summary_writer
 from .stack import NetStack, stack_nets
 from .stop import StopRequest
-from .tensorboard import add_scalars, summary_writer
 
 SEED_INIT, SEED_DATA, SEED_GLOBAL = 0, 1, 2
 PROGRESS_SECONDS = 2.0
@@ -581,7 +582,7 @@ def train_block(run_dir: str | Path | Run, block: int) -> BlockOutcome:
     """Train one block of a run to its step target: the loop with K = 1.
 
     Args:
-        run_dir: the run directory (or an open :class:`~psm.run.Run`).
+        run_dir: the run directory (or an open :class:`~psm.runs.run.Run`).
         block: the block id, ``0 <= block < K``.
 
     Returns:

@@ -27,18 +27,18 @@ from pydantic import (
 )
 from pydantic_core import PydanticCustomError
 
-from .data import DATASETS, DataSpec
-from .data.toy import ToyData
-from .errors import ConfigError
-from .nets import NETS, MLPSpec, NetSpec
-from .ode import SOLVER_NAMES
-from .partition import DEFAULT_T0, Partition, PartitionError, equal, geometric, grid, splits
-from .process import Process, make_process
-from .spec import Registry, Section, SpecError, canonical
+from ..data import DATASETS, DataSpec
+from ..data.toy import ToyData
+from ..errors import ConfigError
+from ..nets import NETS, MLPSpec, NetSpec
+from ..core.ode import SOLVER_NAMES
+from ..core.partition import DEFAULT_T0, Partition, PartitionError, equal, geometric, grid, splits
+from ..core.process import Process, make_process
+from ..spec import Registry, Section, SpecError, canonical
 
 
 class ProcessConfig(Section):
-    """The forward process (see :mod:`psm.process`)."""
+    """The forward process (see :mod:`psm.core.process`)."""
 
     name: Literal["vp", "ot"] = "vp"  # vp: paper DDPM, ε-prediction; ot: flow matching
     b_min: float = Field(0.0, ge=0.0)  # VP b(t) = b_min + (b_max - b_min) t
@@ -47,7 +47,7 @@ class ProcessConfig(Section):
     prediction: Literal["epsilon", "velocity"] | None = None  # default: the process's own
 
     def build(self) -> Process:
-        """The :class:`~psm.process.Process` this section describes."""
+        """The :class:`~psm.core.process.Process` this section describes."""
         return make_process(
             self.name, b_min=self.b_min, b_max=self.b_max, sigma_min=self.sigma_min,
             prediction=self.prediction,
@@ -55,7 +55,7 @@ class ProcessConfig(Section):
 
 
 class PartitionConfig(Section):
-    """How the time domain ``[t0, 1]`` is cut into blocks (see :mod:`psm.partition`)."""
+    """How the time domain ``[t0, 1]`` is cut into blocks (see :mod:`psm.core.partition`)."""
 
     discriminator: ClassVar[str] = "kind"
 
@@ -67,7 +67,7 @@ class PartitionConfig(Section):
     t0: float = Field(DEFAULT_T0, gt=0.0, lt=1.0)  # smallest time, training and inference
 
     def build(self) -> Partition:
-        """The :class:`~psm.partition.Partition` this section describes."""
+        """The :class:`~psm.core.partition.Partition` this section describes."""
         if self.kind == "equal":
             return equal(self.blocks, t0=self.t0)
         if self.kind == "splits":
@@ -167,7 +167,7 @@ class EvalConfig(Section):
 
     n_test: int = Field(30000, ge=1)  # test points for the NLL
     steps: int = Field(1000, ge=1)  # RK4 steps over [t0, 1] (paper: 1000)
-    solver: str = "rk4"  # a name of psm.ode.SOLVERS
+    solver: str = "rk4"  # a name of psm.core.ode.SOLVERS
     test_seed: int = 12345  # seed of the synthetic test set
 
     @field_validator("solver")

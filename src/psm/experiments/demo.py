@@ -26,12 +26,12 @@ from pathlib import Path
 
 import torch
 
-from .atomic import atomic_write_text
-from .config import RunConfig, validate_config
-from .executors.monitor import ProgressMonitor
-from .run import Run
-from .train import StackTrainer, train_block, train_ensemble
-from .trained import evaluate_run
+from ..executors.monitor import ProgressMonitor
+from ..runs.atomic import atomic_write_text
+from ..runs.config import RunConfig, validate_config
+from ..runs.inference import evaluate_run
+from ..runs.run import Run
+from ..training.train import StackTrainer, train_block, train_ensemble
 
 QUIET_RATES = {1: 578.0, 10: 759.0}
 """Block-steps per second of SA-DPM (K = 1) and TPSM-10 (stacked) on a quiet 2-core machine
@@ -200,7 +200,7 @@ def run_demo(
     atomic_write_text(out / "results.md", table + "\n")
     atomic_write_text(out / "results.json", json.dumps([asdict(r) for r in rows], indent=1))
     if plots:
-        from .viz.demo import demo_figures
+        from ..viz.demo import demo_figures
 
         demo_figures(
             runs, [r.method for r in rows], out / "plots", grid=grid, steps=min(steps, 100),

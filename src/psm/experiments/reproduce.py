@@ -37,14 +37,14 @@ from typing import Any
 
 import torch
 
-from .atomic import atomic_write_json, atomic_write_text
-from .config import RunConfig, validate_config
-from .errors import PSMError
-from .executors.monitor import ProgressMonitor
-from .ode import SolverSettings
-from .run import Run
-from .train import train_ensemble
-from .trained import evaluate_run
+from ..core.ode import SolverSettings
+from ..errors import PSMError
+from ..executors.monitor import ProgressMonitor
+from ..runs.atomic import atomic_write_json, atomic_write_text
+from ..runs.config import RunConfig, validate_config
+from ..runs.inference import evaluate_run
+from ..runs.run import Run
+from ..training.train import train_ensemble
 
 DATASETS = ("ty", "hg")
 PAPER_SA_STEPS, PAPER_BLOCK_STEPS = 2_000_000, 500_000  # the authors' scripts
@@ -240,8 +240,8 @@ def run_config(
 def floor_nll(data: str, method: Method, cache: Path, samples: int = 1_000_000) -> float:
     """``E[-log p_{t0}(x)]`` over the data, exact density, Monte Carlo; cached in the folder
     ``cache``, one small file per (data, process, t0, samples)."""
-    from .data import make_dataset
-    from .parts import Parts
+    from ..data import make_dataset
+    from ..runs.run_parts import Parts
 
     proc = json.dumps(method.process, sort_keys=True)
     key = f"{data}:{proc}:t0={method.partition['t0']}:n={samples}"
@@ -648,7 +648,7 @@ def format_tables(
 
 
 def _plot_curves(out: Path, curves: list[CurvePoint]) -> None:
-    from .viz import use_agg
+    from ..viz import use_agg
 
     plt = use_agg()
     datasets = sorted({p.data for p in curves})
@@ -676,10 +676,10 @@ def _plot_curves(out: Path, curves: list[CurvePoint]) -> None:
 
 def _figures(out: Path, cells: list[Cell], progress: bool) -> None:
     """Density heat maps of every method (its ``per-net`` run) beside the true density."""
-    from .ode import PLOT_SOLVER
-    from .trained import load_model
-    from .viz.density import plot_density_comparison
-    from .viz.samples import data_extent
+    from ..core.ode import PLOT_SOLVER
+    from ..runs.inference import load_model
+    from ..viz.density import plot_density_comparison
+    from ..viz.samples import data_extent
 
     for data in sorted({c.data for c in cells}):
         chosen = [c for c in cells if c.data == data and "equal per net" in c.budgets
