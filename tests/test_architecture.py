@@ -141,10 +141,10 @@ def test_dropout_in_a_stack_keeps_each_blocks_batches_and_init(registered, tmp_p
         train_block(one, b)
     train_ensemble(stacked)
     for b in range(3):
-        s1, s2 = load_file(one.state_path(b)), load_file(stacked.state_path(b))
+        s1, s2 = load_file(one.layout.state(b)), load_file(stacked.layout.state(b))
         assert torch.equal(s1["rng"], s2["rng"])  # the same batches were drawn
         assert "rng_global" in s1 and "rng_global" in s2  # dropout masks' generator kept
-    w1, w2 = load_file(one.weights_path(0)), load_file(stacked.weights_path(0))
+    w1, w2 = load_file(one.layout.weights(0)), load_file(stacked.layout.weights(0))
     assert any(not torch.equal(w1[k], w2[k]) for k in w1)  # masks differ: weights differ
 
     straight = Run.create(load_config(image_config(tmp_path, steps=20)), tmp_path / "straight")
@@ -153,7 +153,7 @@ def test_dropout_in_a_stack_keeps_each_blocks_batches_and_init(registered, tmp_p
     train_block(resumed, 1)
     resumed = Run.create(load_config(image_config(tmp_path, steps=20)), tmp_path / "resumed")
     train_block(resumed, 1)
-    a, b = load_file(straight.weights_path(1)), load_file(resumed.weights_path(1))
+    a, b = load_file(straight.layout.weights(1)), load_file(resumed.layout.weights(1))
     assert all(torch.equal(a[k], b[k]) for k in a)
 
 
@@ -227,7 +227,7 @@ def test_a_run_made_by_psm_0_1_loads_evaluates_and_resumes(tmp_path, capsys):
                            "--no-progress", "--no-plot")  # fmt: skip
     assert code == 0, err
     again = Run.open(old)
-    assert again.hash == run.hash and [again.block_status(b).step for b in (0, 1)] == [40, 40]
+    assert again.hash == run.hash and [again.ledger.status(b).step for b in (0, 1)] == [40, 40]
 
 
 def test_new_options_leave_existing_hashes_alone():
@@ -252,3 +252,44 @@ def test_math_modules_import_nothing_from_the_disk_layer():
     )
     out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True)
     assert out.stdout.strip() == ""
+
+
+def test_a_run_made_before_the_layer_packages_loads_evaluates_and_retrains(tmp_path, capsys):
+    """tests/fixtures/run_974f4eb was written by psm at commit 974f4eb, before ``psm/`` became
+    layer packages: a geometric partition, per-block step targets, a cosine schedule with
+    warm-up, EMA, gradient clipping. It keeps its hash and its blocks' targets, scores the NLL
+    it scored then, and training its config anew gives its weights, one by one and stacked (to
+    float rounding: bit for bit on the CPU that wrote it, 1e-6 on another)."""
+    old = tmp_path / "old"
+    shutil.copytree(FIXTURES / "run_974f4eb", old)
+    run = Run.open(old)
+    assert not run.legacy_hash and run.hash == "b8b82159a6005a86" and run.num_blocks == 3
+    assert [run.ledger.status(b).step for b in range(3)] == [40, 30, 20]
+    assert run.ledger.not_done() == [] and run.ledger.not_done(invocation=True) == []
+    want = json.loads((old / "nll.jsonl").read_text().splitlines()[0])
+    code, _, err = run_cli(capsys, "nll", old, "--no-progress", "--json", tmp_path / "n.json")
+    assert code == 0, err
+    got = json.loads((tmp_path / "n.json").read_text())
+    assert got["nll"] == pytest.approx(want["nll"], abs=1e-6) and got["n"] == want["n"] == 200
+
+    fixture_cfg = FIXTURES / "run_974f4eb.yaml"
+    for executor, ref in (("local", FIXTURES / "run_974f4eb" / "blocks"),
+                          ("ensemble", FIXTURES / "run_974f4eb_ensemble")):  # fmt: skip
+        out_dir = tmp_path / executor
+        code, _, err = run_cli(capsys, "train", fixture_cfg, "--out", out_dir, "--executor",
+                               executor, "--no-progress", "--no-plot")  # fmt: skip
+        assert code == 0, err
+        assert Run.open(out_dir).hash == run.hash
+        for b in range(3):
+            a = load_file(out_dir / "blocks" / f"{b:04d}.safetensors")
+            r = load_file(ref / f"{b:04d}.safetensors")
+            assert set(a) == set(r)
+            for k in r:
+                torch.testing.assert_close(
+                    a[k], r[k], rtol=0, atol=1e-6, msg=f"{executor} block {b} {k}"
+                )
+    # the old run takes its own config again: every block is done, nothing is retrained
+    code, _, err = run_cli(capsys, "train", fixture_cfg, "--out", old, "--no-progress",
+                             "--no-plot")  # fmt: skip
+    assert code == 0, err
+    assert [Run.open(old).ledger.status(b).step for b in range(3)] == [40, 30, 20]

@@ -13,7 +13,7 @@ from psm.training.train import train_block, train_ensemble
 
 
 def weights(run, block: int) -> dict[str, torch.Tensor]:
-    return load_file(run.weights_path(block))
+    return load_file(run.layout.weights(block))
 
 
 def same(a: dict, b: dict) -> bool:
@@ -29,9 +29,12 @@ def test_each_block_trains_to_its_own_target_exactly_as_alone(make_run, schedule
     uneven = make_run(train={**recipe, "block_steps": [30, 10, 20]})
     outs = train_ensemble(uneven)
     assert [o.state for o in outs] == ["done"] * 3
-    assert [uneven.read_status(b)["step"] for b in range(3)] == [30, 10, 20]
-    assert [uneven.read_status(b)["target"] for b in range(3)] == [30, 10, 20]
-    assert uneven.todo() == [] and uneven.total_steps == 60
+    assert [uneven.ledger.read(b)["step"] for b in range(3)] == [30, 10, 20]
+    assert [uneven.ledger.read(b)["target"] for b in range(3)] == [30, 10, 20]
+    assert (
+        uneven.ledger.not_done(invocation=True) == []
+        and sum(map(uneven.config.step_target, range(3))) == 60
+    )
     for b, n in enumerate([30, 10, 20]):
         alone = make_run(train={**recipe, "steps": n})
         train_block(alone, b)
@@ -83,7 +86,7 @@ def test_cli_trains_each_block_to_its_target(tmp_path, capsys):
     assert code == 0, err
     assert "steps per block 15, 5, 10" in err
     run = Run.open(out)
-    assert [run.read_status(b)["step"] for b in range(3)] == [15, 5, 10]
+    assert [run.ledger.read(b)["step"] for b in range(3)] == [15, 5, 10]
     code, out_text, _ = run_cli(capsys, "train", cfg, "--out", out, "--dry-run")
     assert code == 0
     rows = [line.split() for line in out_text.splitlines() if line.strip()[:1].isdigit()]
@@ -110,4 +113,4 @@ def test_two_ensemble_workers_train_uneven_targets(make_run):
     outs = EnsembleExecutor(workers=2, threads=1).run(run, [0, 1, 2])
     assert sorted(o.block for o in outs) == [0, 1, 2]
     assert all(o.state == "done" for o in outs)
-    assert [run.read_status(b)["step"] for b in range(3)] == [12, 4, 8]
+    assert [run.ledger.read(b)["step"] for b in range(3)] == [12, 4, 8]

@@ -38,7 +38,7 @@ def test_segments_apply_the_time_floor_and_skip_blocks_below_it():
     g = BlockModel(VP, grid(4), [tagged(b) for b in range(4)])
     assert [s.block for s in g.segments()] == [0, 1, 2, 3]
     assert g.segments()[0] == Segment(0, 1e-4, 0.25)
-    assert [g.time_point(b) for b in range(4)] == [0.25, 0.5, 0.75, 1.0]
+    assert [g.net_time(b) for b in range(4)] == [0.25, 0.5, 0.75, 1.0]
 
 
 def test_wrong_block_count_and_field_are_refused():
@@ -127,8 +127,8 @@ def _finish(run, blocks, step=None):
     for b in blocks:
         torch.manual_seed(b)
         net = run.parts.new_net()
-        save_weights(run, b, net.state_dict(), step or run.target_steps)
-        run.write_status(b, state="done", step=step or run.target_steps)
+        save_weights(run, b, net.state_dict(), step or run.config.train.steps)
+        run.ledger.write(b, state="done", step=step or run.config.train.steps)
 
 
 def test_load_model_refuses_missing_blocks_and_names_them(make_run):
@@ -142,15 +142,15 @@ def test_load_model_refuses_missing_blocks_and_names_them(make_run):
 def test_load_model_refuses_unfinished_blocks(make_run):
     run = make_run(partition={"kind": "equal", "blocks": 3})
     _finish(run, [0, 1])
-    _finish(run, [2], step=run.target_steps - 1)  # weights written, but short of the target
+    _finish(run, [2], step=run.config.train.steps - 1)  # weights written, but short of the target
     with pytest.raises(IncompleteRunError, match=r"block\(s\) not done: 2"):
         load_model(run.path)
     _finish(run, [2])
-    run.write_status(1, state="running")
+    run.ledger.write(1, state="running")
     with pytest.raises(IncompleteRunError, match=r"not done: 1"):
         load_model(run)
-    run.write_status(1, state="done")
-    run.weights_path(0).unlink()  # status says done but the weights are gone
+    run.ledger.write(1, state="done")
+    run.layout.weights(0).unlink()  # status says done but the weights are gone
     with pytest.raises(IncompleteRunError, match=r"not done: 0"):
         load_model(run)
 
@@ -168,7 +168,7 @@ def test_load_model_builds_the_trained_nets(make_run):
         assert all(not p.requires_grad and p.dtype == D64 for p in net.parameters())
         fresh = run.parts.new_net().double()
         load_weights(run, b, fresh)
-        tau = torch.full((5,), model.time_point(b), dtype=D64)
+        tau = torch.full((5,), model.net_time(b), dtype=D64)
         torch.testing.assert_close(net(x, tau), fresh(x, tau))
         # at its own grid time the linear field's output is the net's own
         torch.testing.assert_close(model.output(x, tau, block=b), fresh(x, tau))

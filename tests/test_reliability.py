@@ -16,6 +16,7 @@ import yaml
 
 import psm.training.train
 from helpers import one_line_error, run_cli, tiny_config
+from psm.runs.ledger import BlockLedger
 from psm.runs.run import Run
 
 
@@ -142,7 +143,7 @@ def test_a_lower_learning_rate_after_every_block_failed_with_reset_failed(tmp_pa
     assert code == 0, err
     assert "discarded failed block(s) 0-2" in err
     run = Run.open(out)
-    assert run.config.train.lr == 1e-3 and all(run.is_done(b) for b in range(3))
+    assert run.config.train.lr == 1e-3 and all(run.ledger.done(b) for b in range(3))
 
 
 def test_reset_failed_keeps_blocks_that_hold_training(tmp_path, capsys, monkeypatch):
@@ -152,7 +153,7 @@ def test_reset_failed_keeps_blocks_that_hold_training(tmp_path, capsys, monkeypa
                    "--no-plot")[0] == 0  # fmt: skip
     one_line_error(capsys, "train", cfg, "--out", out, "--set", "train.lr=5e-4",
                    "--reset-failed", match="hold training under its config")  # fmt: skip
-    assert Run.open(out).is_done(0)
+    assert Run.open(out).ledger.done(0)
 
 
 # --------------------------------------------------------------------------- 4. targets
@@ -165,7 +166,7 @@ def test_a_subset_with_more_steps_changes_only_its_blocks(tmp_path, capsys):
                            "40", "--no-progress", "--no-plot")  # fmt: skip
     assert code == 0, err
     run = Run.open(out)
-    got = [(s.state, s.step, s.target) for s in run.statuses()]
+    got = [(s.state, s.step, s.target) for s in run.ledger.statuses()]
     assert got == [("done", 20, 20), ("done", 40, 40), ("done", 20, 20), ("done", 40, 40)]
     code, out_text, err = run_cli(capsys, "nll", out, "--no-progress")
     assert code == 0 and "NLL" in out_text, err
@@ -187,11 +188,11 @@ def test_an_empty_config_and_infinite_floats_are_refused(tmp_path, capsys):
 
 def test_a_lock_with_garbage_contents_is_stale_and_taken_over(make_run, capsys):
     run = make_run()
-    run.lock_path(1).write_text("\x00garbage, not a psm lock")
+    run.layout.lock(1).write_text("\x00garbage, not a psm lock")
     out = psm.training.train.train_block(run, 1)
     assert out.state == "done"
     assert "not a psm lock" in capsys.readouterr().err
-    assert not run.lock_path(1).exists()
+    assert not run.layout.lock(1).exists()
 
 
 # --------------------------------------------------------------------------- 6. progress
@@ -200,14 +201,14 @@ def test_progress_marks_between_log_lines(make_run, monkeypatch):
     monkeypatch.setattr(psm.training.train, "PROGRESS_SECONDS", 0.0)
     run = make_run(train={"steps": 30, "log_every": 1000, "checkpoint_every": 1000})
     seen: list[int] = []
-    real = Run.write_status
+    real = BlockLedger.write
 
     def spy(self, block, **fields):
         if "step" in fields:
             seen.append(fields["step"])
         return real(self, block, **fields)
 
-    monkeypatch.setattr(Run, "write_status", spy)
+    monkeypatch.setattr(BlockLedger, "write", spy)
     psm.training.train.train_block(run, 0)
     assert set(range(1, 30)) <= set(seen)
 
@@ -227,11 +228,14 @@ def test_the_nll_bar_moves_at_every_solver_step(monkeypatch):
             updates.append(n)
             return super().update(n)
 
-    monkeypatch.setattr("psm.core.likelihood.tqdm", Bar)
+    monkeypatch.setattr("psm.progress.tqdm", Bar)  # the core reports; the bar is drawn above
+    from psm.progress import progress_bar
+
     part = splits([0, 0.5, 1])
     model = BlockModel(make_process("vp"), part, [lambda x, t: 0.1 * x] * 2)
     solver = SolverSettings("rk4", 12)
-    evaluate_nll(model, torch.randn(10, 2), batch_size=4, solver=solver, progress=True)
+    with progress_bar("NLL") as bar:
+        evaluate_nll(model, torch.randn(10, 2), batch_size=4, solver=solver, progress=bar)
     assert len(updates) == 3 * solve_units(part.segments(), solver) == 36
 
 

@@ -16,7 +16,7 @@ from psm.training.train import BlockProblem, train_block, train_ensemble
 
 
 def weights(run: Run, block: int) -> dict[str, torch.Tensor]:
-    return load_file(run.weights_path(block))
+    return load_file(run.layout.weights(block))
 
 
 def max_diff(a: dict, b: dict) -> float:
@@ -28,13 +28,13 @@ def test_train_block_is_idempotent(make_run):
     run = make_run()
     out = train_block(run, 1)
     assert out.state == "done" and out.step == 20 and out.last_loss > 0
-    before = run.weights_path(1).read_bytes()
+    before = run.layout.weights(1).read_bytes()
     again = train_block(run.path, 1)
     assert again.state == "skipped"
-    assert run.weights_path(1).read_bytes() == before
-    st = run.block_status(1)
+    assert run.layout.weights(1).read_bytes() == before
+    st = run.ledger.status(1)
     assert (st.state, st.step, st.target) == ("done", 20, 20)
-    assert run.block_status(0).state == "pending"
+    assert run.ledger.status(0).state == "pending"
 
 
 def test_resume_continues_exactly(make_run, tmp_path):
@@ -43,14 +43,14 @@ def test_resume_continues_exactly(make_run, tmp_path):
     resumed = make_run(path=tmp_path / "r", train={"steps": 20})
     train_block(resumed, 2)
     resumed = make_run(path=tmp_path / "r", train={"steps": 40})  # extend the same run
-    st = resumed.block_status(2)  # done at its own target until it is trained further
+    st = resumed.ledger.status(2)  # done at its own target until it is trained further
     assert (st.state, st.step, st.target) == ("done", 20, 20)
-    assert not resumed.is_done(2, target=resumed.target_steps)
+    assert not resumed.ledger.done(2, resumed.config.train.steps)
     assert train_block(resumed, 2).step == 40
     assert max_diff(weights(straight, 2), weights(resumed, 2)) == 0.0
     # metrics are not duplicated by the resume
     steps = [int(line.split('"step": ')[1].split(",")[0])
-             for line in resumed.metrics_path(2).read_text().splitlines()]  # fmt: skip
+             for line in resumed.layout.metrics(2).read_text().splitlines()]  # fmt: skip
     assert steps == sorted(set(steps))
 
 
@@ -63,8 +63,8 @@ def test_ensemble_matches_blocks_trained_one_by_one(make_run):
     assert [o.state for o in outs] == ["done"] * 3
     for b in range(3):
         assert max_diff(weights(one_by_one, b), weights(stacked, b)) < 1e-5
-        a_state = load_file(one_by_one.state_path(b))
-        e_state = load_file(stacked.state_path(b))
+        a_state = load_file(one_by_one.layout.state(b))
+        e_state = load_file(stacked.layout.state(b))
         assert max_diff(a_state, e_state) < 1e-5  # Adam moments and RNG state too
 
 
@@ -84,7 +84,7 @@ def test_ensemble_resumes_mixed_progress(make_run, tmp_path):
 def test_dpsm_block_trains_at_its_fixed_time(make_run):
     run = make_run(partition={"kind": "grid", "points": 4})
     problem = BlockProblem.build(run, 1)
-    _, t, _ = problem.draw_batch(problem.new_generator())
+    t = problem.draw_batch(problem.new_generator()).t
     assert torch.all(t == 0.5)
     assert train_block(run, 1).state == "done"
     net = problem.new_net()
@@ -95,23 +95,23 @@ def test_foreign_checkpoint_is_refused_and_kept(make_run, tmp_path):
     a = make_run()
     train_block(a, 0)
     b = make_run(train={"lr": 5e-4})
-    shutil.copy(a.state_path(0), b.state_path(0))
-    before = b.state_path(0).read_bytes()
+    shutil.copy(a.layout.state(0), b.layout.state(0))
+    before = b.layout.state(0).read_bytes()
     with pytest.raises(CheckpointError, match="another config"):
         train_block(b, 0)
-    assert b.state_path(0).read_bytes() == before
-    assert not b.weights_path(0).exists()
+    assert b.layout.state(0).read_bytes() == before
+    assert not b.layout.weights(0).exists()
 
 
 def test_truncated_checkpoint_is_refused(make_run):
     run = make_run(train={"steps": 10, "checkpoint_every": 5})
     train_block(run, 0)
-    data = run.state_path(0).read_bytes()
-    run.state_path(0).write_bytes(data[: len(data) // 2])
-    run.write_status(0, state="stopped")  # pretend it was interrupted
+    data = run.layout.state(0).read_bytes()
+    run.layout.state(0).write_bytes(data[: len(data) // 2])
+    run.ledger.write(0, state="stopped")  # pretend it was interrupted
     with pytest.raises(CheckpointError, match="unreadable"):
         train_block(run, 0)
-    assert len(run.state_path(0).read_bytes()) == len(data) // 2
+    assert len(run.layout.state(0).read_bytes()) == len(data) // 2
     with pytest.raises(CheckpointError, match="unreadable"):
         train_ensemble(run, [0])
 
@@ -131,11 +131,11 @@ def test_time_budget_ends_blocks_and_can_be_raised(make_run, tmp_path):
     run = make_run(train={"steps": 10**9, "max_seconds": 0.3})
     out = train_block(run, 0)
     assert out.state == "done" and 0 < out.step < 10**9
-    assert run.is_done(0) and run.block_status(0).wall_time >= 0.3
+    assert run.ledger.done(0) and run.ledger.status(0).wall_time >= 0.3
     outs = train_ensemble(run, [1, 2])
-    assert all(o.state == "done" for o in outs) and run.is_done(1) and run.is_done(2)
+    assert all(o.state == "done" for o in outs) and run.ledger.done(1) and run.ledger.done(2)
     more = make_run(path=run.path, train={"steps": 10**9, "max_seconds": 0.6})
-    assert more.is_done(0) and not more.is_done(0, target=more.target_steps)
+    assert more.ledger.done(0) and not more.ledger.done(0, more.config.train.steps)
     assert train_block(more, 0).step > out.step
 
 
@@ -220,7 +220,7 @@ def test_recipes_keep_the_ensemble_equal_to_one_by_one_and_resume_exact(make_run
 def test_ema_weights_are_what_inference_loads(make_run):
     run = make_run(train={"ema": 0.9, "steps": 30})
     train_block(run, 0)
-    state = load_file(run.state_path(0))
+    state = load_file(run.layout.state(0))
     final = weights(run, 0)
     ema = {k[4:]: v for k, v in state.items() if k.startswith("ema.")}
     raw = {k[4:]: v for k, v in state.items() if k.startswith("net.")}

@@ -93,7 +93,7 @@ def time_engine(root: Path, engine: str, args: argparse.Namespace) -> dict[str, 
     bad = [o for o in outs if o.state != "done"]
     if bad:
         raise PSMError(f"bench executors: {engine}: block {bad[0].block} {bad[0].state}")
-    rec["train_loop_s"] = [run.block_status(b).wall_time for b in range(args.blocks)]
+    rec["train_loop_s"] = [run.ledger.status(b).wall_time for b in range(args.blocks)]
     return rec
 
 

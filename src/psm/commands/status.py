@@ -25,7 +25,7 @@ def cmd_status(args: argparse.Namespace) -> int:
     from ..runs.run import Run
 
     run = Run.open(args.run)
-    statuses = run.statuses()
+    statuses = run.ledger.statuses()
     extra = _cluster_states(run)
     if args.json:
         rows = [asdict(s) | ({"job_state": extra.get(s.block)} if extra else {}) for s in statuses]
@@ -71,6 +71,6 @@ def _ago(seconds: float) -> str:
 
 def _cluster_states(run) -> dict[int, str]:
     """Scheduler job states per block, where an executor recorded jobs (e.g. SLURM)."""
-    from ..executors.options import job_states
+    from ..executors.slurm_jobs import job_states
 
     return job_states(run)

@@ -46,7 +46,7 @@ class ProgressMonitor:
 
     def _poll(self) -> None:
         assert self._bar is not None
-        statuses = self.run.statuses(self.blocks)
+        statuses = self.run.ledger.statuses(self.blocks)
         budget = self._budget
         if budget is not None:  # time-budgeted: the bar counts seconds, steps go to the postfix
             self._bar.n = round(sum(min(s.wall_time, budget) for s in statuses) / len(statuses))
@@ -73,7 +73,7 @@ class ProgressMonitor:
                 fmt = "{desc}: {percentage:3.0f}%|{bar}| {n}/{total} s "
                 fmt += "[{elapsed}<{remaining}{postfix}]"
             else:
-                total = sum(self.run.step_target(b) for b in self.blocks)
+                total = sum(self.run.config.step_target(b) for b in self.blocks)
                 unit, scale = "block-step", True
             self._bar = tqdm(
                 total=total, desc=self.desc, unit=unit, unit_scale=scale, dynamic_ncols=True,

@@ -74,13 +74,13 @@ def save_state(run: Run, block: int, state: BlockState) -> None:
     if state.ema is not None:
         tensors |= {f"ema.{k}": _cpu_copy(v) for k, v in state.ema.items()}
     meta = _meta(run, block, state.step) | {"wall_time": repr(float(state.wall_time))}
-    atomic_write_bytes(run.state_path(block), st_save(tensors, metadata=meta))
+    atomic_write_bytes(run.layout.state(block), st_save(tensors, metadata=meta))
 
 
 def save_weights(run: Run, block: int, net_state: dict[str, Tensor], step: int) -> None:
     """Write a block's final weights atomically."""
     tensors = {k: _cpu_copy(v) for k, v in net_state.items()}
-    atomic_write_bytes(run.weights_path(block), st_save(tensors, metadata=_meta(run, block, step)))
+    atomic_write_bytes(run.layout.weights(block), st_save(tensors, metadata=_meta(run, block, step)))
 
 
 def _meta(run: Run, block: int, step: int) -> dict[str, str]:
@@ -130,14 +130,14 @@ def verify_checkpoints(run: Run, blocks: list[int]) -> None:
     """Check that every existing checkpoint of ``blocks`` is readable and belongs to this run
     (headers only, cheap); raise :class:`CheckpointError` on the first that is not."""
     for b in blocks:
-        for path in (run.state_path(b), run.weights_path(b)):
+        for path in (run.layout.state(b), run.layout.weights(b)):
             if path.exists():
                 _read(path, run, b, tensors=False)
 
 
 def resume_step(run: Run, block: int) -> int:
     """The step a block would resume from (0 without a resume point); reads the header only."""
-    path = run.state_path(block)
+    path = run.layout.state(block)
     if not path.exists():
         return 0
     _, meta = _read(path, run, block, tensors=False)
@@ -166,7 +166,7 @@ def _check_keys(block: int, path: Path, got: dict[str, Tensor], want: dict[str, 
 
 def load_state(run: Run, block: int, net: nn.Module) -> BlockState | None:
     """A block's resume point, or None if it has none yet. ``net`` gives the expected tensors."""
-    path = run.state_path(block)
+    path = run.layout.state(block)
     if not path.exists():
         return None
     tensors, meta = _read(path, run, block)
@@ -196,7 +196,7 @@ def load_state(run: Run, block: int, net: nn.Module) -> BlockState | None:
 
 def load_weights(run: Run, block: int, net: nn.Module) -> int:
     """Load a block's final weights into ``net`` (checked); return the step they were saved at."""
-    path = run.weights_path(block)
+    path = run.layout.weights(block)
     tensors, meta = _read(path, run, block)
     _check_keys(block, path, tensors, net.state_dict())
     net.load_state_dict({k: v.to(p.device) for (k, v), p in _zip_state(tensors, net)})

@@ -14,7 +14,7 @@ MARKERS_BELOW = 20
 
 def read_metrics(run: Run, block: int) -> tuple[list[int], list[float]]:
     """Steps and losses logged for a block (the last record of a step wins)."""
-    path = run.metrics_path(block)
+    path = run.layout.metrics(block)
     by_step: dict[int, float] = {}
     if path.exists():
         for line in path.read_text().splitlines():
