@@ -4,6 +4,7 @@ read-only disk, and a run extended to more steps."""
 
 from __future__ import annotations
 
+import dataclasses
 import errno
 import json
 import os
@@ -112,7 +113,7 @@ def test_sigkill_of_a_worker_mid_block_then_same_command_resumes(tmp_path, capsy
         deadline = time.time() + 120
         while time.time() < deadline and proc.poll() is None and not killed:
             if (out_dir / "config.yaml").exists():
-                rec = Run.open(out_dir).read_status(0) or {}
+                rec = Run.open(out_dir).ledger.read(0) or {}
                 if rec.get("state") == "running" and (rec.get("checkpoint_step") or 0) >= 50:
                     os.kill(rec["pid"], signal.SIGKILL)
                     killed = rec
@@ -126,19 +127,19 @@ def test_sigkill_of_a_worker_mid_block_then_same_command_resumes(tmp_path, capsy
     assert proc.returncode == 2, err  # a block the user must rerun: exit 2, one summary line
     assert err.strip().splitlines()[-1].startswith("psm: error: block 0 failed: worker died")
     run = Run.open(out_dir)
-    st = run.block_status(0)
+    st = run.ledger.status(0)
     assert (st.state, st.error) == ("failed", "worker died (exit code -9)")
-    assert 50 <= st.checkpoint_step < 300 and run.lock_path(0).exists()
-    assert run.block_status(1).state == "done"
+    assert 50 <= st.checkpoint_step < 300 and run.layout.lock(0).exists()
+    assert run.ledger.status(1).state == "done"
     # the same command again: takes the dead worker's lock, resumes from its checkpoint
     assert main(argv) == 0, capsys.readouterr().err
-    rec = run.read_status(0)
+    rec = run.ledger.read(0)
     assert rec["state"] == "done" and rec["start_step"] == st.checkpoint_step
-    assert not run.lock_path(0).exists() and not temp_files(run)
+    assert not run.layout.lock(0).exists() and not temp_files(run)
     net = BlockProblem.build(run, 0).new_net()
     assert load_weights(run, 0, net) == 300
     assert torch.isfinite(net(torch.randn(8, 2), torch.full((8,), 0.25))).all()
-    steps = [json.loads(line)["step"] for line in run.metrics_path(0).read_text().splitlines()]
+    steps = [json.loads(line)["step"] for line in run.layout.metrics(0).read_text().splitlines()]
     assert steps == sorted(set(steps)) and steps[-1] == 300
 
 
@@ -151,7 +152,7 @@ def test_two_workers_on_one_block_one_trains_the_other_skips(make_run, monkeypat
     worker.start()
     try:
         deadline = time.time() + 30
-        while not (run.lock_path(0).exists() and run.read_status(0)) and time.time() < deadline:
+        while not (run.layout.lock(0).exists() and run.ledger.read(0)) and time.time() < deadline:
             time.sleep(0.01)
         second = train_block(run, 0)
         assert second.state == "locked"
@@ -175,7 +176,7 @@ def test_two_workers_on_one_block_one_trains_the_other_skips(make_run, monkeypat
 def test_lock_of_a_dead_holder_does_not_block(make_run, host, age, trains):
     run = make_run()
     name = socket.gethostname() if host == "here" else "elsewhere-node"
-    write_lock(run.lock_path(1), host=name, pid=dead_pid(), age=age)
+    write_lock(run.layout.lock(1), host=name, pid=dead_pid(), age=age)
     out = train_block(run, 1)
     assert out.state == ("done" if trains else "locked")
     assert not list(run.path.glob("blocks/*.stale-*"))
@@ -185,14 +186,14 @@ def test_cluster_task_waits_for_a_lock_going_stale_on_another_host(make_run):
     """A retried task that lands on another machine than its killed attempt waits for the
     dead holder's heartbeat to go stale, then resumes the block."""
     run = make_run()
-    write_lock(run.lock_path(2), host="elsewhere-node", pid=1, age=119.0)  # stale in 1 s
+    write_lock(run.layout.lock(2), host="elsewhere-node", pid=1, age=119.0)  # stale in 1 s
     t = time.monotonic()
     (out,) = train_task(str(run.path), [2], lock_wait_s=20, poll_s=0.2)
     assert out.state == "done" and 0.5 < time.monotonic() - t < 20
     # a live holder on this host is not waited for
     run2 = make_run()
     with BlockLocks() as locks:
-        assert locks.acquire(run2.lock_path(0))
+        assert locks.acquire(run2.layout.lock(0))
         t = time.monotonic()
         (out,) = train_task(str(run2.path), [0], lock_wait_s=20, poll_s=0.2)
         assert out.state == "locked" and time.monotonic() - t < 5
@@ -232,11 +233,11 @@ def poison_block(monkeypatch, block: int, after: int, value: float) -> None:
     draw = BlockProblem.draw_batch
 
     def poisoned(self, generator):
-        x_t, t, y = draw(self, generator)
+        batch = draw(self, generator)
         draws[self.block] = draws.get(self.block, 0) + 1
         if self.block == block and draws[block] > after:
-            y = torch.full_like(y, value)
-        return x_t, t, y
+            batch = dataclasses.replace(batch, target=torch.full_like(batch.target, value))
+        return batch
 
     monkeypatch.setattr(BlockProblem, "draw_batch", poisoned)
 
@@ -257,8 +258,8 @@ def test_non_finite_loss_stops_the_block_and_keeps_its_checkpoint(
     state = load_state(run, 1, BlockProblem.build(run, 1).new_net())
     assert state is not None and state.step == 20
     assert all(torch.isfinite(v).all() for v in state.net.values())
-    assert not run.weights_path(1).exists()
-    st = run.block_status(1)
+    assert not run.layout.weights(1).exists()
+    st = run.ledger.status(1)
     assert st.state == "failed" and st.error == err and st.checkpoint_step == 20
     assert main(["status", str(run.path)]) == 0
     out = capsys.readouterr().out
@@ -301,13 +302,13 @@ def test_full_or_read_only_disk_is_a_clear_error_and_tears_nothing(
     assert not temp_files(run)
     state = load_state(run, 0, BlockProblem.build(run, 0).new_net())  # the old one, intact
     assert state is not None and state.step == 10
-    st = run.block_status(0)
+    st = run.ledger.status(0)
     assert st.state == "failed" and reason in st.error
     # with the disk fixed, the same command resumes from that checkpoint
     monkeypatch.undo()
     seen = spy_resume_steps(monkeypatch)
     assert main(["train", str(cfg), "--out", str(out_dir), "--no-progress", "--no-plot"]) == 0
-    assert seen[0] == [10] and run.block_status(0).state == "done"
+    assert seen[0] == [10] and run.ledger.status(0).state == "done"
 
 
 def test_failed_append_leaves_no_torn_line(tmp_path, monkeypatch):
@@ -339,7 +340,9 @@ def test_more_steps_on_the_same_run_continue_every_block(tmp_path, monkeypatch, 
     assert {b: s[-1] for b, s in seen.items()} == {0: 30, 1: 30, 2: 30}
     run = Run.open(out_dir)
     for b in range(3):
-        st = run.block_status(b)
+        st = run.ledger.status(b)
         assert (st.state, st.step, st.target) == ("done", 50, 50)
-        steps = [json.loads(line)["step"] for line in run.metrics_path(b).read_text().splitlines()]
+        steps = [
+            json.loads(line)["step"] for line in run.layout.metrics(b).read_text().splitlines()
+        ]
         assert steps == sorted(set(steps)) and steps[-1] == 50

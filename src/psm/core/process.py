@@ -22,11 +22,14 @@ from __future__ import annotations
 
 import math
 from abc import ABC, abstractmethod
+from collections.abc import Callable
 from dataclasses import dataclass
 from typing import Literal
 
 import torch
 from torch import Tensor
+
+from ..spec import Builders
 
 Prediction = Literal["epsilon", "velocity"]
 PREDICTIONS: tuple[str, ...] = ("epsilon", "velocity")
@@ -158,7 +161,8 @@ class Process:
             noise: ε ~ N(0, I), ``[B, *D]``.
 
         Returns:
-            ``(x_t, target)``, both ``[B, *D]``.
+            ``(x_t, target)``, both ``[B, *D]``. The times, the noise and how the regression is
+            weighted belong to the block's :class:`~psm.core.objective.Objective`.
         """
         if self.prediction == "epsilon":
             alpha, sigma = self.schedule.alpha_sigma(t)
@@ -166,15 +170,6 @@ class Process:
         c = self.schedule(t)
         x_t = torch.addcmul(_per_sample(c.alpha, x0) * x0, _per_sample(c.sigma, x0), noise)
         return x_t, _per_sample(c.d_alpha, x0) * x0 + _per_sample(c.d_sigma, x0) * noise
-
-    @staticmethod
-    def loss(output: Tensor, target: Tensor) -> Tensor:
-        """Mean squared error per block (eq. 26; Algorithm 1): ``[K, B, *D] -> [K]``.
-
-        The mean runs over each block's batch and dimensions; the trainer sums the K values,
-        so each block's gradient is exactly that of its own loss.
-        """
-        return torch.mean((output - target) ** 2, dim=tuple(range(1, output.dim())))
 
     # ---------------------------------------------------------------- inference
     def epsilon(self, output: Tensor, x: Tensor, t: Tensor) -> Tensor:
@@ -233,6 +228,24 @@ class Process:
         return -0.5 * x.flatten(1).pow(2).sum(1) - 0.5 * d * math.log(2 * math.pi)
 
 
+PROCESSES: Builders[Callable[..., Process]] = Builders("process")
+"""The forward processes by config name (``process.name``). A builder takes the fields of the
+``process:`` section as keywords (``b_min``, ``b_max``, ``sigma_min``, ``prediction``) and uses
+the ones it needs; a new process is one builder and its ``@PROCESSES.register`` line."""
+
+
+@PROCESSES.register("vp")
+def _vp(*, b_min: float, b_max: float, prediction: Prediction | None, **_: object) -> Process:
+    """The paper's VP (DDPM) process, ε-prediction by default."""
+    return Process(VPSchedule(b_min, b_max), prediction or "epsilon", name="vp")
+
+
+@PROCESSES.register("ot")
+def _ot(*, sigma_min: float, prediction: Prediction | None, **_: object) -> Process:
+    """The OT path of flow matching (appendix F), velocity prediction by default."""
+    return Process(OTSchedule(sigma_min), prediction or "velocity", name="ot")
+
+
 def make_process(
     name: str,
     *,
@@ -241,19 +254,19 @@ def make_process(
     sigma_min: float = 1e-4,
     prediction: Prediction | None = None,
 ) -> Process:
-    """Build a process by its config name.
+    """Build a process by its config name (a name of :data:`PROCESSES`).
 
     Args:
         name: ``"vp"`` (paper default, ε-prediction) or ``"ot"`` (flow matching, velocity).
         b_min, b_max: VP ``b(t)`` endpoints.
         sigma_min: OT path noise floor.
         prediction: override what the network predicts; defaults to the process's own.
+
+    Raises:
+        ValueError: an unknown name, in one line.
     """
-    if name == "vp":
-        return Process(VPSchedule(b_min, b_max), prediction or "epsilon", name=name)
-    if name == "ot":
-        return Process(OTSchedule(sigma_min), prediction or "velocity", name=name)
-    raise ValueError(f"unknown process {name!r} (choose from vp, ot)")
+    build = PROCESSES.get(name)
+    return build(b_min=b_min, b_max=b_max, sigma_min=sigma_min, prediction=prediction)
 
 
-PROCESS_NAMES = ("vp", "ot")
+PROCESS_NAMES: tuple[str, ...] = tuple(PROCESSES.names())  # psm's own; PROCESSES is the registry

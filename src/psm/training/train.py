@@ -1,11 +1,12 @@
 """Training blocks: one loop for any number K >= 1 of blocks of a run.
 
-A block is trained with Adam on fresh samples every step (appendix H). Block i of an interval
-partition draws ``t ~ U[t_i, t_{i+1}]`` (Algorithm 1; K = 1 is SA-DPM, Algorithm 3); a grid
-block uses its fixed time ``t_i`` (Algorithm 2). Blocks at the same step can be trained
-together as one stacked model (:mod:`psm.training.stack`); the loop (:func:`train_stack`) is the
-same
-for one block and for a stack, and so are the files it writes:
+A block is trained with Adam on fresh samples every step (appendix H). What it learns from —
+its times, pairs and loss weights — is its :class:`~psm.core.objective.Objective`
+(``train.objective``): by default block i of an interval partition draws ``t ~ U[t_i, t_{i+1}]``
+(Algorithm 1; K = 1 is SA-DPM, Algorithm 3) and a grid block uses its fixed time ``t_i``
+(Algorithm 2), with a plain MSE. Blocks at the same step can be trained together as one stacked
+model (:mod:`psm.training.stack`); the loop (:func:`train_stack`) is the same for one block and
+for a stack, and so are the files it writes:
 
 * :func:`train_block` is the loop with K = 1 — the only thing the local, Ray and SLURM
   executors call per block;
@@ -38,7 +39,7 @@ import torch
 from torch import Tensor, nn
 
 from ..core.device import resolve_device
-from ..core.process import Process
+from ..core.objective import Batch, Objective, stack_batches
 from ..data import Dataset
 from ..errors import PSMError, RunError
 from ..runs.atomic import append_line, atomic_write_text
@@ -69,19 +70,18 @@ def train_device(name: str) -> torch.device:
 
 @dataclass
 class BlockProblem:
-    """What one block learns: its data, process and time range, and its seeds.
+    """One block's training problem: its data, its objective, and its seeds.
 
     Attributes:
         block: the block id.
-        t_lo, t_hi: training times ``U[t_lo, t_hi]`` (equal for a DPSM grid point).
+        objective: what the block learns from, built for its training times
+            (``run.partition.train_range(block)``) from ``train.objective``.
     """
 
     run: Run
     block: int
     dataset: Dataset
-    process: Process
-    t_lo: float
-    t_hi: float
+    objective: Objective
     device: torch.device
     batch_size: int
 
@@ -90,9 +90,8 @@ class BlockProblem:
         """Block ``block`` of ``run`` on ``device`` (default: the run's ``train.device``)."""
         device = device if device is not None else train_device(run.config.train.device)
         lo, hi = run.partition.train_range(block)
-        return cls(
-            run, block, run.dataset, run.process, lo, hi, device, run.config.train.batch_size
-        )
+        objective = run.config.train.objective.build(run.process, lo, hi)
+        return cls(run, block, run.dataset, objective, device, run.config.train.batch_size)
 
     def new_net(self) -> nn.Module:
         """The block's net, initialised from its own seed (same weights in every executor)."""
@@ -106,19 +105,12 @@ class BlockProblem:
         seed = block_seed(self.run.config.train.seed, self.block, SEED_DATA)
         return torch.Generator(device=self.device).manual_seed(seed)
 
-    def draw_batch(self, generator: torch.Generator) -> tuple[Tensor, Tensor, Tensor]:
-        """One fresh batch: ``(x_t [B, *D], t [B], target [B, *D])`` (eq. 29)."""
-        n = self.batch_size
-        x0 = self.dataset.sample(n, generator)
-        if self.t_hi > self.t_lo:
-            t = torch.empty(n, device=self.device).uniform_(
-                self.t_lo, self.t_hi, generator=generator
-            )
-        else:
-            t = torch.full((n,), self.t_lo, device=self.device)
-        noise = torch.randn(x0.shape, generator=generator, device=self.device)
-        x_t, target = self.process.training_pair(x0, t, noise)
-        return x_t, t, target
+    def draw_batch(self, generator: torch.Generator) -> Batch:
+        """One fresh batch: data ``x0 [B, *D]`` from the block's stream, then the objective's
+        times, noise and pair (eq. 29) from the same stream
+        (:meth:`~psm.core.objective.Objective.draw`)."""
+        x0 = self.dataset.sample(self.batch_size, generator)
+        return self.objective.draw(x0, generator)
 
 
 @dataclass
@@ -223,11 +215,6 @@ def _is_random(module: nn.Module) -> bool:
     return isinstance(module, nn.modules.dropout._DropoutNd) and module.p > 0
 
 
-def _stacked(values: Sequence[Tensor]) -> Tensor:
-    """``[K, ...]`` from K tensors (a view for K = 1)."""
-    return values[0].unsqueeze(0) if len(values) == 1 else torch.stack(list(values))
-
-
 class StackTrainer:
     """K blocks of a run at the same step, their nets, generators and one Adam, restored from
     their checkpoints; :meth:`train_step` is one parameter update of every block.
@@ -244,11 +231,11 @@ class StackTrainer:
     def __init__(self, run: Run, blocks: Sequence[int]) -> None:
         cfg = run.config.train
         self.run, self.blocks = run, list(blocks)
-        if len({run.step_target(b) for b in self.blocks}) > 1:
+        if len({run.config.step_target(b) for b in self.blocks}) > 1:
             raise ValueError(f"blocks {self.blocks} have different step targets: stack them apart")
         self.device = train_device(cfg.device)
         self.problems = [BlockProblem.build(run, b, self.device) for b in self.blocks]
-        self.process = run.process
+        self.objective = self.problems[0].objective  # scores the whole stack (Objective.loss)
         nets = [p.new_net() for p in self.problems]
         self.generators = [p.new_generator() for p in self.problems]
         states = [load_state(run, b, net) for b, net in zip(self.blocks, nets)]
@@ -265,7 +252,7 @@ class StackTrainer:
         self.opt = make_adam(list(self.stack.params.values()), cfg.lr)
         if states[0] is not None and states[0].adam_m is not None:
             restore_adam(self.opt, self.stack, states, self.step)
-        self.recipe = Recipe(cfg, run.step_target(blocks[0]), self.device)
+        self.recipe = Recipe(cfg, run.config.step_target(blocks[0]), self.device)
         self.ema: dict[str, Tensor] | None = None
         if cfg.ema is not None:  # the averaged weights inference will use
             saved = [s.ema if s is not None else None for s in states]
@@ -306,16 +293,16 @@ class StackTrainer:
         return torch.get_rng_state()
 
     def train_step(self) -> Tensor:
-        """One update of every block: draw, forward, summed loss, backward, Adam.
+        """One update of every block: draw (each block's objective), forward, the objective's
+        loss summed over blocks, backward, Adam.
 
         Returns:
             The K losses before the update, ``[K]`` (detached, left on the device).
         """
-        batches = [p.draw_batch(g) for p, g in zip(self.problems, self.generators)]
-        x_t, t, y = (_stacked([b[i] for b in batches]) for i in range(3))
+        batch = stack_batches([p.draw_batch(g) for p, g in zip(self.problems, self.generators)])
         with self.recipe.autocast():
-            out = self.stack(x_t, t)
-        losses = self.process.loss(out.float(), y)  # [K], one per block
+            out = self.stack(batch.x_t, batch.t)
+        losses = self.objective.loss(out.float(), batch.target, batch.weight)  # [K], one per block
         self.opt.zero_grad(set_to_none=True)
         losses.sum().backward()
         if self.recipe.grad_clip is not None:
@@ -362,7 +349,7 @@ class StackTrainer:
             save_state(self.run, b, self.block_state(k))
             if final:
                 save_weights(self.run, b, self.weights(k), self.step)
-            self.run.write_status(b, checkpoint_step=self.step, checkpoint_time=time.time())
+            self.run.ledger.write(b, checkpoint_step=self.step, checkpoint_time=time.time())
 
 
 @dataclass
@@ -436,10 +423,10 @@ def _cuda_index(device: str) -> list[int]:
 
 def _train_loop(run: Run, tr: StackTrainer, stop: StopRequest) -> list[BlockOutcome]:
     cfg = run.config.train
-    blocks, target = tr.blocks, run.step_target(tr.blocks[0])
+    blocks, target = tr.blocks, run.config.step_target(tr.blocks[0])
     for b in blocks:
-        truncate_metrics(run.metrics_path(b), tr.step)
-        run.write_status(
+        truncate_metrics(run.layout.metrics(b), tr.step)
+        run.ledger.write(
             b, state="running", step=tr.step, start_step=tr.step, target=target,
             span=run.partition.describe(b), device=str(tr.device), error=None,
         )  # fmt: skip
@@ -461,12 +448,12 @@ def _train_loop(run: Run, tr: StackTrainer, stop: StopRequest) -> list[BlockOutc
             if at is not None:
                 bad.append(k)
                 msg = f"block {b}: non-finite loss ({vals[at - start - 1, k]}) at step {at}"
-                run.write_status(b, state="failed", error=msg)
+                run.ledger.write(b, state="failed", error=msg)
                 continue
             last_loss[k] = float(vals[:, k].mean())
             line = {"step": tr.step, "loss": last_loss[k], "wall_time": round(walls[k], 3)}
-            append_line(run.metrics_path(b), json.dumps(line))
-            run.write_status(b, step=tr.step, last_loss=last_loss[k], wall_time=walls[k])
+            append_line(run.layout.metrics(b), json.dumps(line))
+            run.ledger.write(b, step=tr.step, last_loss=last_loss[k], wall_time=walls[k])
         add_scalars(tb, {f"loss/block_{b:04d}": last_loss[k] for k, b in enumerate(blocks)
                          if k not in bad}, tr.step)  # fmt: skip
         return bad
@@ -478,7 +465,7 @@ def _train_loop(run: Run, tr: StackTrainer, stop: StopRequest) -> list[BlockOutc
         tr.checkpoint(final=False, only=healthy)
         outs = [
             BlockOutcome(blocks[k], "failed", tr.step, last_loss[k],
-                         (run.read_status(blocks[k]) or {}).get("error"))
+                         (run.ledger.read(blocks[k]) or {}).get("error"))
             for k in bad
         ]  # fmt: skip
         if healthy:
@@ -493,7 +480,7 @@ def _train_loop(run: Run, tr: StackTrainer, stop: StopRequest) -> list[BlockOutc
                 return split_off(bad)
             tr.checkpoint(final=False)
             for b in blocks:
-                run.write_status(b, state="stopped", step=tr.step)
+                run.ledger.write(b, state="stopped", step=tr.step)
             return [
                 BlockOutcome(b, "interrupted", tr.step, last_loss[k]) for k, b in enumerate(blocks)
             ]
@@ -509,7 +496,7 @@ def _train_loop(run: Run, tr: StackTrainer, stop: StopRequest) -> list[BlockOutc
             last_progress = time.monotonic()
         elif time.monotonic() - last_progress >= progress_every:
             for b, w in zip(blocks, tr.walls()):  # a progress mark between two log lines
-                run.write_status(b, step=step, wall_time=w)
+                run.ledger.write(b, step=step, wall_time=w)
             last_progress = time.monotonic()
     bad = flush()
     if bad:
@@ -517,14 +504,14 @@ def _train_loop(run: Run, tr: StackTrainer, stop: StopRequest) -> list[BlockOutc
     tr.checkpoint(final=True)
     walls = tr.walls()  # the final wall time: is_done compares it with a time budget
     for k, b in enumerate(blocks):
-        run.write_status(
+        run.ledger.write(
             b, state="done", step=tr.step, wall_time=walls[k], budget_spent=tr.step < target
         )
     return [BlockOutcome(b, "done", tr.step, last_loss[k]) for k, b in enumerate(blocks)]
 
 
 # ------------------------------------------------------------------------------ drivers
-def train_blocks(
+def train_ensemble(
     run_dir: str | Path | Run,
     blocks: Sequence[int] | None = None,
     *,
@@ -546,8 +533,8 @@ def train_blocks(
     run.check_block_ids(ids)
     outcomes: dict[int, BlockOutcome] = {}
     for b in ids:
-        if run.is_done(b, target=run.step_target(b)):
-            rec = run.read_status(b) or {}
+        if run.ledger.done(b, run.config.step_target(b)):
+            rec = run.ledger.read(b) or {}
             outcomes[b] = BlockOutcome(b, "skipped", rec.get("step", 0), rec.get("last_loss"))
     todo = [b for b in ids if b not in outcomes]
     if not todo:
@@ -555,12 +542,12 @@ def train_blocks(
     with BlockLocks() as locks, StopRequest() as stop:
         held = []
         for b in todo:
-            if locks.acquire(run.lock_path(b)):
+            if locks.acquire(run.layout.lock(b)):
                 held.append(b)
                 remove_stale_temps(run, b)
             else:
                 outcomes[b] = BlockOutcome(
-                    b, "locked", error=f"held by {lock_holder(run.lock_path(b))}"
+                    b, "locked", error=f"held by {lock_holder(run.layout.lock(b))}"
                 )
         for group in _step_groups(run, held, max_stack):
             if stop.is_set():
@@ -573,7 +560,7 @@ def train_blocks(
             except RunError as e:  # a write failed (no space, no permission): say so, re-raise
                 for b in group:
                     with contextlib.suppress(PSMError):
-                        run.write_status(b, state="failed", error=str(e))
+                        run.ledger.write(b, state="failed", error=str(e))
                 raise
     return [outcomes[b] for b in ids]
 
@@ -589,18 +576,7 @@ def train_block(run_dir: str | Path | Run, block: int) -> BlockOutcome:
         The :class:`BlockOutcome`. Bad input (missing run, foreign checkpoint) raises a
         :class:`~psm.errors.PSMError`; a non-finite loss returns ``state="failed"``.
     """
-    return train_blocks(run_dir, [block], max_stack=1)[0]
-
-
-def train_ensemble(
-    run_dir: str | Path | Run,
-    blocks: Sequence[int] | None = None,
-    *,
-    max_stack: int | None = None,
-) -> list[BlockOutcome]:
-    """Train ``blocks`` of a run (default: all) stacked in this process (see
-    :func:`train_blocks`)."""
-    return train_blocks(run_dir, blocks, max_stack=max_stack)
+    return train_ensemble(run_dir, [block], max_stack=1)[0]
 
 
 def _step_groups(run: Run, blocks: list[int], max_stack: int | None) -> list[list[int]]:
@@ -608,7 +584,7 @@ def _step_groups(run: Run, blocks: list[int], max_stack: int | None) -> list[lis
     (a stack trains to one target), then chunked."""
     by_step: dict[tuple[int, int], list[int]] = defaultdict(list)
     for b in blocks:
-        by_step[resume_step(run, b), run.step_target(b)].append(b)
+        by_step[resume_step(run, b), run.config.step_target(b)].append(b)
     size = max_stack or len(blocks) or 1
     groups = []
     for step in sorted(by_step):
@@ -622,11 +598,11 @@ def note_failure(run: Run, out: BlockOutcome) -> None:
     so that ``psm status`` shows why. A block a live worker holds is left alone."""
     if out.state != "failed" or not out.error:
         return
-    rec = run.read_status(out.block) or {}
-    if rec.get("state") == "failed" or lock_holder_alive(run.lock_path(out.block)):
+    rec = run.ledger.read(out.block) or {}
+    if rec.get("state") == "failed" or lock_holder_alive(run.layout.lock(out.block)):
         return
     with contextlib.suppress(PSMError):
-        run.write_status(out.block, state="failed", error=out.error)
+        run.ledger.write(out.block, state="failed", error=out.error)
 
 
 def remove_stale_temps(run: Run, block: int) -> None:
@@ -634,7 +610,7 @@ def remove_stale_temps(run: Run, block: int) -> None:
 
     Only the lock holder writes a block's checkpoint files, so call this holding the lock.
     """
-    for final in (run.state_path(block), run.weights_path(block)):
+    for final in (run.layout.state(block), run.layout.weights(block)):
         for tmp in final.parent.glob(f".{final.name}.*.tmp"):
             with contextlib.suppress(OSError):
                 tmp.unlink()
