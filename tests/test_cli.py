@@ -56,7 +56,7 @@ def test_blocks_subset_steps_seed_and_set(tmp_path, capsys):
     run = Run.open(out_dir)
     assert run.config.train.steps == 10 and run.config.train.seed == 4
     assert run.config.train.lr == 0.002
-    assert [run.is_done(b) for b in range(3)] == [True, False, True]
+    assert [run.ledger.done(b) for b in range(3)] == [True, False, True]
 
 
 def test_dry_run_prints_plan_and_writes_nothing(tmp_path, capsys):
@@ -72,7 +72,7 @@ def test_dry_run_prints_plan_and_writes_nothing(tmp_path, capsys):
     [
         ({"data": {"name": "swirl"}}, "data.name: unknown dataset 'swirl'"),
         ({"net": {"name": "resnet"}}, "net.name: unknown net 'resnet'"),
-        ({"process": {"name": "ve"}}, "process.name: Input should be 'vp' or 'ot'"),
+        ({"process": {"name": "ve"}}, "process.name: unknown process 've' (choose from ot, vp)"),
         ({"train": {"batch_size": "big"}}, "train.batch_size: Input should be a valid integer"),
         ({"partition": {"kind": "splits", "splits": [0, 0.5, 0.3, 1]}}, "strictly increasing"),
         ({"partition": {"kind": "splits", "splits": [-0.1, 0.5, 1]}}, "must lie in [0, 1]"),
@@ -113,7 +113,7 @@ def test_foreign_block_checkpoint_exit_2(tmp_path, capsys):
     assert main(["train", str(cfg_a), "--out", str(a), "--blocks", "1", "--no-progress"]) == 0
     assert main(["train", str(cfg_b), "--out", str(b), "--blocks", "0", "--no-progress"]) == 0
     capsys.readouterr()
-    shutil.copy(Run.open(a).state_path(1), Run.open(b).state_path(1))
+    shutil.copy(Run.open(a).layout.state(1), Run.open(b).layout.state(1))
     before = snapshot(b)
     msg = "block 1: blocks/0001.state.safetensors was written under another config"
     msg = "block 1: blocks/0001.state.safetensors was written under another config"
@@ -127,9 +127,9 @@ def test_truncated_block_checkpoint_exit_2(tmp_path, capsys):
     assert main(["train", str(cfg), "--out", str(out_dir), "--blocks", "2", "--no-progress"]) == 0
     capsys.readouterr()
     run = Run.open(out_dir)
-    data = run.state_path(2).read_bytes()
-    run.state_path(2).write_bytes(data[:100])
-    run.write_status(2, state="stopped")
+    data = run.layout.state(2).read_bytes()
+    run.layout.state(2).write_bytes(data[:100])
+    run.ledger.write(2, state="stopped")
     before = snapshot(out_dir)
     one_line_error(capsys, "train", cfg, "--out", out_dir, "--steps", "20", "--blocks", "2",
                    match="unreadable (truncated or corrupt")  # fmt: skip
@@ -164,14 +164,14 @@ def test_ctrl_c_then_same_command_resumes(tmp_path):
         time.sleep(0.5)
         if (out_dir / "config.yaml").exists():
             run = Run.open(out_dir)
-            if all(run.block_status(b).step >= 100 for b in range(2)):
+            if all(run.ledger.status(b).step >= 100 for b in range(2)):
                 break
     os.killpg(proc.pid, signal.SIGINT)  # what Ctrl-C in a terminal does
     _, err = proc.communicate(timeout=60)
     assert proc.returncode == 130, err
     assert "run the same command again to resume" in err
     assert run is not None
-    stopped = [run.block_status(b) for b in range(2)]
+    stopped = [run.ledger.status(b) for b in range(2)]
     assert all(s.state == "stopped" and s.checkpoint_step == s.step >= 100 for s in stopped)
     # the same command with a reachable target continues from the checkpoints
     resume_at = [s.step for s in stopped]
@@ -182,11 +182,11 @@ def test_ctrl_c_then_same_command_resumes(tmp_path):
     assert done.returncode == 0, done.stderr
     for b in range(2):
         steps = [int(line.split('"step": ')[1].split(",")[0])
-                 for line in run.metrics_path(b).read_text().splitlines()]  # fmt: skip
+                 for line in run.layout.metrics(b).read_text().splitlines()]  # fmt: skip
         assert steps == sorted(set(steps)) and steps[-1] == target
-        assert Run.open(out_dir).block_status(b).state == "done"
+        assert Run.open(out_dir).ledger.status(b).state == "done"
         # wall time kept accumulating from the interrupted part instead of restarting
-        assert Run.open(out_dir).block_status(b).wall_time > stopped[b].wall_time
+        assert Run.open(out_dir).ledger.status(b).wall_time > stopped[b].wall_time
 
 
 def test_a_reader_that_leaves_early_gets_no_traceback(tmp_path):

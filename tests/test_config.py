@@ -75,7 +75,7 @@ def test_hash_ignores_steps_and_executor_but_not_problem():
     [
         ({"data": {"name": "swirl"}}, r"data\.name: unknown dataset 'swirl'"),
         ({"net": {"name": "resnet"}}, r"net\.name: unknown net 'resnet'"),
-        ({"process": {"name": "ve"}}, r"process\.name: Input should be 'vp' or 'ot'"),
+        ({"process": {"name": "ve"}}, r"process\.name: unknown process 've' \(choose from ot"),
         ({"train": {"lr": "fast"}}, r"train\.lr: Input should be a valid number"),
         ({"train": {"steps": 2.5}}, r"train\.steps"),
         ({"train": {"stepz": 5}}, r"train\.stepz: Extra inputs are not permitted"),

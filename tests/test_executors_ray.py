@@ -46,7 +46,7 @@ def test_missing_ray_is_a_one_line_error(tmp_path, monkeypatch, capsys):
 
 
 def test_flags_override_the_config():
-    cfg = validate_config(tiny_config(executor={"num_cpus": 2, "max_retries": 1}))
+    cfg = validate_config(tiny_config(executor={"name": "ray", "num_cpus": 2, "max_retries": 1}))
     ex = make_executor("ray", cfg, num_gpus=0.5, group_size=4, workers=3, max_stack=2)
     assert (ex.num_cpus, ex.num_gpus, ex.max_retries, ex.group_size) == (2, 0.5, 1, 4)
     assert (ex.local_cpus, ex.max_stack, ex.threads, ex.address) == (6, 2, 2, None)
@@ -109,7 +109,7 @@ def test_killed_worker_is_retried_and_resumes(make_run):
     def kill_mid_block() -> None:
         # no deadline of its own: on a loaded machine Ray can take minutes to start a worker
         while not finished.is_set():
-            rec = run.read_status(0) or {}
+            rec = run.ledger.read(0) or {}
             if rec.get("state") == "running" and (rec.get("checkpoint_step") or 0) >= 50:
                 killed.update(rec)
                 os.kill(rec["pid"], signal.SIGKILL)
@@ -125,7 +125,7 @@ def test_killed_worker_is_retried_and_resumes(make_run):
     killer.join(timeout=5)
     assert killed and killed["step"] < 300, "the block finished before its worker was killed"
     assert out.state == "done" and out.step == 300
-    st = run.read_status(0)
+    st = run.ledger.read(0)
     assert st["pid"] != killed["pid"]  # finished by the retry, in another worker
     assert st["start_step"] >= killed["checkpoint_step"] >= 50  # resumed, not restarted
     net = BlockProblem.build(run, 0).new_net()

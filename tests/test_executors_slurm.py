@@ -17,7 +17,7 @@ from helpers import tiny_config
 from psm.cli import main
 from psm.errors import ConfigError, PSMError
 from psm.executors import make_executor
-from psm.executors.options import job_states, parse_sacct, record_jobs
+from psm.executors.slurm_jobs import job_states, parse_sacct, record_jobs
 from psm.runs.config import validate_config
 from psm.runs.run import Run
 
@@ -74,7 +74,7 @@ def test_preempted_task_is_requeued_and_resumes(make_run):
     run = make_run(
         partition={"kind": "equal", "blocks": 1}, net={"hidden": [64, 64]},
         train={"steps": 300, "batch_size": 1024, "log_every": 10, "checkpoint_every": 100},
-        executor={"slurm": {"cluster": "local", "time_min": 5}},
+        executor={"name": "slurm", "slurm": {"cluster": "local", "time_min": 5}},
     )  # fmt: skip
     ex = make_executor("slurm", run.config)
     signalled: dict = {}
@@ -82,7 +82,7 @@ def test_preempted_task_is_requeued_and_resumes(make_run):
     def preempt_mid_block() -> None:  # what SLURM does to a pre-empted task: USR2
         deadline = time.time() + 120
         while time.time() < deadline:
-            rec = run.read_status(0) or {}
+            rec = run.ledger.read(0) or {}
             if rec.get("state") == "running" and rec.get("step", 0) >= 20:
                 signalled.update(rec)
                 os.kill(rec["pid"], signal.SIGUSR2)
@@ -95,7 +95,7 @@ def test_preempted_task_is_requeued_and_resumes(make_run):
     sender.join(timeout=5)
     assert signalled and signalled["step"] < 300, "the block finished before the signal"
     assert out.state == "done" and out.step == 300
-    st = run.read_status(0)
+    st = run.ledger.read(0)
     # stopped with a checkpoint at the step it reached (not the last periodic one), requeued
     assert st["pid"] != signalled["pid"] and 20 <= st["start_step"] < 300
     (job,) = run.path.joinpath("slurm").glob("*_0_log.out")
@@ -106,14 +106,14 @@ def test_preempted_task_is_requeued_and_resumes(make_run):
 
 
 def test_debug_cluster_runs_the_array_in_process(make_run):
-    run = make_run(train={"steps": 20}, executor={"slurm": {"cluster": "debug"}})
+    run = make_run(train={"steps": 20}, executor={"name": "slurm", "slurm": {"cluster": "debug"}})
     outs = make_executor("slurm", run.config).run(run, [0, 2])
     assert [(o.block, o.state) for o in outs] == [(0, "done"), (2, "done")]
     assert {b: s.split()[0] for b, s in job_states(run).items()} == {0: "FINISHED", 2: "FINISHED"}
 
 
 def test_resources_from_config_and_flags_reach_sbatch(tmp_path, monkeypatch, capsys):
-    cfg = validate_config(tiny_config(executor={"slurm": {
+    cfg = validate_config(tiny_config(executor={"name": "slurm", "slurm": {
         "partition": "gpu", "time_min": 30, "account": "proj", "qos": "high",
         "extra": {"constraint": "a100"}, "setup": ["module load cuda"],
     }}))  # fmt: skip
@@ -147,7 +147,7 @@ def test_job_states_ask_sacct_and_expand_arrays(make_run, monkeypatch):
     record_jobs(run, "slurm", run.path / "slurm", {0: "77_0", 1: "77_1", 2: "77_2"})
     text = "77_0|COMPLETED\n77_[1-2%2]|PENDING\n"
     assert parse_sacct(text) == {"77_0": "COMPLETED", "77_1": "PENDING", "77_2": "PENDING"}
-    monkeypatch.setattr("psm.executors.options.shutil.which", lambda name: "/usr/bin/sacct")
+    monkeypatch.setattr("psm.executors.slurm_jobs.shutil.which", lambda name: "/usr/bin/sacct")
     calls = []
 
     class Done:
@@ -157,8 +157,8 @@ def test_job_states_ask_sacct_and_expand_arrays(make_run, monkeypatch):
         calls.append(cmd)
         return Done()
 
-    monkeypatch.setattr("psm.executors.options.subprocess.run", fake_run)
+    monkeypatch.setattr("psm.executors.slurm_jobs.subprocess.run", fake_run)
     assert job_states(run) == {0: "COMPLETED 77_0", 1: "RUNNING 77_1", 2: "CANCELLED 77_2"}
     assert calls[0][0] == "sacct" and calls[0][-1] == "77"
-    monkeypatch.setattr("psm.executors.options.shutil.which", lambda name: None)
+    monkeypatch.setattr("psm.executors.slurm_jobs.shutil.which", lambda name: None)
     assert job_states(run)[0] == "? 77_0"  # no sacct here: the job id, state unknown

@@ -10,7 +10,7 @@ so adding a net or a dataset is its own file plus one registry line, and nothing
 from __future__ import annotations
 
 import typing
-from collections.abc import Iterable
+from collections.abc import Callable, Iterable
 from typing import Any, ClassVar, Generic, TypeVar
 
 from pydantic import BaseModel, ConfigDict, ValidationError
@@ -122,6 +122,57 @@ class Registry(Generic[S]):
             msg = first["msg"].removeprefix("Value error, ")
             more = f" (and {e.error_count() - 1} more)" if e.error_count() > 1 else ""
             raise SpecError(loc, msg + more) from None
+
+
+F = TypeVar("F", bound=Callable[..., Any])
+
+
+class Builders(Generic[F]):
+    """Builder functions by name, for a config section that stays one class whose ``name`` or
+    ``kind`` field picks how it is built (a process, a partition): the section's fields, names
+    and defaults are hashed as they are, and a new member is one builder and one registration.
+
+    Args:
+        what: what the members are (``"process"``), for error messages.
+    """
+
+    def __init__(self, what: str) -> None:
+        self.what = what
+        self._by_name: dict[str, F] = {}
+
+    def register(self, name: str) -> Callable[[F], F]:
+        """A decorator adding a builder under ``name`` (which must be new)."""
+
+        def add(fn: F) -> F:
+            if name in self._by_name and self._by_name[name] is not fn:
+                raise ValueError(f"{self.what} {name!r} is registered twice")
+            self._by_name[name] = fn
+            return fn
+
+        return add
+
+    def unregister(self, name: str) -> None:
+        """Remove a builder (tests register throwaway members)."""
+        self._by_name.pop(name, None)
+
+    def names(self) -> list[str]:
+        """Every registered name, sorted."""
+        return sorted(self._by_name)
+
+    def __contains__(self, name: object) -> bool:
+        return name in self._by_name
+
+    def check(self, name: str) -> str:
+        """``name`` if it is registered (a field validator), else a one-line ValueError."""
+        if name not in self._by_name:
+            raise ValueError(
+                f"unknown {self.what} {name!r} (choose from {', '.join(self.names())})"
+            )
+        return name
+
+    def get(self, name: str) -> F:
+        """The builder registered under ``name`` (unknown: a one-line ValueError)."""
+        return self._by_name[self.check(name)]
 
 
 def canonical(spec: BaseModel) -> dict[str, Any]:

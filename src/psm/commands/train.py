@@ -26,13 +26,15 @@ def add(sub: argparse._SubParsersAction) -> None:
     )
     p.add_argument("config", help="YAML config, e.g. configs/toy/ty_tpsm10.yaml")
     p.add_argument("--blocks", help="block ids to train, e.g. 3,5-9 (default: all)")
+    from ..executors import EXECUTORS
+    from ..executors.flags import add_executor_arguments
+
     p.add_argument(
         "--executor",
         metavar="NAME",
-        help="who runs the blocks: local, ensemble, ray or slurm (default: executor.name)",
+        help=f"who runs the blocks: {', '.join(EXECUTORS.names())} (default: executor.name)",
     )
-    p.add_argument("--workers", type=int, help="worker processes (local, ensemble)")
-    p.add_argument("--max-stack", type=int, help="ensemble: most blocks stacked at once")
+    add_executor_arguments(p)  # each executor's flags (--workers, --num-cpus, --slurm-*, ...)
     p.add_argument("--steps", type=int, help="override train.steps (per block)")
     p.add_argument("--out", help="run directory (default: runs/<config name>)")
     p.add_argument("--seed", type=int, help="override train.seed")
@@ -54,24 +56,14 @@ def add(sub: argparse._SubParsersAction) -> None:
     )
     p.add_argument("--no-progress", action="store_true", help="no progress bar")
     p.add_argument("--no-plot", action="store_true", help="skip the loss-curve PNG")
-    from ..executors.options import add_cluster_arguments
-
-    add_cluster_arguments(p)
     p.set_defaults(func=cmd_train)
 
 
-def _executor_options(args: argparse.Namespace) -> dict:
-    from ..executors.options import cluster_options
-
-    opts = {"workers": args.workers, "max_stack": args.max_stack}
-    opts |= cluster_options(args)
-    return {k: v for k, v in opts.items() if v is not None}
-
-
 def cmd_train(args: argparse.Namespace) -> int:
-    from ..executors import make_executor
+    from ..executors import EXECUTORS, make_executor
+    from ..executors.flags import flag_values
     from ..runs.checkpoint import verify_checkpoints
-    from ..runs.config import EXECUTOR_NAMES, config_hash, load_config
+    from ..runs.config import config_hash, load_config
     from ..runs.run import CONFIG_FILE, Run, parse_blocks
     from ..runs.run_parts import Parts
     from ..training.train import train_device
@@ -80,13 +72,13 @@ def cmd_train(args: argparse.Namespace) -> int:
         raise PSMError(f"--workers must be >= 1, got {args.workers}")
     if args.steps is not None and args.steps < 1:
         raise PSMError(f"--steps must be >= 1, got {args.steps}")
+    if args.executor is not None and args.executor not in EXECUTORS:
+        raise PSMError(f"--executor {args.executor!r}: choose from {', '.join(EXECUTORS.names())}")
     cfg = load_config(
-        args.config, overrides=args.overrides, steps=args.steps, out=args.out, seed=args.seed
-    )
-    name = args.executor or cfg.executor.name
-    if name not in EXECUTOR_NAMES:
-        raise PSMError(f"--executor {name!r}: choose from {', '.join(EXECUTOR_NAMES)}")
-    executor = make_executor(name, cfg, **_executor_options(args))
+        args.config, overrides=args.overrides, steps=args.steps, out=args.out, seed=args.seed,
+        executor=args.executor,
+    )  # fmt: skip
+    executor = make_executor(cfg.executor.name, cfg, **flag_values(args))
     train_device(cfg.train.device)  # a device that is not here fails before anything is written
     partition = cfg.partition.build()
     blocks = parse_blocks(args.blocks) if args.blocks else list(range(partition.num_blocks))
@@ -109,7 +101,7 @@ def cmd_train(args: argparse.Namespace) -> int:
         if old.hash_of(cfg) == old.hash:  # reuse: check its checkpoints before touching it
             verify_checkpoints(old, blocks)
     run = Run.create(cfg, parts=parts)
-    todo = run.todo(blocks)
+    todo = run.ledger.not_done(blocks, invocation=True)
     print(
         f"run {run.path} ({run.hash}): {len(blocks)} block(s), {len(todo)} to train, "
         f"{_steps_phrase(run)}; {executor.describe()}",
@@ -135,7 +127,7 @@ def cmd_train(args: argparse.Namespace) -> int:
 def _reset_failed(run, cfg) -> None:
     """``--reset-failed``: discard the failed blocks (and, if no block holds training, take the
     new config); say what was discarded."""
-    failed = run.failed_blocks()
+    failed = run.ledger.failed()
     if run.hash_of(cfg) != run.hash:
         run.replace_config(cfg)
         what = f"failed block(s) {_ranges(failed)}" if failed else "no trained block"
@@ -145,7 +137,7 @@ def _reset_failed(run, cfg) -> None:
         )
         return
     if failed:
-        run.reset_blocks(failed)
+        run.ledger.reset(failed)
         print(
             f"psm: reset block(s) {_ranges(failed)}: discarded their checkpoints, status and "
             "metrics; they train anew",
@@ -197,7 +189,7 @@ def _steps_phrase(run) -> str:
     """``"20000 steps each"``, or the per-block targets of ``train.block_steps``."""
     given = run.config.train.block_steps
     if given is None:
-        return f"{run.target_steps} steps each"
+        return f"{run.config.train.steps} steps each"
     return "steps per block " + ", ".join(str(s) for s in given)
 
 
@@ -206,7 +198,7 @@ def _report_outcomes(run, outcomes, blocks, wall: float) -> int:
     for o in outcomes:
         by_state.setdefault(o.state, []).append(o.block)
     failed = [o for o in outcomes if o.state == "failed"]
-    done = sum(run.is_done(b, target=run.step_target(b)) for b in blocks)
+    done = sum(run.ledger.done(b, run.config.step_target(b)) for b in blocks)
     parts = [f"{len(v)} {k}" for k, v in sorted(by_state.items())]
     print(
         f"{done}/{len(blocks)} block(s) done ({', '.join(parts) or 'nothing to do'}) "
@@ -256,7 +248,7 @@ def _print_plan(cfg, h: str, blocks: list[int], executor: str) -> None:
         span = f"U[{lo:.4g}, {hi:.4g}]" if hi > lo else f"t = {lo:.4g}"
         state = "-"
         if run is not None and run.hash_of(cfg) == run.hash:
-            st = run.block_status(b)
+            st = run.ledger.status(b)
             state = f"{st.state} {st.step}"
         elif run is not None:
             state = "other cfg"

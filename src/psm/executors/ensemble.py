@@ -2,10 +2,19 @@
 
 from __future__ import annotations
 
+from typing import TYPE_CHECKING, Literal
+
+from pydantic import Field
+
 from ..runs.run import Run
-from ..training.train import BlockOutcome, train_ensemble
-from .base import Executor, balanced_shares, cpu_count
+from ..training.train import BlockOutcome
+from .base import Executor, ExecutorSpec, balanced_shares, cpu_count
+from .flags import MAX_STACK, WORKERS
 from .pool import run_pool
+from .task import run_task
+
+if TYPE_CHECKING:
+    from ..runs.config import RunConfig
 
 
 class EnsembleExecutor(Executor):
@@ -35,11 +44,26 @@ class EnsembleExecutor(Executor):
             import torch
 
             torch.set_num_threads(self.threads)
-            return train_ensemble(run, blocks, max_stack=self.max_stack)
+            return run_task(run, blocks, stacked=True, max_stack=self.max_stack, errors="raise")
         # equal targets: the interleaved split; train.block_steps: shares of equal work
-        loads = [run.step_target(b) for b in blocks]
+        loads = [run.config.step_target(b) for b in blocks]
         shares = balanced_shares(blocks, loads, self.workers)
         return run_pool(
             run.path, shares, kind="ensemble", workers=len(shares), threads=self.threads,
             max_stack=self.max_stack,
         )  # fmt: skip
+
+
+class EnsembleSpec(ExecutorSpec):
+    """``executor: {name: ensemble}``: blocks stacked into one vectorized model per process."""
+
+    name: Literal["ensemble"] = "ensemble"
+    workers: int = Field(1, ge=1)  # processes, each training a share of the blocks as stacks
+    ensemble_size: int | None = Field(None, ge=1)  # most blocks stacked at once (memory bound)
+
+    flags = (WORKERS, MAX_STACK)
+
+    def build(self, config: RunConfig) -> EnsembleExecutor:
+        return EnsembleExecutor(
+            workers=self.workers, max_stack=self.ensemble_size, threads=config.train.threads
+        )

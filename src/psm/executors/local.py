@@ -2,10 +2,19 @@
 
 from __future__ import annotations
 
+from typing import TYPE_CHECKING, Literal
+
+from pydantic import Field
+
 from ..runs.run import Run
-from ..training.train import BlockOutcome, train_block
-from .base import Executor, cpu_count, longest_first
+from ..training.train import BlockOutcome
+from .base import Executor, ExecutorSpec, cpu_count, longest_first
+from .flags import WORKERS
 from .pool import run_pool
+from .task import run_task
+
+if TYPE_CHECKING:
+    from ..runs.config import RunConfig
 
 
 class LocalExecutor(Executor):
@@ -30,17 +39,20 @@ class LocalExecutor(Executor):
             import torch
 
             torch.set_num_threads(self.threads)
-            outs = []
-            for i, b in enumerate(blocks):
-                out = train_block(run, b)
-                outs.append(out)
-                if out.state == "interrupted":
-                    outs += [
-                        BlockOutcome(c, "interrupted", error="not run") for c in blocks[i + 1 :]
-                    ]
-                    break
-            return outs
+            return run_task(run, blocks, errors="raise")  # psm train reports a PSMError
         return run_pool(
             run.path, [[b] for b in longest_first(run, blocks)], kind="block", workers=self.workers,
             threads=self.threads,
         )  # fmt: skip
+
+
+class LocalSpec(ExecutorSpec):
+    """``executor: {name: local}``: whole blocks on a pool of processes (the default)."""
+
+    name: Literal["local"] = "local"
+    workers: int = Field(1, ge=1)  # processes (1: in the psm process itself)
+
+    flags = (WORKERS,)
+
+    def build(self, config: RunConfig) -> LocalExecutor:
+        return LocalExecutor(workers=self.workers, threads=config.train.threads)

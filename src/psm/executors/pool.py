@@ -2,9 +2,8 @@
 
 Worker i works on GPU ``i mod n`` when the machine has n > 1 GPUs (``train.device: cuda`` or
 ``auto``), and on the CPU when it has none (``auto``). Each worker takes a task (a list of block
-ids) from a queue and trains it with
-:func:`psm.training.train.train_block` (one block per task) or :func:`psm.ensemble.train_ensemble`
-(a stack of blocks). Ctrl-C or SIGTERM in the driver is passed on to the workers as SIGTERM;
+ids) from a queue and trains it with :func:`psm.executors.task.run_task` (one block per task, or
+a stack of blocks). Ctrl-C or SIGTERM in the driver is passed on to the workers as SIGTERM;
 each saves a checkpoint at its current step and stops. A worker that dies (killed, out of
 memory) has its blocks reported failed; running the same command again resumes them.
 """
@@ -20,7 +19,6 @@ from typing import Literal
 
 import torch.multiprocessing as mp
 
-from ..errors import PSMError
 from ..runs.run import Run
 from ..training.train import BlockOutcome, note_failure
 
@@ -45,7 +43,7 @@ def _worker(
             # one GPU per worker: "cuda" (and "auto") resolve to this worker's current device
             torch.cuda.set_device(index % torch.cuda.device_count())
         from ..runs.run import Run
-        from ..training.train import train_block, train_ensemble
+        from .task import run_task
 
         run = Run.open(run_path)
         while True:
@@ -53,13 +51,8 @@ def _worker(
             if task is None:
                 return
             results.put(("start", task, os.getpid()))
-            try:
-                if kind == "block":
-                    outs = [train_block(run, task[0])]
-                else:
-                    outs = train_ensemble(run, task, max_stack=max_stack)
-            except PSMError as e:  # a fault the user can act on: its one-line message
-                outs = [BlockOutcome(b, "failed", error=str(e)) for b in task]
+            try:  # a PSMError comes back as failed outcomes, with its one-line message
+                outs = run_task(run, task, stacked=kind == "ensemble", max_stack=max_stack)
             except Exception as e:  # report it; never leave the driver waiting
                 outs = [BlockOutcome(b, "failed", error=f"{type(e).__name__}: {e}") for b in task]
             results.put(("done", task, outs))

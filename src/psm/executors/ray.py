@@ -2,7 +2,7 @@
 
 The executor connects to an existing cluster (``--address auto`` or ``host:port``) or starts a
 local Ray instance (``--local-cpus`` CPUs) and shuts it down afterwards. Every task calls
-:func:`train_task`, the same body the SLURM array tasks run:
+:func:`psm.executors.task.train_task`, as the SLURM array tasks do:
 
 * a task asks Ray for ``num_cpus`` / ``num_gpus`` and uses that many torch threads;
 * a task whose worker dies (killed, out of memory, node lost) or that raises is retried up to
@@ -19,17 +19,23 @@ Ray is an optional extra: ``pip install 'psm[ray]'``; it is imported only when u
 from __future__ import annotations
 
 import math
-import time
+from collections.abc import Mapping
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any, Literal
+
+from pydantic import Field
 
 from ..errors import PSMError
-from ..runs.config import RunConfig
-from ..runs.lock import held_elsewhere, lock_holder_alive
 from ..runs.run import Run
 from ..training.train import BlockOutcome, note_failure
-from .base import Executor
-from .options import RAY_FLAGS, flag_name, override
+from .base import Executor, ExecutorSpec
+from .flags import MAX_STACK, WORKERS, Flag
+from .task import train_task
+
+if TYPE_CHECKING:
+    from typing import Self
+
+    from ..runs.config import RunConfig
 
 INSTALL_HINT = "pip install 'psm[ray]'"
 
@@ -41,79 +47,6 @@ def import_ray() -> Any:
     except ImportError:
         raise PSMError(f"the ray executor needs Ray: {INSTALL_HINT}") from None
     return ray
-
-
-# --------------------------------------------------------------------------- the task body
-def train_task(
-    run_path: str,
-    blocks: list[int],
-    *,
-    stacked: bool = False,
-    max_stack: int | None = None,
-    threads: int | None = None,
-    lock_wait_s: float = 0.0,
-    poll_s: float = 5.0,
-) -> list[BlockOutcome]:
-    """Train ``blocks`` of a run inside one cluster task (a Ray task or a SLURM array task).
-
-    Args:
-        run_path: the run directory (absolute, on a disk the task's machine sees).
-        blocks: the blocks of this task.
-        stacked: train them as one stack with :func:`~psm.ensemble.train_ensemble`; otherwise
-            one after another with :func:`~psm.training.train.train_block`.
-        max_stack: most blocks per stack.
-        threads: torch threads (None: leave torch's default).
-        lock_wait_s: how long to wait for a block locked by a holder on ANOTHER machine: a
-            holder killed with its machine (or whose retry landed elsewhere) keeps a fresh
-            heartbeat for up to two minutes, after which its lock is taken over.
-        poll_s: seconds between looks at such a lock.
-
-    Returns:
-        One outcome per block. A :class:`~psm.errors.PSMError` (which a retry would not fix)
-        becomes ``failed`` outcomes; any other exception propagates, so the engine retries it.
-    """
-    import torch
-
-    from ..training.train import train_block, train_ensemble
-
-    if threads:
-        torch.set_num_threads(threads)
-    run = Run.open(run_path)
-
-    def once(ids: list[int]) -> list[BlockOutcome]:
-        if stacked:
-            try:
-                return train_ensemble(run, ids, max_stack=max_stack)
-            except PSMError as e:
-                return [BlockOutcome(b, "failed", error=str(e)) for b in ids]
-        outs: list[BlockOutcome] = []
-        for i, b in enumerate(ids):
-            try:
-                outs.append(train_block(run, b))
-            except PSMError as e:
-                outs.append(BlockOutcome(b, "failed", error=str(e)))
-            if outs[-1].state == "interrupted":
-                outs += [BlockOutcome(c, "interrupted", error="not run") for c in ids[i + 1 :]]
-                break
-        return outs
-
-    outs = {o.block: o for o in once(list(blocks))}
-    deadline = time.monotonic() + lock_wait_s
-
-    def worth_waiting(b: int) -> bool:
-        path = run.lock_path(b)
-        return held_elsewhere(path) or not lock_holder_alive(path)
-
-    while time.monotonic() < deadline:
-        waiting = [b for b, o in outs.items() if o.state == "locked" and worth_waiting(b)]
-        if not waiting:
-            break
-        free = [b for b in waiting if not lock_holder_alive(run.lock_path(b))]
-        if free:
-            outs.update({o.block: o for o in once(free)})
-        else:
-            time.sleep(min(poll_s, max(0.0, deadline - time.monotonic())))
-    return [outs[b] for b in blocks]
 
 
 # --------------------------------------------------------------------------- the executor
@@ -130,7 +63,7 @@ class RayExecutor(Executor):
         max_retries: retries of a task whose worker died or that raised.
         group_size: blocks per task, trained stacked (None: one block per task).
         max_stack: most blocks per stack inside a grouped task.
-        lock_wait_s: see :func:`train_task`.
+        lock_wait_s: see :func:`~psm.executors.task.train_task`.
         threads: torch threads per task (default from ``num_cpus``).
         runtime_env: Ray runtime environment of the job (env vars, pip packages, setup hook).
     """
@@ -161,29 +94,6 @@ class RayExecutor(Executor):
         self.lock_wait_s = lock_wait_s
         self.threads = threads or max(1, int(num_cpus))
         self.runtime_env = runtime_env
-
-    @classmethod
-    def from_config(cls, config: RunConfig, **options: Any) -> RayExecutor:
-        """Build from the config's ``executor`` section, overridden by command-line options.
-
-        ``workers`` (``--workers``) sizes a local instance at ``workers x num_cpus`` CPUs when
-        ``local_cpus`` is not set; ``max_stack`` caps a grouped task's stack.
-        """
-        import_ray()  # a missing Ray fails here, before anything is written
-        ex = override(
-            config.executor,
-            {k: options.get(k) for k in RAY_FLAGS},
-            {k: flag_name(k) for k in RAY_FLAGS},
-        )
-        local_cpus = ex.local_cpus
-        if local_cpus is None and ex.address is None and options.get("workers"):
-            local_cpus = math.ceil(options["workers"] * ex.num_cpus)
-        return cls(
-            address=ex.address, local_cpus=local_cpus, num_cpus=ex.num_cpus,
-            num_gpus=ex.num_gpus, max_retries=ex.max_retries, group_size=ex.group_size,
-            max_stack=options.get("max_stack") or ex.ensemble_size, lock_wait_s=ex.lock_wait_s,
-            threads=config.train.threads,
-        )  # fmt: skip
 
     def describe(self) -> str:
         where = self.address or f"local instance ({self.local_cpus or 'all'} CPUs)"
@@ -292,3 +202,52 @@ class RayExecutor(Executor):
 
     def _tries(self) -> str:
         return f"{self.max_retries + 1} attempt(s)"
+
+
+class RaySpec(ExecutorSpec):
+    """``executor: {name: ray}``: Ray tasks on an existing cluster or a local instance."""
+
+    name: Literal["ray"] = "ray"
+    address: str | None = None  # 'auto', host:port or ray://...; None starts a local Ray
+    local_cpus: int | None = Field(None, ge=1)  # CPUs of the local Ray psm starts
+    num_cpus: float = Field(1.0, gt=0)  # CPUs per task (its torch threads, rounded down)
+    num_gpus: float = Field(0.0, ge=0)  # GPUs per task (a fraction shares a GPU)
+    max_retries: int = Field(3, ge=0)  # retries of a task that raised or whose worker died
+    group_size: int | None = Field(None, ge=1)  # blocks per task, trained stacked
+    ensemble_size: int | None = Field(None, ge=1)  # most blocks per stack of a grouped task
+    lock_wait_s: float = Field(150.0, ge=0)  # wait for a lock held on another host
+
+    flag_group = "ray executor (overrides executor.* of the config)"
+    flags = (
+        WORKERS.setting(None),  # sizes a local instance: see with_flags
+        MAX_STACK,
+        Flag("--address", "address", "cluster address: 'auto', host:port or ray://host:port "
+             "(default: start a local Ray instance)"),
+        Flag("--local-cpus", "local_cpus", "CPUs of the local Ray instance psm starts",
+             type=int, metavar="N"),
+        Flag("--num-cpus", "num_cpus", "CPUs per task (default 1)", type=float, metavar="N"),
+        Flag("--num-gpus", "num_gpus", "GPUs per task (default 0; 0.5 shares a GPU)",
+             type=float, metavar="N"),
+        Flag("--max-retries", "max_retries", "retries of a failed task (default 3)", type=int,
+             metavar="N"),
+        Flag("--group-size", "group_size", "blocks per task, trained stacked (default: 1 "
+             "block/task)", type=int, metavar="G"),
+    )  # fmt: skip
+
+    def with_flags(self, options: Mapping[str, Any]) -> Self:
+        """The flags applied; ``--workers`` sizes a local instance at ``workers x num_cpus``
+        CPUs when neither ``local_cpus`` nor ``address`` is set."""
+        spec = super().with_flags(options)
+        workers = options.get("workers")
+        if workers and spec.local_cpus is None and spec.address is None:
+            spec = spec.model_copy(update={"local_cpus": math.ceil(workers * spec.num_cpus)})
+        return spec
+
+    def build(self, config: RunConfig) -> RayExecutor:
+        import_ray()  # a missing Ray fails here, before anything is written
+        return RayExecutor(
+            address=self.address, local_cpus=self.local_cpus, num_cpus=self.num_cpus,
+            num_gpus=self.num_gpus, max_retries=self.max_retries, group_size=self.group_size,
+            max_stack=self.ensemble_size, lock_wait_s=self.lock_wait_s,
+            threads=config.train.threads,
+        )  # fmt: skip

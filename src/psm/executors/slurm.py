@@ -26,16 +26,22 @@ import signal
 import sys
 import time
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any, Literal
+
+from pydantic import Field
 
 from ..errors import PSMError
-from ..runs.config import RunConfig, SlurmConfig
 from ..runs.run import Run
+from ..spec import Section
 from ..training.stop import StopRequest
 from ..training.train import BlockOutcome, note_failure
-from .base import Executor
-from .options import SLURM_FLAGS, flag_name, override, record_jobs
-from .ray import train_task
+from .base import Executor, ExecutorSpec
+from .flags import Flag
+from .slurm_jobs import record_jobs
+from .task import train_task
+
+if TYPE_CHECKING:
+    from ..runs.config import RunConfig
 
 INSTALL_HINT = "pip install 'psm[slurm]'"
 
@@ -47,6 +53,26 @@ def import_submitit() -> Any:
     except ImportError:
         raise PSMError(f"the slurm executor needs submitit: {INSTALL_HINT}") from None
     return submitit
+
+
+class SlurmConfig(Section):
+    """``executor.slurm``: the SLURM job array submitted through submitit (one block per task)."""
+
+    cluster: Literal["slurm", "local", "debug"] = "slurm"  # local/debug: submitit's own, here
+    partition: str | None = None  # sbatch --partition
+    time_min: int = Field(60, ge=1)  # wall-clock limit of one task, minutes (--time)
+    mem_gb: float | None = Field(None, gt=0)  # memory per task (--mem)
+    cpus_per_task: int = Field(1, ge=1)  # --cpus-per-task; also the torch threads of a task
+    gpus_per_node: int = Field(0, ge=0)  # --gpus-per-node
+    account: str | None = None  # --account
+    qos: str | None = None  # --qos
+    array_parallelism: int | None = Field(None, ge=1)  # most tasks running at once (--array %N)
+    folder: str | None = None  # submitit's pickles and logs; default <run>/slurm
+    max_timeouts: int = Field(3, ge=0)  # requeues after hitting the time limit (pre-emption: any)
+    signal_delay_s: int = Field(90, ge=1)  # time-out warning signal this long before the limit
+    setup: list[str] = Field(default_factory=list)  # shell lines before a task (module load ...)
+    extra: dict[str, Any] = Field(default_factory=dict)  # other sbatch options, e.g. constraint
+    wait: bool = True  # wait for the jobs with a progress bar; False: submit and return
 
 
 def _training() -> bool:
@@ -62,7 +88,7 @@ class BlockJob:
 
     Args:
         threads: torch threads of the task.
-        lock_wait_s: see :func:`psm.executors.ray.train_task`.
+        lock_wait_s: see :func:`psm.executors.task.train_task`.
     """
 
     def __init__(self, threads: int | None = None, lock_wait_s: float = 150.0) -> None:
@@ -85,7 +111,7 @@ class BlockJob:
             else:
                 requeue(signum, frame)  # type: ignore[operator]  # not training: requeue now
 
-        rec = Run.open(run_path).read_status(block) or {}
+        rec = Run.open(run_path).ledger.read(block) or {}
         print(
             f"psm: block {block} of {run_path}: from step {rec.get('checkpoint_step') or 0}, "
             f"pid {os.getpid()}",
@@ -119,7 +145,7 @@ class SlurmExecutor(Executor):
         slurm: the resources and behaviour (``executor.slurm`` of the config).
         job_name: the SLURM job name.
         threads: torch threads per task (default: ``cpus_per_task``).
-        lock_wait_s: see :func:`psm.executors.ray.train_task`.
+        lock_wait_s: see :func:`psm.executors.task.train_task`.
         poll_s: seconds between looks at the jobs while waiting.
     """
 
@@ -139,22 +165,6 @@ class SlurmExecutor(Executor):
         self.threads = threads or self.slurm.cpus_per_task
         self.lock_wait_s = lock_wait_s
         self.poll_s = poll_s
-
-    @classmethod
-    def from_config(cls, config: RunConfig, **options: Any) -> SlurmExecutor:
-        """Build from ``executor.slurm`` of the config, overridden by the ``--slurm-*`` flags."""
-        import_submitit()  # a missing submitit fails here, before anything is written
-        slurm = override(
-            config.executor.slurm,
-            {field: options.get(flag) for flag, field in SLURM_FLAGS.items()},
-            {field: flag_name(flag) for flag, field in SLURM_FLAGS.items()},
-        )
-        ex = cls(
-            slurm, job_name=f"psm-{config.name}", threads=config.train.threads,
-            lock_wait_s=config.executor.lock_wait_s,
-        )  # fmt: skip
-        ex.check_cluster()  # before anything is written
-        return ex
 
     def describe(self) -> str:
         s = self.slurm
@@ -276,3 +286,42 @@ def _outcome(block: int, job: Any) -> BlockOutcome:
     if isinstance(out, BlockOutcome):
         return out
     return BlockOutcome(block, "failed", error=f"job {job.job_id} returned {out!r}")
+
+
+class SlurmSpec(ExecutorSpec):
+    """``executor: {name: slurm}``: a SLURM job array through submitit, one block per task."""
+
+    name: Literal["slurm"] = "slurm"
+    lock_wait_s: float = Field(150.0, ge=0)  # wait for a lock held on another host
+    slurm: SlurmConfig = Field(default_factory=SlurmConfig)  # the job array's resources
+
+    flag_group = "slurm executor (overrides executor.slurm.* of the config)"
+    flags = (
+        Flag("--slurm-cluster", "slurm.cluster", "slurm: sbatch; local/debug: submitit's "
+             "executors on this machine (for tests)", choices=["slurm", "local", "debug"]),
+        Flag("--slurm-partition", "slurm.partition", "partition (sbatch --partition)",
+             metavar="NAME"),
+        Flag("--slurm-time", "slurm.time_min", "time limit per task, minutes", type=int,
+             metavar="MIN"),
+        Flag("--slurm-mem-gb", "slurm.mem_gb", "memory per task, GB", type=float, metavar="GB"),
+        Flag("--slurm-cpus", "slurm.cpus_per_task", "CPUs per task", type=int, metavar="N"),
+        Flag("--slurm-gpus", "slurm.gpus_per_node", "GPUs per task (--gpus-per-node)", type=int,
+             metavar="N"),
+        Flag("--slurm-account", "slurm.account", "account (sbatch --account)", metavar="NAME"),
+        Flag("--slurm-qos", "slurm.qos", "quality of service (sbatch --qos)", metavar="NAME"),
+        Flag("--slurm-array-parallelism", "slurm.array_parallelism", "most tasks running at "
+             "once", type=int, metavar="N"),
+        Flag("--slurm-folder", "slurm.folder", "submitit pickles and logs (default: "
+             "<run>/slurm)", metavar="DIR"),
+        Flag("--no-wait", "slurm.wait", "submit the job array and return (follow it with psm "
+             "status)", dest="slurm_wait", action="store_false", default=None),
+    )  # fmt: skip
+
+    def build(self, config: RunConfig) -> SlurmExecutor:
+        import_submitit()  # a missing submitit fails here, before anything is written
+        ex = SlurmExecutor(
+            self.slurm, job_name=f"psm-{config.name}", threads=config.train.threads,
+            lock_wait_s=self.lock_wait_s,
+        )  # fmt: skip
+        ex.check_cluster()  # before anything is written
+        return ex

@@ -2,9 +2,11 @@
 that ties every block checkpoint to the problem it was trained on.
 
 A config file is a mapping of sections (``data``, ``process``, ``partition``, ``net``,
-``train``, ``executor``, ``eval``). ``data`` and ``net`` are discriminated by ``name``: each
-member is a spec registered next to its code (:data:`psm.data.DATASETS`, :data:`psm.nets.NETS`),
-which builds the part. Unknown fields and wrong types are refused with a message that names the
+``train``, ``executor``, ``eval``). ``data``, ``net`` and ``executor`` are discriminated by
+``name``: each member is a spec registered next to its code (:data:`psm.data.DATASETS`,
+:data:`psm.nets.NETS`, :data:`psm.executors.EXECUTORS`), which builds the part; ``process.name``
+and ``partition.kind`` pick a builder (:data:`psm.core.process.PROCESSES`,
+:data:`PARTITION_KINDS`). Unknown fields and wrong types are refused with a message that names the
 field (``train.lr: Input should be a valid number``). Configs in psm 0.1's layout (t0 under
 ``process``) still load (:func:`migrate_layout`).
 """
@@ -14,6 +16,7 @@ from __future__ import annotations
 import copy
 import hashlib
 import json
+from collections.abc import Callable
 from pathlib import Path
 from typing import Annotated, Any, ClassVar, Literal
 
@@ -27,20 +30,21 @@ from pydantic import (
 )
 from pydantic_core import PydanticCustomError
 
+from ..core.objective import OBJECTIVES, MSESpec, ObjectiveSpec
+from ..core.ode import SOLVER_NAMES, SolverSettings
+from ..core.partition import DEFAULT_T0, Partition, PartitionError, equal, geometric, grid, splits
+from ..core.process import PROCESSES, Process, make_process
 from ..data import DATASETS, DataSpec
 from ..data.toy import ToyData
 from ..errors import ConfigError
 from ..nets import NETS, MLPSpec, NetSpec
-from ..core.ode import SOLVER_NAMES
-from ..core.partition import DEFAULT_T0, Partition, PartitionError, equal, geometric, grid, splits
-from ..core.process import Process, make_process
-from ..spec import Registry, Section, SpecError, canonical
+from ..spec import Builders, Registry, Section, Spec, SpecError, canonical
 
 
 class ProcessConfig(Section):
     """The forward process (see :mod:`psm.core.process`)."""
 
-    name: Literal["vp", "ot"] = "vp"  # vp: paper DDPM, ε-prediction; ot: flow matching
+    name: str = "vp"  # a name of PROCESSES: vp (paper DDPM, ε-prediction), ot (flow matching)
     b_min: float = Field(0.0, ge=0.0)  # VP b(t) = b_min + (b_max - b_min) t
     b_max: float = Field(10.0, gt=0.0)
     sigma_min: float = Field(1e-4, ge=0.0, lt=1.0)  # OT path noise floor
@@ -53,13 +57,18 @@ class ProcessConfig(Section):
             prediction=self.prediction,
         )  # fmt: skip
 
+    @field_validator("name")
+    @classmethod
+    def _known_process(cls, v: str) -> str:
+        return PROCESSES.check(v)
+
 
 class PartitionConfig(Section):
     """How the time domain ``[t0, 1]`` is cut into blocks (see :mod:`psm.core.partition`)."""
 
     discriminator: ClassVar[str] = "kind"
 
-    kind: Literal["equal", "splits", "geometric", "grid"] = "equal"
+    kind: str = "equal"  # a name of PARTITION_KINDS: equal, splits, geometric, grid
     blocks: int = 1  # kind=equal or geometric: K (1 = SA-DPM)
     splits: list[float] | None = None  # kind=splits: e.g. [0, 0.1, 1]
     points: int | list[float] | None = None  # kind=grid: N, or explicit times
@@ -68,19 +77,12 @@ class PartitionConfig(Section):
 
     def build(self) -> Partition:
         """The :class:`~psm.core.partition.Partition` this section describes."""
-        if self.kind == "equal":
-            return equal(self.blocks, t0=self.t0)
-        if self.kind == "splits":
-            if self.splits is None:
-                raise PartitionError("partition.splits is required for kind=splits")
-            return splits(self.splits, t0=self.t0)
-        if self.kind == "geometric":
-            if self.first is None:
-                raise PartitionError("partition.first is required for kind=geometric")
-            return geometric(self.blocks, self.first, t0=self.t0)
-        if self.points is None:
-            raise PartitionError("partition.points is required for kind=grid")
-        return grid(self.points, t0=self.t0)
+        return PARTITION_KINDS.get(self.kind)(self)
+
+    @field_validator("kind")
+    @classmethod
+    def _known_kind(cls, v: str) -> str:
+        return PARTITION_KINDS.check(v)
 
     @model_validator(mode="after")
     def _valid(self) -> PartitionConfig:
@@ -89,6 +91,42 @@ class PartitionConfig(Section):
         except PartitionError as e:
             raise ValueError(str(e)) from None
         return self
+
+
+PARTITION_KINDS: Builders[Callable[[PartitionConfig], Partition]] = Builders("partition kind")
+"""How ``partition.kind`` cuts ``[t0, 1]``: a builder takes the section, fetches the fields its
+kind needs with :func:`required` and returns the :class:`~psm.core.partition.Partition`. A new
+kind is one builder and its ``@PARTITION_KINDS.register`` line (the section's fields are
+hashed: a kind needing a new field adds it with a default that changes nothing)."""
+
+
+def required(section: PartitionConfig, field: str) -> Any:
+    """``section.<field>`` for a partition kind that needs it, or a one-line
+    :class:`~psm.core.partition.PartitionError` naming it."""
+    value = getattr(section, field)
+    if value is None:
+        raise PartitionError(f"partition.{field} is required for kind={section.kind}")
+    return value
+
+
+@PARTITION_KINDS.register("equal")
+def _equal(p: PartitionConfig) -> Partition:
+    return equal(p.blocks, t0=p.t0)
+
+
+@PARTITION_KINDS.register("splits")
+def _splits(p: PartitionConfig) -> Partition:
+    return splits(required(p, "splits"), t0=p.t0)
+
+
+@PARTITION_KINDS.register("geometric")
+def _geometric(p: PartitionConfig) -> Partition:
+    return geometric(p.blocks, required(p, "first"), t0=p.t0)
+
+
+@PARTITION_KINDS.register("grid")
+def _grid(p: PartitionConfig) -> Partition:
+    return grid(required(p, "points"), t0=p.t0)
 
 
 class TrainConfig(Section):
@@ -113,53 +151,14 @@ class TrainConfig(Section):
     grad_clip: float | None = Field(None, gt=0.0)  # clip each block's gradient norm to this
     precision: Literal["fp32", "bf16"] = "fp32"  # bf16: autocast the forward (GPU); fp32 Adam
     compile: bool = False  # torch.compile a block's net (one block per worker; not stacks)
+    # what a block learns from: its times, pairs and loss weights (a member of OBJECTIVES;
+    # hashed unless it is the default, mse)
+    objective: SerializeAsAny[ObjectiveSpec] = Field(default_factory=MSESpec)
 
-
-class SlurmConfig(Section):
-    """``executor.slurm``: the SLURM job array submitted through submitit (one block per task)."""
-
-    cluster: Literal["slurm", "local", "debug"] = "slurm"  # local/debug: submitit's own, here
-    partition: str | None = None  # sbatch --partition
-    time_min: int = Field(60, ge=1)  # wall-clock limit of one task, minutes (--time)
-    mem_gb: float | None = Field(None, gt=0)  # memory per task (--mem)
-    cpus_per_task: int = Field(1, ge=1)  # --cpus-per-task; also the torch threads of a task
-    gpus_per_node: int = Field(0, ge=0)  # --gpus-per-node
-    account: str | None = None  # --account
-    qos: str | None = None  # --qos
-    array_parallelism: int | None = Field(None, ge=1)  # most tasks running at once (--array %N)
-    folder: str | None = None  # submitit's pickles and logs; default <run>/slurm
-    max_timeouts: int = Field(3, ge=0)  # requeues after hitting the time limit (pre-emption: any)
-    signal_delay_s: int = Field(90, ge=1)  # time-out warning signal this long before the limit
-    setup: list[str] = Field(default_factory=list)  # shell lines before a task (module load ...)
-    extra: dict[str, Any] = Field(default_factory=dict)  # other sbatch options, e.g. constraint
-    wait: bool = True  # wait for the jobs with a progress bar; False: submit and return
-
-
-EXECUTOR_NAMES: tuple[str, ...] = ("local", "ensemble", "ray", "slurm")
-"""Who can run the blocks (:func:`psm.executors.make_executor` builds each)."""
-
-
-class ExecutorConfig(Section):
-    """Who runs the blocks (see :mod:`psm.executors`)."""
-
-    name: str = "local"  # one of EXECUTOR_NAMES
-    workers: int = Field(1, ge=1)  # local: processes; ensemble: stacks trained side by side
-    ensemble_size: int | None = Field(None, ge=1)  # ensemble: most blocks stacked at once
-    address: str | None = None  # ray: 'auto', host:port or ray://...; None starts a local Ray
-    local_cpus: int | None = Field(None, ge=1)  # ray: CPUs of the local Ray psm starts
-    num_cpus: float = Field(1.0, gt=0)  # ray: CPUs per task (its torch threads, rounded down)
-    num_gpus: float = Field(0.0, ge=0)  # ray: GPUs per task (a fraction shares a GPU)
-    max_retries: int = Field(3, ge=0)  # ray: retries of a task that raised or whose worker died
-    group_size: int | None = Field(None, ge=1)  # ray: blocks per task, stacked (ensemble)
-    lock_wait_s: float = Field(150.0, ge=0)  # ray, slurm: wait for a lock held on another host
-    slurm: SlurmConfig = Field(default_factory=SlurmConfig)
-
-    @field_validator("name")
+    @field_validator("objective", mode="before")
     @classmethod
-    def _known(cls, v: str) -> str:
-        if v not in EXECUTOR_NAMES:
-            raise ValueError(f"unknown executor {v!r} (choose from {', '.join(EXECUTOR_NAMES)})")
-        return v
+    def _objective_member(cls, v: Any) -> ObjectiveSpec:
+        return _member(OBJECTIVES, v)
 
 
 class EvalConfig(Section):
@@ -168,6 +167,8 @@ class EvalConfig(Section):
     n_test: int = Field(30000, ge=1)  # test points for the NLL
     steps: int = Field(1000, ge=1)  # RK4 steps over [t0, 1] (paper: 1000)
     solver: str = "rk4"  # a name of psm.core.ode.SOLVERS
+    rtol: float = Field(SolverSettings.rtol, gt=0.0)  # adaptive solvers (dopri5): tolerances
+    atol: float = Field(SolverSettings.atol, gt=0.0)
     test_seed: int = 12345  # seed of the synthetic test set
 
     @field_validator("solver")
@@ -176,6 +177,11 @@ class EvalConfig(Section):
         if v not in SOLVER_NAMES:
             raise ValueError(f"unknown solver {v!r} (choose from {', '.join(SOLVER_NAMES)})")
         return v
+
+    def solver_settings(self) -> SolverSettings:
+        """This section's ODE solver: ``solver``, ``steps``, ``rtol`` and ``atol`` as one
+        :class:`~psm.core.ode.SolverSettings` (the one conversion; callers never rebuild it)."""
+        return SolverSettings(self.solver, self.steps, self.rtol, self.atol)
 
 
 class RunConfig(Section):
@@ -188,7 +194,8 @@ class RunConfig(Section):
     partition: PartitionConfig = Field(default_factory=PartitionConfig)
     net: SerializeAsAny[NetSpec] = Field(default_factory=MLPSpec)  # a member of NETS
     train: TrainConfig = Field(default_factory=TrainConfig)
-    executor: ExecutorConfig = Field(default_factory=ExecutorConfig)
+    # a member of psm.executors.EXECUTORS (not hashed: who trains a block changes nothing)
+    executor: SerializeAsAny[Spec] = Field(default_factory=lambda: _executors().validate({}))
     eval: EvalConfig = Field(default_factory=EvalConfig)
 
     @field_validator("data", mode="before")
@@ -200,6 +207,11 @@ class RunConfig(Section):
     @classmethod
     def _net_member(cls, v: Any) -> NetSpec:
         return _member(NETS, v)
+
+    @field_validator("executor", mode="before")
+    @classmethod
+    def _executor_member(cls, v: Any) -> Spec:
+        return _member(_executors(), v)
 
     @model_validator(mode="after")
     def _block_steps_fit(self) -> RunConfig:
@@ -225,6 +237,14 @@ class RunConfig(Section):
         return Path(self.out) if self.out else Path("runs") / self.name
 
 
+def _executors() -> Registry:
+    """:data:`psm.executors.EXECUTORS`, imported when first needed (the executors import this
+    module)."""
+    from ..executors import EXECUTORS
+
+    return EXECUTORS
+
+
 def _member(registry: Registry, raw: Any):
     """Validate a ``data:``/``net:`` mapping into the registered member its name picks."""
     try:
@@ -239,6 +259,7 @@ def _member(registry: Registry, raw: Any):
 # (and the same data, process, partition and net) train interchangeable blocks; steps, logging,
 # devices and executors may differ. The recipe fields count only when set (non-default), and a
 # decaying learning-rate schedule ties the blocks to their step budget, which then counts too.
+# The objective counts only when it is not the default (``mse``, what every run before it used).
 HASHED_TRAIN_FIELDS = ("batch_size", "lr", "seed")
 RECIPE_FIELDS = ("lr_schedule", "warmup", "ema", "grad_clip", "precision")
 HASHED_SECTIONS = ("data", "process", "partition", "net")
@@ -267,6 +288,9 @@ def hashed_train(train: TrainConfig) -> dict[str, Any]:
             out["steps"] = train.steps
         else:
             out["block_steps"] = list(train.block_steps)
+    objective = canonical(train.objective)
+    if objective != {"name": OBJECTIVES.default}:
+        out["objective"] = objective
     return out
 
 
@@ -279,7 +303,7 @@ def legacy_config_hash(cfg: RunConfig) -> str | None:
         return None
     if net.get("input_scale", 1.0) != 1.0 or cfg.partition.kind not in LEGACY_PARTITIONS:
         return None
-    if set(hashed_train(cfg.train)) != set(HASHED_TRAIN_FIELDS):  # a recipe psm 0.1 lacked
+    if set(hashed_train(cfg.train)) != set(HASHED_TRAIN_FIELDS):  # a recipe/objective 0.1 lacked
         return None
     partition = cfg.partition.model_dump(mode="json")
     partition = {k: partition[k] for k in ("kind", "blocks", "splits", "points", "t0")}
@@ -407,6 +431,7 @@ def load_config(
     steps: int | None = None,
     out: str | None = None,
     seed: int | None = None,
+    executor: str | None = None,
 ) -> RunConfig:
     """Load a YAML config and apply command-line overrides.
 
@@ -416,6 +441,9 @@ def load_config(
         steps: ``train.steps`` override (``--steps``).
         out: run directory override (``--out``).
         seed: ``train.seed`` override (``--seed``).
+        executor: the executor to run in place of ``executor.name`` (``--executor``): the
+            options it shares with the config's executor carry over, the others of that
+            executor are dropped (:meth:`psm.executors.base.ExecutorRegistry.switch`).
     """
     raw = read_yaml(path)
     if raw is None:
@@ -430,7 +458,13 @@ def load_config(
         extra.append(f"train.seed={seed}")
     if out is not None:
         extra.append(f"out={json.dumps(str(out))}")
-    cfg = validate_config(apply_overrides(raw, extra), str(path))
+    raw = apply_overrides(raw, extra)
+    if executor is not None:
+        try:
+            raw["executor"] = _executors().switch(raw.get("executor"), executor)
+        except SpecError as e:
+            raise ConfigError(f"--executor: {e.message}") from None
+    cfg = validate_config(raw, str(path))
     if steps is not None and cfg.train.block_steps is not None:
         raise ConfigError(
             f"{path}: --steps sets train.steps, but this config gives each block its own "
