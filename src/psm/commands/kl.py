@@ -40,6 +40,7 @@ def cmd_kl(args: argparse.Namespace) -> int:
     import torch
 
     from ..core.block_kl import block_kl
+    from ..data.base import ExactDensity
     from ..runs.inference import load_model
     from ..runs.run import Run
 
@@ -48,15 +49,14 @@ def cmd_kl(args: argparse.Namespace) -> int:
     run = Run.open(args.run)
     run.check_data()
     data = run.parts.dataset
-    exact = getattr(data, "marginal_score", None)
-    if exact is None:
+    if not isinstance(data, ExactDensity):
         raise PSMError(
             f"psm kl needs data with an exact noised density (the 2D mixtures ty, hg, ...); "
             f"run {run.path} uses {run.config.data.name}"
         )
     model = load_model(run)
     gen = torch.Generator().manual_seed(args.seed)
-    rows = block_kl(model, data.sample, exact, points=args.points, times=args.times,
+    rows = block_kl(model, data.sample, data.marginal_score, points=args.points, times=args.times,
                     generator=gen)  # fmt: skip
     total = sum(r.kl for r in rows)
     total_se = math.sqrt(sum(r.stderr**2 for r in rows))

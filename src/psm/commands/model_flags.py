@@ -14,7 +14,7 @@ if TYPE_CHECKING:  # torch is imported when a command runs, not when `psm` parse
     from ..core.ode import SolverSettings
 
 DTYPES: tuple[str, ...] = ("float32", "float64")
-DEFAULT_TOL = 1e-5
+DEFAULT_TOL = 1e-5  # SolverSettings.rtol/atol and eval.rtol/atol (tested)
 SOLVER_CHOICES: tuple[str, ...] = ("rk4", "euler", "dopri5")  # psm.core.ode.SOLVER_NAMES (tested)
 GRID_FIELD_CHOICES: tuple[str, ...] = ("constant", "linear")  # psm.core.model.GRID_FIELDS (tested)
 
@@ -78,27 +78,26 @@ def set_threads(args: argparse.Namespace) -> None:
 
 
 def ode_settings(
-    args: argparse.Namespace, *, solver: str, steps: int | tuple[int, ...], blocks: int
+    args: argparse.Namespace, default: SolverSettings, *, blocks: int
 ) -> SolverSettings:
-    """The solver from the flags over the given defaults, checked.
+    """The solver from the flags over a default (a run's ``eval.solver_settings()``), checked.
 
     Args:
         args: the parsed flags (``solver``, ``steps``, ``rtol``, ``atol``).
-        solver: the default solver.
-        steps: the default steps.
+        default: the solver the flags override, field by field.
         blocks: the run's number of blocks (a per-block ``--steps`` list must match it).
 
     Raises:
         PSMError: per-block steps of the wrong length; tolerances given for a fixed-step
             solver, or not > 0.
     """
-    from ..core.ode import SolverSettings
+    from dataclasses import replace
 
-    method = args.solver or solver
-    steps = args.steps if args.steps is not None else steps
+    method = args.solver or default.method
+    steps = args.steps if args.steps is not None else default.steps
     if not isinstance(steps, int) and len(steps) != blocks:
         raise PSMError(f"--steps: {len(steps)} per-block values for a run of {blocks} blocks")
-    settings = SolverSettings(method, steps)
+    settings = replace(default, method=method, steps=steps)
     for flag in ("rtol", "atol"):
         value = getattr(args, flag)
         if value is None:
@@ -107,7 +106,8 @@ def ode_settings(
             raise PSMError(f"--{flag} applies to adaptive solvers only (solver is {method})")
         if not value > 0:
             raise PSMError(f"--{flag} must be > 0, got {value}")
-    return SolverSettings(method, steps, args.rtol or DEFAULT_TOL, args.atol or DEFAULT_TOL)
+    tolerances = {k: getattr(args, k) for k in ("rtol", "atol") if getattr(args, k) is not None}
+    return replace(settings, **tolerances)
 
 
 def dtype_of(name: str) -> torch.dtype:

@@ -95,7 +95,9 @@ def add(sub: argparse._SubParsersAction) -> None:
 def cmd_plot(args: argparse.Namespace) -> int:
     import torch
 
+    from ..core.ode import SolverSettings
     from ..core.sample import sample
+    from ..progress import progress_bar
     from ..runs.inference import load_model
     from ..runs.run import Run
     from ..viz.animation import animate_samples
@@ -125,7 +127,7 @@ def cmd_plot(args: argparse.Namespace) -> int:
         raise PSMError(f"--grid must be >= 2, got {args.grid}")
     if args.frames < 2:
         raise PSMError(f"--frames must be >= 2, got {args.frames}")
-    ode = ode_settings(args, solver="rk4", steps=PLOT_STEPS, blocks=run.num_blocks)
+    ode = ode_settings(args, SolverSettings("rk4", PLOT_STEPS), blocks=run.num_blocks)
     device = resolve_device(args.device)
     dtype = dtype_of(args.dtype)
     model = load_model(run, device=device, dtype=dtype, grid_field=grid_field_for(args, run))
@@ -140,10 +142,11 @@ def cmd_plot(args: argparse.Namespace) -> int:
 
     start = time.perf_counter()
     gen = torch.Generator(device=device).manual_seed(args.seed)
-    x = sample(
-        model, args.n, generator=gen, method="ode", solver=ode, batch_size=args.batch_size,
-        dtype=dtype, device=device, progress=progress,
-    )  # fmt: skip
+    with progress_bar("sample (ode)", enabled=progress) as bar:
+        x = sample(
+            model, args.n, generator=gen, method="ode", solver=ode, batch_size=args.batch_size,
+            dtype=dtype, device=device, progress=bar,
+        )  # fmt: skip
     path = plot_samples(
         {"model (ODE)": x}, out_dir / "samples.png", data=data[: args.n], extent=extent,
         title=f"{name}: samples, ODE {how}, seed {args.seed}",
@@ -174,7 +177,10 @@ def plot_images(args: argparse.Namespace, run) -> int:
     """``psm plot`` on an image run: sample grid, boundary strip, loss curves."""
     import torch
 
+    from ..core.ode import SolverSettings
     from ..core.sample import boundary_times, pick_times, sample_path
+    from ..data.base import PixelMap
+    from ..progress import progress_bar
     from ..runs.inference import load_model
     from ..viz.images import save_boundary_strip, save_image_grid
 
@@ -194,12 +200,12 @@ def plot_images(args: argparse.Namespace, run) -> int:
     if columns < 2:
         raise PSMError(f"--columns must be >= 2 (noise and data), got {columns}")
     dataset = run.dataset
-    if not hasattr(dataset, "to_unit"):
+    if not isinstance(dataset, PixelMap):
         raise PSMError(
             f"psm plot: {run.config.data.name} points of shape {run.shape} have no map back to "
             "pixels"
         )
-    ode = ode_settings(args, solver="rk4", steps=PLOT_STEPS, blocks=run.num_blocks)
+    ode = ode_settings(args, SolverSettings("rk4", PLOT_STEPS), blocks=run.num_blocks)
     device = resolve_device(args.device)
     dtype = dtype_of(args.dtype)
     model = load_model(run, device=device, dtype=dtype, grid_field=grid_field_for(args, run))
@@ -211,10 +217,11 @@ def plot_images(args: argparse.Namespace, run) -> int:
     start = time.perf_counter()
     times = pick_times(boundary_times(model), columns)
     gen = torch.Generator(device=device).manual_seed(args.seed)
-    x, states = sample_path(
-        model, n, generator=gen, at=times, method="ode", solver=ode,
-        batch_size=args.batch_size, dtype=dtype, device=device, progress=not args.no_progress,
-    )  # fmt: skip
+    with progress_bar("sample (ode)", enabled=not args.no_progress) as bar:
+        x, states = sample_path(
+            model, n, generator=gen, at=times, method="ode", solver=ode,
+            batch_size=args.batch_size, dtype=dtype, device=device, progress=bar,
+        )  # fmt: skip
     done(save_image_grid(dataset.to_unit(x.float()), out_dir / "samples.png"), start)
     start = time.perf_counter()
     strip = states[:, :rows].float()

@@ -18,6 +18,7 @@ before any sampling.
 from __future__ import annotations
 
 import argparse
+import dataclasses
 import io
 import json
 import sys
@@ -99,6 +100,8 @@ def cmd_sample(args: argparse.Namespace) -> int:
     import torch
 
     from ..core.sample import sample
+    from ..data.base import PixelMap
+    from ..progress import progress_bar
     from ..runs.inference import load_model
     from ..runs.run import Run
 
@@ -119,7 +122,7 @@ def cmd_sample(args: argparse.Namespace) -> int:
     if args.nrow and not (png and image):
         raise PSMError("--nrow applies to image grids (--out .png on an image run)")
     dataset = run.dataset if png else None  # the scatter's data, or the map back to [0, 1]
-    if png and image and not hasattr(dataset, "to_unit"):
+    if png and image and not isinstance(dataset, PixelMap):
         raise PSMError(
             f"--out .png: {run.config.data.name} points of shape {run.shape} have no map back "
             "to pixels (write .npz)"
@@ -127,7 +130,9 @@ def cmd_sample(args: argparse.Namespace) -> int:
     n = args.n or (DEFAULT_IMAGES if image else DEFAULT_POINTS)
     if args.method == "sde" and (args.solver or args.rtol or args.atol):
         raise PSMError("--solver/--rtol/--atol apply to --method ode (the SDE is Euler–Maruyama)")
-    ode = ode_settings(args, solver=ev.solver, steps=ev.steps, blocks=run.num_blocks)
+    ode = ode_settings(args, run.config.eval.solver_settings(), blocks=run.num_blocks)
+    if args.method == "sde":  # Euler–Maruyama: of the run's solver it takes the steps only
+        ode = dataclasses.replace(ode, method="euler")
     device = resolve_device(args.device)
     dtype = dtype_of(args.dtype)
     grid_field = grid_field_for(args, run)
@@ -135,10 +140,11 @@ def cmd_sample(args: argparse.Namespace) -> int:
     gen = torch.Generator(device=device).manual_seed(args.seed)
     reset_peak_memory(device)
     start = time.perf_counter()
-    x = sample(
-        model, n, generator=gen, method=args.method, solver=ode,
-        batch_size=args.batch_size, dtype=dtype, device=device, progress=not args.no_progress,
-    )  # fmt: skip
+    with progress_bar(f"sample ({args.method})", enabled=not args.no_progress) as bar:
+        x = sample(
+            model, n, generator=gen, method=args.method, solver=ode,
+            batch_size=args.batch_size, dtype=dtype, device=device, progress=bar,
+        )  # fmt: skip
     if device.type == "cuda":
         torch.cuda.synchronize(device)
     seconds = time.perf_counter() - start

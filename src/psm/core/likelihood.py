@@ -28,10 +28,10 @@ from typing import Literal
 
 import torch
 from torch import Tensor
-from tqdm.auto import tqdm
 
 from .model import BlockModel
 from .ode import PAPER_SOLVER, SolverSettings, State, integrate_blocks, solve_units
+from .progress import Progress, check_progress
 
 TraceMethod = Literal["exact", "hutchinson"]
 TRACE_METHODS: tuple[str, ...] = ("exact", "hutchinson")
@@ -246,8 +246,7 @@ def evaluate_nll(
     device: str | torch.device | None = None,
     dtype: torch.dtype | None = None,
     prior_log_prob: Callable[[Tensor], Tensor] | None = None,
-    progress: bool = True,
-    desc: str = "NLL",
+    progress: Progress | None = None,
 ) -> NLLResult:
     """Mean NLL (nats) of ``data`` under the model, in batches, with its standard error.
 
@@ -260,9 +259,9 @@ def evaluate_nll(
             drawn per batch, or per evaluation with ``redraw="evaluation"``).
         device: where to evaluate (default: the data's device).
         dtype: evaluation dtype (default: the data's).
-        progress: show a tqdm bar; it moves at every solver step (every block for adaptive
-            solvers), so a long solve never looks stuck.
-        desc: the bar's label.
+        progress: told the total number of solver steps, each batch, and every step (every
+            block for adaptive solvers), so a bar over it never looks stuck (see
+            :mod:`psm.core.progress`); None: no report.
 
     Returns:
         An :class:`NLLResult`.
@@ -279,17 +278,19 @@ def evaluate_nll(
     parts = []
     batches = math.ceil(n / batch_size)
     units = solve_units(model.segments(), solver)
-    with tqdm(
-        total=batches * units, desc=desc, unit="step", disable=not progress, leave=False
-    ) as bar:
-        for j, i in enumerate(range(0, n, batch_size)):
-            bar.set_postfix_str(f"batch {j + 1}/{batches}", refresh=False)
-            xb = data[i : i + batch_size].to(device=device, dtype=dtype)
-            lp = log_likelihood(
-                model, xb, solver=solver, trace=trace, probes=probes, redraw=redraw,
-                generator=gen, prior_log_prob=prior_log_prob, on_step=lambda t, y: bar.update(1),
-            )  # fmt: skip
-            parts.append(-lp.detach().to("cpu", torch.float64))
+    progress = check_progress(progress)
+    tick = None if progress is None else (lambda t, y: progress.advance(1))
+    if progress is not None:
+        progress.start(batches * units)
+    for j, i in enumerate(range(0, n, batch_size)):
+        if progress is not None:
+            progress.note(f"batch {j + 1}/{batches}")
+        xb = data[i : i + batch_size].to(device=device, dtype=dtype)
+        lp = log_likelihood(
+            model, xb, solver=solver, trace=trace, probes=probes, redraw=redraw,
+            generator=gen, prior_log_prob=prior_log_prob, on_step=tick,
+        )  # fmt: skip
+        parts.append(-lp.detach().to("cpu", torch.float64))
     values = torch.cat(parts)
     se = float(values.std() / math.sqrt(n)) if n > 1 else float("nan")
     hutch = trace == "hutchinson"

@@ -114,8 +114,9 @@ class BlockModel:
         (:meth:`Partition.segments`)."""
         return list(self._segments)
 
-    def time_point(self, block: int) -> float:
-        """DPSM: the time ``τ_i`` a grid block's net was trained at (t0 floor applied)."""
+    def net_time(self, block: int) -> float:
+        """DPSM: the time ``τ_i = max(t_{i+1}, t0)`` a grid block's net is trained and evaluated
+        at: the raw grid point :meth:`Partition.time_point` floored at t0."""
         return self.partition.train_range(block)[0]
 
     # ------------------------------------------------------------------ evaluation
@@ -137,14 +138,14 @@ class BlockModel:
         """
         if not self.is_grid:
             return self.blocks[block](x, t), t
-        tau = self.time_point(block)
+        tau = self.net_time(block)
         tau_t = torch.full_like(t, tau)
         out = self.blocks[block](x, tau_t)
         if self.grid_field == "constant":
             return out, tau_t
-        if block == 0 or tau <= self.time_point(block - 1):
+        if block == 0 or tau <= self.net_time(block - 1):
             return self._hold_score(out, x, tau_t, t), t
-        tau_prev = self.time_point(block - 1)
+        tau_prev = self.net_time(block - 1)
         w = ((t - tau_prev) / (tau - tau_prev)).clamp(0.0, 1.0)
         w = w.reshape(w.shape + (1,) * (x.dim() - 1))
         prev = self.blocks[block - 1](x, torch.full_like(t, tau_prev))
@@ -207,7 +208,7 @@ class BlockModel:
                 # the paper's DPSM field is f_i(x) = a_i x + c_i net_i(x) on the whole cell:
                 # coefficients fixed per block, the time-free net needs no time input
                 a, c = self._cell_coefficients(b)
-                tau = torch.full_like(t, self.time_point(b))
+                tau = torch.full_like(t, self.net_time(b))
                 return a * x + c * self.blocks[b](x, tau)
             out, t_eff = self._block_eval(x, t, b)
             return self.process.velocity(out, x, t_eff)
@@ -217,7 +218,7 @@ class BlockModel:
     def _cell_coefficients(self, block: int) -> tuple[float, float]:
         """DPSM constant field: ``(a_i, c_i)`` with ``f_i(x) = a_i x + c_i net_i(x)`` (eq. 6)."""
         if block not in self._cell_cache:
-            tau = torch.tensor(self.time_point(block), dtype=torch.float64)
+            tau = torch.tensor(self.net_time(block), dtype=torch.float64)
             a, c = self.process.field_coefficients(tau)
             self._cell_cache[block] = (float(a), float(c))
         return self._cell_cache[block]

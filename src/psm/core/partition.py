@@ -104,7 +104,8 @@ class Partition:
         return self.edges[block], self.edges[block + 1]
 
     def time_point(self, block: int) -> float:
-        """DPSM: the fixed time a grid block's net is trained at (the right end of its cell)."""
+        """DPSM: the grid point ``t_{i+1}``, the right end of block i's cell, as given (the net
+        is trained at it floored at t0: :meth:`train_range`, :meth:`BlockModel.net_time`)."""
         self._check(block)
         if self.kind != "grid":
             raise PartitionError("time_point is defined for grid (DPSM) partitions only")

@@ -7,16 +7,20 @@ used only on its own sub-interval:
   step per grid cell (``steps`` = number of grid points) is exactly the paper's eq. 5,
   ``x(t_i) = x(t_{i+1}) - ε f_{i+1}(x(t_{i+1}))`` with net i on step i.
 * SDE: Euler–Maruyama on ``dx = [(α'/α) x - g² ∇log p_t(x)] dt + g dW̄`` (eq. 7 for VP:
-  ``-b(t) [½ x + s] dt + √b dW̄``), with :meth:`Process.reverse_sde` giving drift and g.
+  ``-b(t) [½ x + s] dt + √b dW̄``), with :meth:`Process.reverse_sde` giving drift and g. It is
+  always Euler–Maruyama: of a :class:`~psm.core.ode.SolverSettings` it takes ``steps`` only (a
+  fixed-step method's name, rk4 or euler, changes nothing; its tolerances are unused), and an
+  adaptive solver (dopri5), which has no step budget, is refused.
 
 Every random draw comes from a generator passed in, so a seed fixes the samples.
 :func:`sample_path` also keeps the samples' states at block boundaries (the strips of
 ``psm plot`` on image runs); :func:`boundary_times` lists those boundaries.
 
 Everything is batched over any point shape (``[B, *D]``: 2D points or ``[B, C, H, W]`` images)
-with a progress bar that moves at every solver step. Fixed-step budgets are allocated to blocks
-by length or given per block (``(100, 900)``: the paper's TPSM0 on images); DPSM with the
-constant field and one Euler step per grid cell is eq. 5 (appendix H: 1k steps to generate).
+and reports to a :class:`~psm.core.progress.Progress` at every solver step (the bar itself is
+drawn by the caller). Fixed-step budgets are allocated to blocks by length or given per block
+(``(100, 900)``: the paper's TPSM0 on images); DPSM with the constant field and one Euler step
+per grid cell is eq. 5 (appendix H: 1k steps to generate).
 """
 
 from __future__ import annotations
@@ -27,10 +31,10 @@ from typing import Literal
 
 import torch
 from torch import Tensor
-from tqdm.auto import tqdm
 
 from .model import BlockModel
 from .ode import PAPER_SOLVER, SolverSettings, StepHook, probability_flow, solve_units, steps_for
+from .progress import Progress, check_progress
 
 Method = Literal["ode", "sde"]
 METHODS: tuple[str, ...] = ("ode", "sde")
@@ -148,7 +152,7 @@ def sample(
     shape: Sequence[int] | None = None,
     dtype: torch.dtype = torch.float32,
     device: str | torch.device | None = None,
-    progress: bool = True,
+    progress: Progress | None = None,
 ) -> Tensor:
     """Draw ``n`` samples from the model, in batches.
 
@@ -160,15 +164,20 @@ def sample(
         n: number of samples.
         generator: the random source; draws happen on its device.
         method: ``"ode"`` (probability flow) or ``"sde"`` (reverse SDE, Euler–Maruyama).
-        solver: ODE solver and steps; the SDE uses Euler–Maruyama with ``solver.steps``.
+        solver: ODE solver and steps; the SDE is Euler–Maruyama whatever the fixed-step
+            method and reads ``solver.steps`` only (an adaptive solver is refused).
         batch_size: samples per solve.
         shape: shape of one sample (default: ``model.shape``).
         dtype: sample dtype (the blocks' dtype).
         device: where to integrate (default: the generator's device).
-        progress: show a tqdm bar that moves at every step.
+        progress: told the total number of steps, each batch and every step (see
+            :mod:`psm.core.progress`); None: no report.
 
     Returns:
         ``[n, *shape]`` samples at t0, on ``device``.
+
+    Raises:
+        ValueError: the SDE with an adaptive solver; see :func:`sample_path` for the rest.
     """
     x, _ = sample_path(
         model, n, generator=generator, method=method, solver=solver, batch_size=batch_size,
@@ -189,7 +198,7 @@ def sample_path(
     shape: Sequence[int] | None = None,
     dtype: torch.dtype = torch.float32,
     device: str | torch.device | None = None,
-    progress: bool = True,
+    progress: Progress | None = None,
 ) -> tuple[Tensor, Tensor]:
     """Draw ``n`` samples, keeping their states at some block boundaries on the way.
 
@@ -207,10 +216,17 @@ def sample_path(
         ``at``, on ``device``.
 
     Raises:
-        ValueError: a time in ``at`` that is not a block boundary.
+        ValueError: a time in ``at`` that is not a block boundary; the SDE with an adaptive
+            solver.
     """
     if method not in METHODS:
         raise ValueError(f"unknown method {method!r} (choose from ode, sde)")
+    if method == "sde" and not solver.fixed_step:
+        raise ValueError(
+            f"the reverse SDE is Euler–Maruyama with a fixed step budget; {solver.method} is "
+            f"adaptive (pass a fixed-step solver's steps, e.g. SolverSettings('euler', 1000))"
+        )
+    progress = check_progress(progress)
     shape = tuple(shape) if shape is not None else model.shape
     if shape is None:
         raise ValueError("the model does not know its sample shape: pass shape=")
@@ -231,28 +247,28 @@ def sample_path(
         units = sum(steps_for(model.segments(), solver.steps))
     else:
         units = solve_units(model.segments(), solver)
-    with tqdm(
-        total=batches * units, desc=f"sample ({method})", unit="step", disable=not progress,
-        leave=False,
-    ) as bar:  # fmt: skip
-        for j, i in enumerate(range(0, n, batch_size)):
-            bar.set_postfix_str(f"batch {j + 1}/{batches}", refresh=False)
-            m = min(batch_size, n - i)
-            x1 = prior_sample(m, shape, generator=generator, dtype=dtype, device=device)
-            here: dict[float, Tensor] = {bounds[0]: x1}
+    if progress is not None:
+        progress.start(batches * units)
+    for j, i in enumerate(range(0, n, batch_size)):
+        if progress is not None:
+            progress.note(f"batch {j + 1}/{batches}")
+        m = min(batch_size, n - i)
+        x1 = prior_sample(m, shape, generator=generator, dtype=dtype, device=device)
+        here: dict[float, Tensor] = {bounds[0]: x1}
 
-            def tick(t: float, y: tuple[Tensor, ...], here=here) -> None:
-                bar.update(1)
-                if t in wanted:
-                    here[t] = y[0]
+        def tick(t: float, y: tuple[Tensor, ...], here=here) -> None:
+            if progress is not None:
+                progress.advance(1)
+            if t in wanted:
+                here[t] = y[0]
 
-            if method == "ode":
-                x = sample_ode(model, x1, solver=solver, on_step=tick)
-            else:
-                x = sample_sde(model, x1, generator=generator, steps=solver.steps, on_step=tick)
-            out.append(x)
-            for k, t in enumerate(wanted):
-                kept[k].append(here[t])
+        if method == "ode":
+            x = sample_ode(model, x1, solver=solver, on_step=tick)
+        else:
+            x = sample_sde(model, x1, generator=generator, steps=solver.steps, on_step=tick)
+        out.append(x)
+        for k, t in enumerate(wanted):
+            kept[k].append(here[t])
     if not out:
         empty = torch.empty((0, *shape), dtype=dtype, device=device)
         return empty, empty.new_empty((len(wanted), 0, *shape))

@@ -8,7 +8,7 @@ builds a :class:`Dataset`.
 from __future__ import annotations
 
 from ..spec import Registry
-from .base import DataError, Dataset, DataSpec
+from .base import DataError, Dataset, DataSpec, ExactDensity, PixelMap, Quantized
 from .images import ImageData
 from .mixture import Mixture, paper_toy
 from .points import PointsData
@@ -35,5 +35,6 @@ def make_dataset(name: str, *, seed: int = 0, **fields: object) -> Dataset:
 
 
 __all__ = [
-    "DATASETS", "TOYS", "DataError", "DataSpec", "Dataset", "Mixture", "make_dataset", "paper_toy",
+    "DATASETS", "TOYS", "DataError", "DataSpec", "Dataset", "ExactDensity", "Mixture", "PixelMap",
+    "Quantized", "make_dataset", "paper_toy",
 ]  # fmt: skip

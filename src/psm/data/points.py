@@ -205,13 +205,15 @@ class PointsDataset(Dataset):
         idx = torch.randint(0, len(train), (n,), generator=generator, device=generator.device)
         return train[idx]
 
-    def test_set(self, n: int, seed: int = 12345) -> Tensor:
+    def test_set(self, n: int, seed: int = 12345, dequantize: bool | None = None) -> Tensor:
         """The held-out points ``[min(n, n_test), d]``; a ``seed``-chosen subset if fewer.
 
         Args:
             n: how many points at most.
             seed: picks which ones when ``n < n_test``.
+            dequantize: must be None (points have no levels; see :meth:`Dataset.test_set`).
         """
+        self._no_levels(dequantize)
         if n >= self.n_test:
             return self._test.clone()
         g = torch.Generator().manual_seed(seed)

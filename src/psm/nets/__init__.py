@@ -8,7 +8,7 @@ from __future__ import annotations
 
 from ..spec import Registry
 from .activations import ACTIVATION_NAMES, ACTIVATIONS
-from .base import NetSpec
+from .base import BlockNet, NetSpec, StackedForward, is_stackable
 from .classic_unet import ClassicUNet, ClassicUNetSpec
 from .ddpm_unet import DDPMUNet, DDPMUNetSpec
 from .mlp import MLPSpec, PaperMLP
@@ -16,6 +16,6 @@ from .mlp import MLPSpec, PaperMLP
 NETS: Registry[NetSpec] = Registry("net", [MLPSpec, DDPMUNetSpec, ClassicUNetSpec], default="mlp")
 
 __all__ = [
-    "ACTIVATIONS", "ACTIVATION_NAMES", "NETS", "ClassicUNet", "ClassicUNetSpec", "DDPMUNet",
-    "DDPMUNetSpec", "MLPSpec", "NetSpec", "PaperMLP",
+    "ACTIVATIONS", "ACTIVATION_NAMES", "NETS", "BlockNet", "ClassicUNet", "ClassicUNetSpec",
+    "DDPMUNet", "DDPMUNetSpec", "MLPSpec", "NetSpec", "PaperMLP", "StackedForward", "is_stackable",
 ]  # fmt: skip

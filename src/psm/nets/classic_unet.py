@@ -49,7 +49,7 @@ import torch
 from pydantic import Field
 from torch import Tensor, nn
 
-from .base import NetSpec
+from .base import BlockNet, NetSpec
 
 ACTIVATIONS: dict[str, Callable[[], nn.Module]] = {
     "elu": nn.ELU,  # the paper's choice (appendix H)
@@ -109,7 +109,7 @@ class UpLevel(nn.Module):
         return self.conv(torch.cat([skip, self.up(x)], dim=1))
 
 
-class ClassicUNet(nn.Module):
+class ClassicUNet(BlockNet):
     """Time-free U-Net of Ronneberger et al. (2015), the paper's DPSM image net.
 
     Args:
@@ -123,8 +123,6 @@ class ClassicUNet(nn.Module):
         activation: name in :data:`ACTIVATIONS` (the paper: ELU).
         dropout: dropout probability at the end of the contracting path.
     """
-
-    stackable: bool = True  # per-sample arithmetic: safe under torch.func.vmap
 
     def __init__(
         self,

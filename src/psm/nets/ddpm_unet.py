@@ -62,14 +62,14 @@ from __future__ import annotations
 
 import math
 from collections.abc import Callable, Sequence
-from typing import ClassVar, Literal
+from typing import Literal
 
 import torch
 import torch.nn.functional as F
 from pydantic import Field
 from torch import Tensor, nn
 
-from .base import NetSpec
+from .base import BlockNet, NetSpec
 
 ACTIVATIONS: dict[str, Callable[[], nn.Module]] = {
     "elu": nn.ELU,  # the paper's choice (appendix H)
@@ -197,7 +197,7 @@ class _Level(nn.Module):
         self.attentions = nn.ModuleList(attentions)
 
 
-class DDPMUNet(nn.Module):
+class DDPMUNet(BlockNet):
     """Time-conditioned U-Net of Ho et al. (2020), the paper's SA-DPM/TPSM image net.
 
     Args:
@@ -213,8 +213,6 @@ class DDPMUNet(nn.Module):
         time_input: ``"t"`` embeds ``1000 t``; ``"integral"`` embeds ``1000 * 5 t²``.
         zero_init_output: zero the output convolution (a fresh net predicts 0).
     """
-
-    stackable: ClassVar[bool] = True  # per-sample arithmetic: safe under torch.func.vmap
 
     def __init__(
         self,

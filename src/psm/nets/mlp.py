@@ -17,10 +17,10 @@ from pydantic import Field, field_validator
 from torch import Tensor, nn
 
 from .activations import ACTIVATION_NAMES, ACTIVATIONS, STACKED_ACTIVATIONS
-from .base import NetSpec
+from .base import BlockNet, NetSpec
 
 
-class PaperMLP(nn.Module):
+class PaperMLP(BlockNet):
     """The paper's score MLP: ``[x, t, t] → 100 → 150 → 100 → d``, ELU (appendix H).
 
     Args:

@@ -1,9 +1,10 @@
 """A trained run as a model: the bridge between the run directory and the math.
 
-:mod:`psm.core.model`, :mod:`psm.core.ode`, :mod:`psm.core.sample` and :mod:`psm.core.likelihood` know nothing of
-files; this module loads a run's blocks into a :class:`~psm.core.model.BlockModel` (refusing missing
-or unfinished blocks) and scores a run on its test set: the NLL in nats, and for image data
-bits/dim in one of two conventions (:data:`CONVENTIONS`):
+:mod:`psm.core.model`, :mod:`psm.core.ode`, :mod:`psm.core.sample` and
+:mod:`psm.core.likelihood` know nothing of files; this module loads a run's blocks into a
+:class:`~psm.core.model.BlockModel` (refusing missing or unfinished blocks) and scores a run on
+its test set: the NLL in nats, and for image data bits/dim in one of two conventions
+(:data:`CONVENTIONS`):
 
 * ``"psm"`` (the headline): test images dequantized, ``x = (k + u) / L``, mapped to the model's
   ``y = s (x - m)`` exactly as in training; ``bpd = (NLL - D log s) / (D ln 2) + log2 L``
@@ -29,8 +30,6 @@ from typing import Literal
 import torch
 from torch import Tensor
 
-from .checkpoint import load_weights
-from ..errors import IncompleteRunError, PSMError
 from ..core.likelihood import (
     NLLResult,
     ProbeRedraw,
@@ -41,6 +40,10 @@ from ..core.likelihood import (
 from ..core.model import BlockModel, GridField
 from ..core.ode import SolverSettings
 from ..core.partition import Partition, PartitionError
+from ..data.base import Dataset, Quantized
+from ..errors import IncompleteRunError, PSMError
+from ..progress import progress_bar
+from .checkpoint import load_weights
 from .run import Run
 
 Convention = Literal["psm", "authors"]
@@ -79,9 +82,9 @@ def load_model(
         CheckpointError: a weights file is unreadable or belongs to another config.
     """
     r = run if isinstance(run, Run) else Run.open(run)
-    missing = r.unfinished()
+    missing = r.ledger.not_done()
     if missing:
-        states = [r.block_status(b).state for b in missing]
+        states = [r.ledger.status(b).state for b in missing]
         listed = ", ".join(f"{b} ({s})" for b, s in zip(missing[:20], states[:20]))
         more = f" and {len(missing) - 20} more" if len(missing) > 20 else ""
         raise IncompleteRunError(
@@ -142,12 +145,15 @@ class BitsPerDim:
     values: Tensor = dataclasses.field(repr=False)
 
 
-def is_image_data(dataset) -> bool:
-    """Whether a dataset has discrete levels and a bits/dim formula (image data)."""
-    return hasattr(dataset, "bits_per_dim") and hasattr(dataset, "levels")
+def is_image_data(dataset: Dataset) -> bool:
+    """Whether a dataset has discrete levels and a bits/dim formula (image data): a
+    :class:`~psm.data.base.Quantized`."""
+    return isinstance(dataset, Quantized)
 
 
-def bits_per_dim(result: NLLResult, dataset, convention: Convention = "psm") -> BitsPerDim:
+def bits_per_dim(
+    result: NLLResult, dataset: Quantized, convention: Convention = "psm"
+) -> BitsPerDim:
     """Bits/dim of an NLL result through the dataset's own formula
     (:meth:`~psm.data.images.ImageDataset.bits_per_dim`), per image, then averaged."""
     values = dataset.bits_per_dim(result.values)
@@ -213,8 +219,7 @@ def eval_settings(
         raise PSMError(f"unknown convention {convention!r} (choose from psm, authors)")
     if probes < 1:
         raise PSMError(f"probes must be >= 1, got {probes}")
-    ev = run.config.eval
-    own = SolverSettings(ev.solver, ev.steps)
+    own = run.config.eval.solver_settings()
     image = is_image_data(run.dataset)
     dims = math.prod(run.shape)
     if convention == "authors":
@@ -267,7 +272,7 @@ class RunEvaluation:
 
 def evaluate_model(
     model: BlockModel,
-    dataset,
+    dataset: Dataset,
     *,
     n: int,
     test_seed: int,
@@ -286,8 +291,8 @@ def evaluate_model(
 
     Args:
         model: the assembled blocks.
-        dataset: the run's dataset (``test_set``; for images also ``levels``,
-            ``bits_per_dim``).
+        dataset: the run's dataset; a :class:`~psm.data.base.Quantized` one (images) also
+            gets bits/dim.
         n: test points.
         test_seed: seed of the test set (its dequantization noise, for images).
         settings: from :func:`eval_settings` (or built by hand).
@@ -296,22 +301,20 @@ def evaluate_model(
         device: where to evaluate.
         dtype: evaluation dtype.
         prior_log_prob: log-density at t = 1 (default ``N(0, I)``; tests pass the exact one).
-        progress: show a progress bar.
+        progress: show a progress bar (``NLL``, one step per solver step).
     """
     model = with_t0(model, settings.t0)
     image = is_image_data(dataset)
-    if image:
-        x = dataset.test_set(n, test_seed, dequantize=settings.dequantize)
-    else:
-        x = dataset.test_set(n, test_seed)
-    result = evaluate_nll(
-        model, x, batch_size=batch_size, solver=settings.solver, trace=settings.trace,
-        probes=settings.probes, redraw=settings.redraw, seed=probe_seed, device=device,
-        dtype=dtype, prior_log_prob=prior_log_prob, progress=progress,
-    )  # fmt: skip
+    x = dataset.test_set(n, test_seed, dequantize=settings.dequantize)
+    with progress_bar("NLL", enabled=progress) as bar:
+        result = evaluate_nll(
+            model, x, batch_size=batch_size, solver=settings.solver, trace=settings.trace,
+            probes=settings.probes, redraw=settings.redraw, seed=probe_seed, device=device,
+            dtype=dtype, prior_log_prob=prior_log_prob, progress=bar,
+        )  # fmt: skip
     bits = bits_per_dim(result, dataset, settings.convention or "psm") if image else None
     return RunEvaluation(
-        result, dataset.name, getattr(dataset, "entropy", None),
+        result, dataset.name, dataset.entropy,
         model.grid_field if model.is_grid else None, bits, settings,
     )  # fmt: skip
 
@@ -336,13 +339,15 @@ def evaluate_run(
     """Test NLL of a trained run on its dataset's test set (``data.test_set(n, seed)``), and
     bits/dim for image data.
 
-    Defaults come from the run's ``eval`` config section (``n_test``, ``solver``, ``steps``,
-    ``test_seed``) and, for images, from the convention (module docstring).
+    Defaults come from the run's ``eval`` config section (``n_test``, ``test_seed`` and the
+    solver, :meth:`~psm.runs.config.EvalConfig.solver_settings`) and, for images, from the
+    convention (module docstring).
 
     Args:
         run: a run directory or an open :class:`~psm.runs.run.Run`.
         n: test points.
-        solver: the ODE solver (default: the convention's, else ``eval.solver``/``eval.steps``).
+        solver: the ODE solver (default: the convention's, else the run's
+            ``eval.solver_settings()``).
         trace: ``"exact"``, ``"hutchinson"``, or ``"auto"``/None (exact up to 16 dimensions).
         probes: Hutchinson probes averaged per solve (or per evaluation).
         redraw: when probes are drawn, ``"solve"`` or ``"evaluation"`` (default: the

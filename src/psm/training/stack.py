@@ -27,6 +27,7 @@ from torch import Tensor, nn
 from torch.func import functional_call, stack_module_state, vmap
 
 from ..errors import RunError
+from ..nets.base import StackedForward, is_stackable
 
 
 class NetStack(ABC):
@@ -128,7 +129,7 @@ class StackedNets(NetStack):
 
     def __init__(self, nets: Sequence[nn.Module]) -> None:
         template = nets[0]
-        if not getattr(template, "stackable", True):
+        if not is_stackable(template):
             raise RunError(
                 f"{type(template).__name__} cannot be stacked (batch statistics); "
                 "train its blocks one per worker (--executor local)"
@@ -139,8 +140,8 @@ class StackedNets(NetStack):
         self.buffers: dict[str, Tensor] = buffers
         self._template = template
         self._base = copy.deepcopy(template).to("meta")
-        fast = getattr(template, "stacked_forward", None)
-        if fast is not None:
+        if isinstance(template, StackedForward):
+            fast = template.stacked_forward
             self._forward = lambda x, t: fast(self.params, x, t)
         else:
             base = self._base

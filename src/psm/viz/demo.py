@@ -8,6 +8,7 @@ import torch
 
 from ..core.ode import SolverSettings
 from ..core.sample import sample
+from ..progress import progress_bar
 from ..runs.inference import load_model
 from ..runs.run import Run
 from .animation import animate_samples
@@ -66,16 +67,17 @@ def demo_figures(
             progress=progress,
         )
     )
-    samples = {
-        label: sample(
-            m,
-            n_samples,
-            generator=torch.Generator().manual_seed(2),
-            solver=solver,
-            progress=progress,
-        )
-        for label, m in models.items()
-    }
+    with progress_bar("sample (ode)", enabled=progress) as bar:
+        samples = {
+            label: sample(
+                m,
+                n_samples,
+                generator=torch.Generator().manual_seed(2),
+                solver=solver,
+                progress=bar,
+            )
+            for label, m in models.items()
+        }
     written.append(plot_samples(samples, folder / "samples.png", data=data, extent=extent))
     if gif:
         label, model = list(models.items())[-1]
