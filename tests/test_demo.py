@@ -29,13 +29,22 @@ def test_demo_trains_both_methods_and_reports(tmp_path, capsys):
         assert r["train_seconds"] >= 1.0 and r["block_steps"] >= r["blocks"]
     sa, tpsm = Run.open(out / "runs" / "sa"), Run.open(out / "runs" / "tpsm10")
     assert sa.num_blocks == 1 and tpsm.num_blocks == 10
-    assert not sa.unfinished() and not tpsm.unfinished()
+    assert not sa.ledger.not_done() and not tpsm.ledger.not_done()
     assert all(r["calibration"] > 0 and r["rate"] > 0 for r in rows)
     assert any((out / "plots").glob("*.png"))
-    # a second call reuses the trained runs and evaluates again
-    steps = [s.step for s in tpsm.statuses()]
+    # each score is a psm nll record in its run's nll.jsonl (through the experiments' harness)
+    recs = [json.loads((out / "runs" / n / "nll.jsonl").read_text()) for n in ("sa", "tpsm10")]
+    assert [(r["nll"], r["n"], r["steps"], r["solver"]) for r in recs] == [
+        (row["nll"], 64, 8, "rk4") for row in rows
+    ]  # fmt: skip
+    # a second call reuses the trained runs and their scores
+    steps = [s.step for s in tpsm.ledger.statuses()]
     assert main(argv) == 0
-    assert [s.step for s in Run.open(out / "runs" / "tpsm10").statuses()] == steps
+    assert [s.step for s in Run.open(out / "runs" / "tpsm10").ledger.statuses()] == steps
+    again = json.loads((out / "results.json").read_text())
+    assert [r["nll"] for r in again] == [r["nll"] for r in rows]
+    assert all(len((out / "runs" / n / "nll.jsonl").read_text().splitlines()) == 1
+               for n in ("sa", "tpsm10"))  # fmt: skip
 
 
 def test_demo_bad_flags(tmp_path, capsys):

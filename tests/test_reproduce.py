@@ -7,15 +7,9 @@ import json
 import pytest
 
 from helpers import one_line_error, run_cli
-from psm.experiments.reproduce import (
-    BY_KEY,
-    PRESETS,
-    floor_nll,
-    plan,
-    plan_rows,
-    run_config,
-    steps_per_block,
-)
+from psm.experiments.catalogue import BY_KEY, CURVE_METHODS, PRESETS, run_config, steps_per_block
+from psm.experiments.floors import floor_nll
+from psm.experiments.plan import cell_cost, curve_cost, plan, plan_rows
 
 
 def test_budgets_follow_the_papers_ratio_total_compute_and_steps_per_network():
@@ -83,13 +77,18 @@ def test_tiny_preset_end_to_end_and_resumable(tmp_path, capsys):
     assert json.loads((out / "results.json").read_text())["cells"] == cells
     rows = plan_rows(out, "tiny")
     assert all(r.state == "scored" and r.block_steps_left == 0 for r in rows)
+    # every score is an ordinary NLL record in its run's nll.jsonl, one per run
+    logs = sorted(out.glob("runs/*/nll.jsonl"))
+    assert [p.parent.name for p in logs] == sorted(c["run"] for c in cells)
+    assert all(len(p.read_text().splitlines()) == 1 for p in logs)
+    assert not (out / "evals").exists()
     # --report on a preset stopped part way: the scored cells, "-" for the rest, nothing trained
-    (out / "evals" / "hg_tpsm_a_10.json").unlink()
+    (out / "runs" / "hg_tpsm_a_10" / "nll.jsonl").unlink()
     (out / "results.md").unlink()
     code, stdout, err = run_cli(capsys, "reproduce", "--preset", "tiny", "--out", out, "--report")
     assert code == 0, err
     assert {p: p.stat().st_mtime_ns for p in out.rglob("*.safetensors")} == stamp
-    assert not (out / "evals" / "hg_tpsm_a_10.json").exists()
+    assert not (out / "runs" / "hg_tpsm_a_10" / "nll.jsonl").exists()
     again = json.loads((out / "results.json").read_text())["cells"]
     assert again == [c for c in cells if c["run"] != "hg_tpsm_a_10"]
     hg_a = [ln for ln in (out / "results.md").read_text().splitlines()
@@ -116,13 +115,13 @@ def test_runs_go_cheapest_first_in_the_plans_order(tmp_path, monkeypatch):
     monkeypatch.setattr(rep, "_score_cell", score_cell)
     monkeypatch.setattr(rep, "_curve", curve)
     monkeypatch.setattr(rep, "write_results", lambda *a, **k: None)
-    monkeypatch.setattr(rep, "_figures", lambda *a, **k: None)
+    monkeypatch.setattr(rep, "figures", lambda *a, **k: None)
     rep.reproduce(tmp_path, "full", datasets=("hg",), progress=False, log=lambda line: None)
     rows = plan_rows(tmp_path, "full", datasets=("hg",))
     assert order == [r.run for r in rows]  # --plan lists the runs in the order they go
     preset = PRESETS["full"]
-    costs = {c.run: rep.cell_cost(preset, c) for c in plan(preset) if c.data == "hg"}
-    costs |= {f"hg_{k}": rep.curve_cost(preset, k) for k in rep.CURVE_METHODS}
+    costs = {c.run: cell_cost(preset, c) for c in plan(preset) if c.data == "hg"}
+    costs |= {f"hg_{k}": curve_cost(preset, k) for k in CURVE_METHODS}
     assert [costs[r] for r in order] == sorted(costs[r] for r in order)
     # the authors' SA row (299 RK4 steps) is the cheapest; 200 blocks x 8000 steps the dearest
     assert order[0] == "hg_sa_authors_8000" and order[-1] == "hg_tpsm_c_8000"
@@ -143,7 +142,7 @@ def test_runs_names_runs_with_or_without_their_data_set(tmp_path, monkeypatch):
         rep, "_curve", lambda out, preset, recipe, data, key, *a: order.append(f"{data}_{key}")
     )
     monkeypatch.setattr(rep, "write_results", lambda *a, **k: None)
-    monkeypatch.setattr(rep, "_figures", lambda *a, **k: None)
+    monkeypatch.setattr(rep, "figures", lambda *a, **k: None)
     runs = ("tpsm_c_8000", "hg_sa")
     rep.reproduce(tmp_path, "full", runs=runs, progress=False, log=lambda line: None)
     assert order == ["hg_sa", "ty_tpsm_c_8000", "hg_tpsm_c_8000"]
@@ -157,7 +156,7 @@ def test_runs_trains_and_scores_only_the_named_runs(tmp_path, capsys):
                            "--runs", "sa_40,hg_tpsm_a_10", "--no-progress")  # fmt: skip
     assert code == 0, err
     assert "ty: one process" in err and "hg: one process" in err
-    assert {p.stem for p in (out / "evals").glob("*.json")} == {
+    assert {p.parent.name for p in (out / "runs").glob("*/nll.jsonl")} == {
         "ty_sa_40", "hg_sa_40", "hg_tpsm_a_10"
     }  # fmt: skip
     assert {p.name for p in (out / "runs").iterdir()} == {"ty_sa_40", "hg_sa_40", "hg_tpsm_a_10"}
@@ -175,17 +174,20 @@ def test_a_curve_stopped_short_of_its_steps_is_not_scored(tmp_path, monkeypatch)
     import dataclasses
     from types import SimpleNamespace
 
+    import psm.experiments.harness as harness
     import psm.experiments.reproduce as rep
 
-    monkeypatch.setattr(rep, "train_ensemble", lambda run, todo: [SimpleNamespace(state="stopped")])
+    monkeypatch.setattr(
+        harness, "train_ensemble", lambda run, todo: [SimpleNamespace(state="stopped")]
+    )
     preset = dataclasses.replace(PRESETS["tiny"], curve=(10,))
     with pytest.raises(KeyboardInterrupt):
         rep._curve(tmp_path, preset, "paper", "ty", "sa", "curve", False, lambda line: None)
-    assert not list(tmp_path.rglob("curve_*.json"))
+    assert not list(tmp_path.rglob("nll.jsonl"))
 
 
 def test_a_row_with_nothing_scored_shows_dashes_not_nan():
-    from psm.experiments.reproduce import format_tables
+    from psm.experiments.report import format_tables
 
     text = format_tables("tiny", "paper", [])
     rows = [ln for ln in text.splitlines() if ln.startswith("| SA-DPM |")]

@@ -22,15 +22,13 @@ from __future__ import annotations
 import argparse
 import json
 import math
-import socket
 import sys
-import time
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
 from ..errors import PSMError
+from ..runs.nll_records import NLL_LOG, nll_record
 from .model_flags import (
-    DEFAULT_TOL,
     add_model_arguments,
     add_ode_arguments,
     check_positive,
@@ -47,10 +45,8 @@ from .model_flags import (
 
 if TYPE_CHECKING:  # torch is imported when a command runs, not when `psm` parses its flags
     from ..core.ode import SolverSettings
-    from ..runs.inference import EvalSettings, RunEvaluation
+    from ..runs.inference import EvalSettings
 
-NLL_LOG = "nll.jsonl"
-"""The file in a run directory that collects one JSON line per ``psm nll`` evaluation."""
 
 TRACE_CHOICES = ("auto", "exact", "hutchinson")
 CONVENTION_CHOICES = ("psm", "authors")  # psm.runs.inference.CONVENTIONS (tested)
@@ -115,9 +111,8 @@ def resolve_settings(args: argparse.Namespace, run) -> EvalSettings:
     from ..core.likelihood import EXACT_TRACE_MAX_DIM
     from ..runs.inference import eval_settings
 
-    ev = run.config.eval
     flags_set = args.solver is not None or args.steps is not None
-    solver = ode_settings(args, solver=ev.solver, steps=ev.steps, blocks=run.num_blocks)
+    solver = ode_settings(args, run.config.eval.solver_settings(), blocks=run.num_blocks)
     if args.convention == "authors" and not flags_set:
         solver = None  # the convention's own solver
     trace = None if args.trace == "auto" else args.trace
@@ -209,121 +204,22 @@ def log_tensorboard(run, record: dict[str, Any]) -> None:
         return
     suffix = "_authors" if record["convention"] == "authors" else ""
     values = {f"eval/nll{suffix}": record["nll"], f"eval/bpd{suffix}": record.get("bpd")}
-    step = max((run.block_status(b).step for b in range(run.num_blocks)), default=0)
+    step = max((run.ledger.status(b).step for b in range(run.num_blocks)), default=0)
     add_scalars(writer, {k: v for k, v in values.items() if v is not None}, step)
     writer.close()
 
 
-def _finite(x: float | None) -> float | None:
-    """JSON-safe float: None for NaN/inf."""
-    return x if x is not None and math.isfinite(x) else None
+def record_solver(rec: dict[str, Any]) -> SolverSettings:
+    """The solver an ``nll.jsonl`` line was computed with: the inverse of :func:`nll_record`'s
+    ``solver``/``steps``/``rtol``/``atol`` (null fields keep :class:`SolverSettings`'
+    defaults)."""
+    from ..core.ode import SolverSettings
 
-
-def convention_label(convention: str | None, levels: int | None) -> str | None:
-    """What a bits/dim figure means, in words (printed and recorded with every figure)."""
-    if convention is None:
-        return None
-    if convention == "authors":
-        return (
-            f"authors' convention: log2 {levels} - log p/(D ln 2) on k/{levels - 1} minus the "
-            "training mean, not dequantized (not a bound on the discrete NLL)"
-        )
-    return (
-        f"psm convention: dequantized x = (k+u)/{levels}, with log2 {levels} and the data "
-        "map's log-Jacobian"
-    )
-
-
-def nll_record(
-    run,
-    ev: RunEvaluation,
-    *,
-    solver: SolverSettings,
-    trace: str,
-    test_seed: int,
-    probe_seed: int,
-    batch_size: int,
-    device: str,
-    dtype: str,
-    peak_memory_mb: float | None = None,
-    memory_kind: str | None = None,
-) -> dict[str, Any]:
-    """The JSON line ``psm nll`` appends to ``<run>/nll.jsonl``.
-
-    Args:
-        run: the :class:`~psm.runs.run.Run`.
-        ev: its :class:`~psm.runs.inference.RunEvaluation`.
-        solver, trace, test_seed, probe_seed, batch_size, device, dtype: the settings used.
-        peak_memory_mb, memory_kind: the peak memory and what it measured.
-
-    Returns:
-        A JSON-safe dict: ``nll``, ``stderr`` (nats), ``n``, ``entropy`` (the floor, or null),
-        ``gap`` (``nll - entropy``), ``finite``, ``seconds``, ``seconds_per_point``,
-        ``peak_memory_mb``, the run (``run``, ``name``, ``config_hash``, ``dataset``,
-        ``process``, ``partition``, ``blocks``, ``train_steps``, ``t0``: where the integral
-        started, ``run_t0``: the run's own) and every setting (``probes`` and
-        ``probe_redraw`` for Hutchinson); for image data ``convention``, ``convention_label``,
-        ``bpd``, ``bpd_stderr``, ``bpd_trivial`` (log2 L), ``levels``, ``dims``,
-        ``dequantized``, ``log_scale_per_dim`` (null otherwise). ``steps`` is null for dopri5,
-        ``rtol``/``atol`` null for fixed-step solvers. Non-finite numbers are null.
-    """
-    from .. import __version__
-
-    r = ev.result
-    cfg = run.config
-    gap = r.nll - ev.entropy if ev.entropy is not None else None
-    adaptive = not solver.fixed_step
-    steps = solver.steps
-    s = ev.settings
-    bits = ev.bits
-    hutch = trace == "hutchinson"
-    return {
-        "time": time.strftime("%Y-%m-%dT%H:%M:%S%z"),
-        "run": str(run.path),
-        "name": cfg.name,
-        "config_hash": run.hash,
-        "dataset": ev.dataset,
-        "process": cfg.process.name,
-        "partition": run.partition.kind,
-        "blocks": run.num_blocks,
-        "train_steps": cfg.train.block_steps or cfg.train.steps,
-        "t0": s.t0 if s is not None else run.partition.t0,
-        "run_t0": run.partition.t0,
-        "convention": bits.convention if bits else None,
-        "convention_label": convention_label(bits.convention, bits.levels) if bits else None,
-        "bpd": _finite(bits.bpd) if bits else None,
-        "bpd_stderr": _finite(bits.stderr) if bits else None,
-        "bpd_trivial": bits.trivial if bits else None,
-        "levels": bits.levels if bits else None,
-        "dims": bits.dims if bits else None,
-        "dequantized": s.dequantize if bits and s is not None else None,
-        "log_scale_per_dim": bits.log_scale_per_dim if bits else None,
-        "nll": _finite(r.nll),
-        "stderr": _finite(r.stderr),
-        "n": r.n,
-        "entropy": ev.entropy,
-        "gap": _finite(gap),
-        "finite": r.finite,
-        "seconds": round(r.seconds, 3),
-        "seconds_per_point": r.seconds / r.n if r.n else None,
-        "peak_memory_mb": round(peak_memory_mb, 1) if peak_memory_mb is not None else None,
-        "memory_kind": memory_kind,
-        "solver": solver.method,
-        "steps": None if adaptive else (steps if isinstance(steps, int) else list(steps)),
-        "rtol": solver.rtol if adaptive else None,
-        "atol": solver.atol if adaptive else None,
-        "trace": trace,
-        "probes": r.probes if hutch else None,
-        "probe_redraw": r.redraw if hutch else None,
-        "grid_field": ev.grid_field,
-        "batch_size": batch_size,
-        "test_seed": test_seed,
-        "probe_seed": probe_seed if hutch else None,
-        "device": device,
-        "dtype": dtype,
-        "host": socket.gethostname(),
-        "psm_version": __version__,
-    }
+    given: dict[str, Any] = {k: rec[k] for k in ("rtol", "atol") if rec.get(k) is not None}
+    if rec["steps"] is not None:  # null for adaptive solvers
+        steps = rec["steps"]
+        given["steps"] = steps if isinstance(steps, int) else tuple(steps)
+    return SolverSettings(rec["solver"], **given)
 
 
 def format_nll(rec: dict[str, Any]) -> str:
@@ -336,11 +232,7 @@ def format_nll(rec: dict[str, Any]) -> str:
     def num(x: float | None, digits: int = 4) -> str:
         return f"{x:.{digits}f}" if x is not None else "nan"
 
-    from ..core.ode import SolverSettings
-
-    steps = rec["steps"] if rec["steps"] is not None else 1
-    steps = steps if isinstance(steps, int) else tuple(steps)
-    how = SolverSettings(rec["solver"], steps, rec["rtol"] or DEFAULT_TOL).describe()
+    how = record_solver(rec).describe()
     field = f", {rec['grid_field']} DPSM field" if rec["grid_field"] else ""
     trace = f"{rec['trace']} trace"
     if rec["trace"] == "hutchinson":

@@ -59,7 +59,9 @@ def add(sub: argparse._SubParsersAction) -> None:
 
 
 def cmd_reproduce(args: argparse.Namespace) -> int:
-    from ..experiments.reproduce import PRESETS, RECIPES, format_tables, reproduce
+    from ..experiments.catalogue import PRESETS, RECIPES
+    from ..experiments.report import format_tables
+    from ..experiments.reproduce import reproduce, started
 
     if args.preset not in PRESETS:
         raise PSMError(f"--preset {args.preset!r}: choose from {', '.join(PRESETS)}")
@@ -91,12 +93,12 @@ def cmd_reproduce(args: argparse.Namespace) -> int:
     if processes < 1:
         raise PSMError(f"--processes must be >= 1, got {args.processes}")
     if args.plan:
-        from ..experiments.reproduce import plan_report, plan_rows
+        from ..experiments.plan import plan_report, plan_rows
 
         rows = plan_rows(out, args.preset, args.recipe, datasets, runs)
         print(plan_report(rows, processes))
         return 0
-    if args.report and not Path(out, "evals").is_dir():
+    if args.report and not started(out):
         raise PSMError(f"--report: nothing scored in {out} (run the preset first)")
     if processes > 1 and len(todo) > 1 and not args.report:
         _side_by_side(args, out, todo, processes, named)
@@ -114,7 +116,8 @@ def _named_per_data(
     args: argparse.Namespace, out: str, datasets: tuple[str, ...] | None, runs: tuple[str, ...]
 ) -> dict[str, list[str]]:
     """Data set → the names in ``runs`` that select one of its runs (the preset's order)."""
-    from ..experiments.reproduce import PRESETS, plan_rows, selected
+    from ..experiments.catalogue import PRESETS
+    from ..experiments.plan import plan_rows, selected
 
     rows = plan_rows(out, args.preset, args.recipe, datasets)
     return {

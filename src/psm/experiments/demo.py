@@ -7,7 +7,8 @@ trainer, for the same number of seconds. Both are then scored by the exact ODE l
 (RK4, block by block) on the same test points and compared with the true entropy of the data,
 the floor no model can beat.
 
-The demo folder is resumable: finished runs are reused and only evaluated again.
+The demo folder is resumable: finished runs are reused, and so are their scores (kept in each
+run's ``nll.jsonl`` by the experiments' harness, :mod:`~psm.experiments.harness`).
 
 Equal wall-clock is a fair comparison only when both methods get the same machine. Before each
 method trains, the demo times a few seconds of its training steps (a calibration, nothing
@@ -26,12 +27,11 @@ from pathlib import Path
 
 import torch
 
-from ..executors.monitor import ProgressMonitor
 from ..runs.atomic import atomic_write_text
 from ..runs.config import RunConfig, validate_config
-from ..runs.inference import evaluate_run
 from ..runs.run import Run
-from ..training.train import StackTrainer, train_block, train_ensemble
+from ..training.train import StackTrainer
+from . import harness
 
 QUIET_RATES = {1: 578.0, 10: 759.0}
 """Block-steps per second of SA-DPM (K = 1) and TPSM-10 (stacked) on a quiet 2-core machine
@@ -39,6 +39,8 @@ with 2 threads (``psm bench train``, docs/benchmarks.md), the demo's reference."
 SLOW = 0.5
 """A method is flagged when it trains below this share of its calibration or reference."""
 CALIBRATION_SECONDS = 3.0
+EVAL_BATCH = 1000
+"""Test points per likelihood solve."""
 
 
 @dataclass
@@ -123,18 +125,11 @@ def speed_notes(
 
 
 def _train(run: Run, stacked: bool, progress: bool) -> float:
-    """Train a demo run; seconds of training recorded in its blocks."""
-    todo = run.todo()
-    if todo:
-        with ProgressMonitor(run, todo, enabled=progress, desc=f"train {run.config.name}"):
-            if stacked:
-                train_ensemble(run, todo)
-            else:
-                for b in todo:
-                    train_block(run, b)
-    if run.todo():
-        raise KeyboardInterrupt  # a block stopped early: Ctrl-C reached the trainer
-    return max(s.wall_time for s in run.statuses())
+    """Train a demo run (:func:`~psm.experiments.harness.train`); seconds of training recorded
+    in its blocks."""
+    todo = run.ledger.not_done(invocation=True)
+    harness.train(run, todo, label=f"train {run.config.name}", progress=progress, stacked=stacked)
+    return max(s.wall_time for s in run.ledger.statuses())
 
 
 def run_demo(
@@ -180,18 +175,16 @@ def run_demo(
         cfg = demo_config(name, k, out / "runs" / name, seconds, data=data, seed=seed,
                           n_test=n_test, steps=steps)  # fmt: skip
         run = Run.create(cfg)
-        fresh = bool(run.todo())
+        fresh = bool(run.ledger.not_done(invocation=True))
         calibration = calibrate(run) if fresh else 0.0
         train_s = _train(run, stacked, progress)
-        t0 = time.perf_counter()
-        ev = evaluate_run(run, progress=progress)
-        res = ev.result
-        steps_done = [s.step for s in run.statuses()]
+        score = harness.score(run, batch_size=EVAL_BATCH, progress=progress)
+        steps_done = [s.step for s in run.ledger.statuses()]
         rate = sum(steps_done) / train_s if train_s > 0 else 0.0
         rows.append(
             DemoRow(
-                label, k, min(steps_done), sum(steps_done), train_s, res.nll, res.stderr,
-                ev.entropy, time.perf_counter() - t0, str(run.path), rate, calibration,
+                label, k, min(steps_done), sum(steps_done), train_s, score.nll, score.stderr,
+                score.entropy, score.seconds, str(run.path), rate, calibration,
                 speed_notes(label, k, rate, calibration, threads),
             )
         )  # fmt: skip
