@@ -23,8 +23,8 @@ from safetensors import SafetensorError, safe_open
 from safetensors.torch import save as st_save
 from torch import Tensor, nn
 
-from .atomic import atomic_write_bytes
 from ..errors import CheckpointError
+from .atomic import atomic_write_bytes
 
 if TYPE_CHECKING:
     from .run import Run
@@ -80,7 +80,9 @@ def save_state(run: Run, block: int, state: BlockState) -> None:
 def save_weights(run: Run, block: int, net_state: dict[str, Tensor], step: int) -> None:
     """Write a block's final weights atomically."""
     tensors = {k: _cpu_copy(v) for k, v in net_state.items()}
-    atomic_write_bytes(run.layout.weights(block), st_save(tensors, metadata=_meta(run, block, step)))
+    atomic_write_bytes(
+        run.layout.weights(block), st_save(tensors, metadata=_meta(run, block, step))
+    )
 
 
 def _meta(run: Run, block: int, step: int) -> dict[str, str]:

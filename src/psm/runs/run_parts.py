@@ -10,11 +10,11 @@ from functools import cached_property
 
 from torch import nn
 
-from .config import RunConfig
-from ..data import Dataset
-from ..errors import ConfigError
 from ..core.partition import Partition
 from ..core.process import Process
+from ..data import Dataset
+from ..errors import ConfigError
+from .config import RunConfig
 
 
 class Parts:
