@@ -188,6 +188,34 @@ def test_every_shipped_config_loads_and_builds_its_parts(path):
         assert net(x, torch.rand(4)).shape == x.shape
 
 
+def scores_its_nll_again(run_dir: Path, tmp_path: Path, capsys) -> None:
+    """``psm nll`` on a fixture run gives the NLL recorded in its ``nll.jsonl``."""
+    want = json.loads((run_dir / "nll.jsonl").read_text().splitlines()[0])
+    code, _, err = run_cli(capsys, "nll", run_dir, "--no-progress", "--json", tmp_path / "n.json")
+    assert code == 0, err
+    got = json.loads((tmp_path / "n.json").read_text())
+    assert got["nll"] == pytest.approx(want["nll"], abs=1e-6) and got["n"] == want["n"]
+
+
+def retrains_to_its_weights(fixture: str, blocks: int, tmp_path: Path, capsys) -> None:
+    """Training ``fixture``'s config anew, one by one and stacked, gives the fixture's weights
+    (``<fixture>/blocks`` and ``<fixture>_ensemble``) to float rounding."""
+    for executor, ref in (("local", FIXTURES / fixture / "blocks"),
+                          ("ensemble", FIXTURES / f"{fixture}_ensemble")):  # fmt: skip
+        out_dir = tmp_path / executor
+        code, _, err = run_cli(capsys, "train", FIXTURES / f"{fixture}.yaml", "--out", out_dir,
+                               "--executor", executor, "--no-progress", "--no-plot")  # fmt: skip
+        assert code == 0, err
+        for b in range(blocks):
+            a = load_file(out_dir / "blocks" / f"{b:04d}.safetensors")
+            r = load_file(ref / f"{b:04d}.safetensors")
+            assert set(a) == set(r)
+            for k in r:
+                torch.testing.assert_close(
+                    a[k], r[k], rtol=0, atol=1e-6, msg=f"{executor} block {b} {k}"
+                )
+
+
 def test_a_run_made_by_psm_0_1_loads_evaluates_and_resumes(tmp_path, capsys):
     """tests/fixtures/run_v0_1 was written by psm 0.1.0 (t0 under process, every field dumped):
     it keeps its hash, gives the NLL psm 0.1 printed, and training the same config anew gives
@@ -199,29 +227,10 @@ def test_a_run_made_by_psm_0_1_loads_evaluates_and_resumes(tmp_path, capsys):
     shutil.copytree(FIXTURES / "run_v0_1", old)
     run = Run.open(old)
     assert run.legacy_hash and run.hash == "dda5faa308f62672" and run.partition.t0 == 1e-4
-    want = json.loads((old / "nll.jsonl").read_text().splitlines()[0])
-    code, _, err = run_cli(capsys, "nll", old, "--no-progress", "--json", tmp_path / "n.json")
-    assert code == 0, err
-    got = json.loads((tmp_path / "n.json").read_text())
-    assert got["nll"] == pytest.approx(want["nll"], abs=1e-6)
+    scores_its_nll_again(old, tmp_path, capsys)
+    retrains_to_its_weights("run_v0_1", 2, tmp_path, capsys)
 
     fixture_cfg = FIXTURES / "run_v0_1.yaml"
-    for executor, ref in (("local", FIXTURES / "run_v0_1" / "blocks"),
-                          ("ensemble", FIXTURES / "run_v0_1_ensemble")):  # fmt: skip
-        out_dir = tmp_path / executor
-        code, _, err = run_cli(capsys, "train", fixture_cfg, "--out", out_dir, "--executor",
-                               executor, "--no-progress", "--no-plot")  # fmt: skip
-        assert code == 0, err
-        for b in (0, 1):
-            a, r = (
-                load_file(out_dir / "blocks" / f"{b:04d}.safetensors"),
-                load_file(ref / f"{b:04d}.safetensors"),
-            )
-            for k in r:
-                torch.testing.assert_close(
-                    a[k], r[k], rtol=0, atol=1e-6, msg=f"{executor} block {b} {k}"
-                )
-
     # the old run accepts its own config again (legacy hash) and extends its blocks
     code, _, err = run_cli(capsys, "train", fixture_cfg, "--out", old, "--steps", 40,
                            "--no-progress", "--no-plot")  # fmt: skip
@@ -266,30 +275,11 @@ def test_a_run_made_before_the_layer_packages_loads_evaluates_and_retrains(tmp_p
     assert not run.legacy_hash and run.hash == "b8b82159a6005a86" and run.num_blocks == 3
     assert [run.ledger.status(b).step for b in range(3)] == [40, 30, 20]
     assert run.ledger.not_done() == [] and run.ledger.not_done(invocation=True) == []
-    want = json.loads((old / "nll.jsonl").read_text().splitlines()[0])
-    code, _, err = run_cli(capsys, "nll", old, "--no-progress", "--json", tmp_path / "n.json")
-    assert code == 0, err
-    got = json.loads((tmp_path / "n.json").read_text())
-    assert got["nll"] == pytest.approx(want["nll"], abs=1e-6) and got["n"] == want["n"] == 200
-
+    scores_its_nll_again(old, tmp_path, capsys)
+    retrains_to_its_weights("run_974f4eb", 3, tmp_path, capsys)
     fixture_cfg = FIXTURES / "run_974f4eb.yaml"
-    for executor, ref in (("local", FIXTURES / "run_974f4eb" / "blocks"),
-                          ("ensemble", FIXTURES / "run_974f4eb_ensemble")):  # fmt: skip
-        out_dir = tmp_path / executor
-        code, _, err = run_cli(capsys, "train", fixture_cfg, "--out", out_dir, "--executor",
-                               executor, "--no-progress", "--no-plot")  # fmt: skip
-        assert code == 0, err
-        assert Run.open(out_dir).hash == run.hash
-        for b in range(3):
-            a = load_file(out_dir / "blocks" / f"{b:04d}.safetensors")
-            r = load_file(ref / f"{b:04d}.safetensors")
-            assert set(a) == set(r)
-            for k in r:
-                torch.testing.assert_close(
-                    a[k], r[k], rtol=0, atol=1e-6, msg=f"{executor} block {b} {k}"
-                )
     # the old run takes its own config again: every block is done, nothing is retrained
     code, _, err = run_cli(capsys, "train", fixture_cfg, "--out", old, "--no-progress",
-                             "--no-plot")  # fmt: skip
+                           "--no-plot")  # fmt: skip
     assert code == 0, err
     assert [Run.open(old).ledger.status(b).step for b in range(3)] == [40, 30, 20]

@@ -502,7 +502,7 @@ def _train_loop(run: Run, tr: StackTrainer, stop: StopRequest) -> list[BlockOutc
     if bad:
         return split_off(bad)
     tr.checkpoint(final=True)
-    walls = tr.walls()  # the final wall time: is_done compares it with a time budget
+    walls = tr.walls()  # the final wall time: ledger.done compares it with a time budget
     for k, b in enumerate(blocks):
         run.ledger.write(
             b, state="done", step=tr.step, wall_time=walls[k], budget_spent=tr.step < target
