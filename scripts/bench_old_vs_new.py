@@ -1,10 +1,12 @@
-"""The training loop before and after issue 7, side by side (docs/benchmarks.md).
+"""Old code against new, side by side (docs/benchmarks.md): used for the one-loop change
+(issue 7, old tree 6a66de0) and the layer packages (issue 17, old tree 974f4eb).
 
-    git worktree add /tmp/psm-old 6a66de0      # the code before the one-loop change
+    git worktree add /tmp/psm-old 974f4eb      # the code before the change
     python scripts/bench_old_vs_new.py 6 /tmp/psm-old/src
 
 Runs psm.bench.train's loop and ensemble timers (paper MLP on TY, batch 512, 1 thread) for K =
-1, 10, 50 from each source tree in alternating subprocesses, ROUNDS rounds, and prints the
+1, 10, 50, and psm.bench.nll's exact-trace NLL of 500 TY points through a 10-block TPSM (RK4,
+100 steps), from each source tree in alternating subprocesses, ROUNDS rounds, and prints the
 best rates and the median of the paired new/old ratios.
 """
 
@@ -25,7 +27,14 @@ with tempfile.TemporaryDirectory() as d:
     root = Path(d)
     t_loop = time_loop(root, k, steps, 512) if k <= 10 else float("nan")
     t_ens = time_ensemble(root, k, steps, 512)
-print(json.dumps({"loop": k * steps / t_loop, "ens": k * steps / t_ens}))
+out = {"loop": k * steps / t_loop, "ens": k * steps / t_ens}
+if k == 10:  # the likelihood: points per second
+    from psm.bench.nll import build_model, time_nll
+    model = build_model("TPSM-10")
+    x = torch.randn(500, 2, generator=torch.Generator().manual_seed(0))
+    time_nll(model, x[:50], 10)  # warm-up
+    out["nll"] = 500 / time_nll(model, x, 100)
+print(json.dumps(out))
 """
 SIZES = ((1, 2000), (10, 200), (50, 40))  # (K, steps per block)
 
@@ -47,14 +56,17 @@ def main() -> None:
                 res[c].setdefault(k, []).append(r)
                 print(rep, k, c, r, flush=True)
     for k, _ in SIZES:
-        for key in ("loop", "ens"):
+        for key in ("loop", "ens", "nll"):
+            if key not in res["old"][k][0]:
+                continue
             o = [r[key] for r in res["old"][k]]
             n = [r[key] for r in res["new"][k]]
             if math.isnan(o[0]):
                 continue
             ratios = [b / a for a, b in zip(o, n)]
             print(
-                f"K={k} {key}: old best {max(o):.0f}, new best {max(n):.0f} block-steps/s; "
+                f"K={k} {key}: old best {max(o):.0f}, new best {max(n):.0f} "
+                f"{'points' if key == 'nll' else 'block-steps'}/s; "
                 f"new/old best {max(n) / max(o):.3f}, paired median {statistics.median(ratios):.3f}"
             )
 
