@@ -16,6 +16,10 @@ ODE's own likelihood has no such split); it still ranks the blocks.
 
 The time integral of a block is a midpoint rule in ``log t`` (``dt = t d log t``: the integrand
 varies on the scale of ``t`` near 0), with fresh points ``x_t = α x0 + σ ε`` at every node.
+
+Data without a closed-form score get the same term up to a network-free constant, from the
+conditional score ``−ε/σ_t``: :mod:`psm.core.heldout` (the trainer's per-block signal and
+``psm kl --estimate``), stratified in the same ``log t``.
 """
 
 from __future__ import annotations
