@@ -44,6 +44,7 @@ class BlockStatus:
     updated: float | None
     host: str | None = None
     job: str | None = None
+    init_from: dict[str, Any] | None = None  # a warm start: {run, hash, block} it started from
 
 
 class BlockLedger:
@@ -146,6 +147,7 @@ class BlockLedger:
             updated=rec.get("updated"),
             host=rec.get("host"),
             job=rec.get("job"),
+            init_from=rec.get("init_from"),
         )
 
     def statuses(self, blocks: list[int] | None = None) -> list[BlockStatus]:
