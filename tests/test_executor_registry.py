@@ -249,7 +249,7 @@ def test_a_registered_partition_kind_builds():
     finally:
         PARTITION_KINDS.unregister("halves")
     with pytest.raises(ConfigError, match=r"partition.kind: unknown partition kind 'halves' "
-                       r"\(choose from equal, geometric, grid, splits\)$"):  # fmt: skip
+                       r"\(choose from auto, equal, geometric, grid, splits\)$"):  # fmt: skip
         validate_config(tiny_config(partition={"kind": "halves"}))
 
 

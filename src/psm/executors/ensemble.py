@@ -6,6 +6,7 @@ from typing import TYPE_CHECKING, Literal
 
 from pydantic import Field
 
+from ..runs.checkpoint import resume_step
 from ..runs.run import Run
 from ..training.train import BlockOutcome
 from .base import Executor, ExecutorSpec, balanced_shares, cpu_count
@@ -45,8 +46,9 @@ class EnsembleExecutor(Executor):
 
             torch.set_num_threads(self.threads)
             return run_task(run, blocks, stacked=True, max_stack=self.max_stack, errors="raise")
-        # equal targets: the interleaved split; train.block_steps: shares of equal work
-        loads = [run.config.step_target(b) for b in blocks]
+        # equal targets: the interleaved split; train.block_steps or blocks resumed at other
+        # steps (a budget plan's rounds): shares of equal remaining work
+        loads = [max(0, run.config.step_target(b) - resume_step(run, b)) for b in blocks]
         shares = balanced_shares(blocks, loads, self.workers)
         return run_pool(
             run.path, shares, kind="ensemble", workers=len(shares), threads=self.threads,
