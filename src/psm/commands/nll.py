@@ -95,6 +95,12 @@ def add(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--seed", type=int, help="seed of the test set (default: eval.test_seed)")
     p.add_argument("--probe-seed", type=int, default=0, help="seed of the Hutchinson probes")
     p.add_argument("--json", dest="json_out", metavar="FILE", help="also write the record here")
+    p.add_argument(
+        "--values",
+        metavar="FILE.npy",
+        help="also write each test point's NLL (nats, float64) here, for paired comparisons of "
+        "runs scored on the same points (an existing file is refused)",
+    )
     add_model_arguments(p)
     p.set_defaults(func=cmd_nll)
 
@@ -160,6 +166,9 @@ def cmd_nll(args: argparse.Namespace) -> int:
         raise PSMError(
             f"--json {args.json_out}: folder {Path(args.json_out).parent} does not exist"
         )
+    if args.values and (Path(args.values).exists() or not Path(args.values).parent.is_dir()):
+        why = "exists" if Path(args.values).exists() else "is in a folder that does not exist"
+        raise PSMError(f"--values {args.values} {why}")
     device = resolve_device(args.device)
     grid_field = grid_field_for(args, run)
     ev = run.config.eval
@@ -185,6 +194,11 @@ def cmd_nll(args: argparse.Namespace) -> int:
     if args.json_out:
         atomic_write_json(args.json_out, record)
         print(f"wrote {args.json_out}", file=sys.stderr)
+    if args.values:
+        import numpy as np
+
+        np.save(args.values, res.result.values.detach().double().cpu().numpy())
+        print(f"wrote {args.values} (NLL per point, nats)", file=sys.stderr)
     if not record["finite"]:
         import torch
 

@@ -36,6 +36,12 @@ def add(sub: argparse._SubParsersAction) -> None:
     )
     add_executor_arguments(p)  # each executor's flags (--workers, --num-cpus, --slurm-*, ...)
     p.add_argument("--steps", type=int, help="override train.steps (per block)")
+    p.add_argument(
+        "--budget",
+        metavar="TOTAL",
+        help="let psm give each block its steps from measurements, within TOTAL block-steps "
+        "(2000000) or wall-clock time (1h, 45m): sets train.budget.total (docs/auto.md)",
+    )
     p.add_argument("--out", help="run directory (default: runs/<config name>)")
     p.add_argument("--seed", type=int, help="override train.seed")
     p.add_argument(
@@ -74,10 +80,14 @@ def cmd_train(args: argparse.Namespace) -> int:
         raise PSMError(f"--steps must be >= 1, got {args.steps}")
     if args.executor is not None and args.executor not in EXECUTORS:
         raise PSMError(f"--executor {args.executor!r}: choose from {', '.join(EXECUTORS.names())}")
+    if args.budget is not None and (args.blocks or args.steps is not None):
+        raise PSMError("--budget chooses every block's steps: drop --blocks and --steps")
     cfg = load_config(
         args.config, overrides=args.overrides, steps=args.steps, out=args.out, seed=args.seed,
-        executor=args.executor,
+        executor=args.executor, budget=args.budget,
     )  # fmt: skip
+    if cfg.train.budget is not None and args.blocks:
+        raise PSMError("train.budget chooses every block's steps: drop --blocks")
     executor = make_executor(cfg.executor.name, cfg, **flag_values(args))
     train_device(cfg.train.device)  # a device that is not here fails before anything is written
     partition = cfg.partition.build()
@@ -90,9 +100,25 @@ def cmd_train(args: argparse.Namespace) -> int:
         )
     parts = Parts(cfg)
     parts.check()  # a bad data source or a net that cannot take it fails before any write
+    if cfg.train.init_from is not None and cfg.partition.kind != "auto":
+        from ..runs.warm_start import check_config
+
+        cfg = check_config(cfg, parts)  # so does a warm-start source that cannot be used
     if args.dry_run:
         _print_plan(cfg, config_hash(cfg), blocks, executor.describe())
         return 0
+    spent = (0, 0.0)
+    if cfg.partition.kind == "auto":
+        if args.blocks:
+            raise PSMError("partition.kind auto chooses the blocks: drop --blocks")
+        from ..auto.splits import choose_splits, resolve
+
+        choice = choose_splits(cfg, executor, log=lambda line: print(line, file=sys.stderr))
+        cfg = resolve(cfg, choice)
+        parts = Parts(cfg)
+        spent = (choice.pilot_steps, choice.seconds)  # the pilot's share of a budget
+    if cfg.train.budget is not None:
+        return _train_budget(cfg, executor, parts, blocks, args, spent)
     if (cfg.out_dir / CONFIG_FILE).exists():
         old = Run.open(cfg.out_dir)
         if args.reset_failed:
@@ -119,6 +145,31 @@ def cmd_train(args: argparse.Namespace) -> int:
         try:
             png = plot_loss_curves(run)
             print(f"loss curves: {png}", file=sys.stderr)
+        except PSMError as e:
+            print(f"psm: warning: no loss plot: {e}", file=sys.stderr)
+    return _report_outcomes(run, outcomes, blocks, wall)
+
+
+def _train_budget(
+    cfg, executor, parts, blocks: list[int], args: argparse.Namespace, spent: tuple[int, float]
+) -> int:
+    """``train.budget``: rounds of the plan (:mod:`psm.auto.budget`), each through the
+    executor; the plan's lines on stderr."""
+    from ..auto.budget import train_budget
+
+    print(f"run {cfg.out_dir}: budget {cfg.train.budget.total}; {executor.describe()}",
+          file=sys.stderr)  # fmt: skip
+    t0 = time.perf_counter()
+    run, outcomes = train_budget(
+        cfg, executor, parts=parts, log=lambda line: print(line, file=sys.stderr),
+        spent_before=spent[0], seconds_before=spent[1],
+    )  # fmt: skip
+    wall = time.perf_counter() - t0
+    if not args.no_plot:
+        from ..viz.losses import plot_loss_curves
+
+        try:
+            print(f"loss curves: {plot_loss_curves(run)}", file=sys.stderr)
         except PSMError as e:
             print(f"psm: warning: no loss plot: {e}", file=sys.stderr)
     return _report_outcomes(run, outcomes, blocks, wall)
@@ -242,6 +293,17 @@ def _print_plan(cfg, h: str, blocks: list[int], executor: str) -> None:
     run = Run.open(cfg.out_dir) if exists else None
     print(f"# plan: {len(blocks)} of {partition.num_blocks} block(s) -> {cfg.out_dir}")
     print(f"# executor: {executor}")
+    if cfg.partition.kind == "auto":
+        print(
+            f"# partition: auto - a {cfg.partition.pilot_steps or 4000}-step SA-DPM pilot places "
+            f"the splits when training starts ({cfg.out_dir}-pilot); the spans below are "
+            "placeholders"
+        )
+    if cfg.train.budget is not None:
+        print(
+            f"# budget: {cfg.train.budget.total} - psm gives each block its steps from the "
+            "held-out signal (docs/auto.md); the steps below are not used"
+        )
     print(f"{'block':>5}  {'span':<20} {'train t':<24} {'steps':>8}  {'status':<10}")
     for b in blocks:
         lo, hi = partition.train_range(b)

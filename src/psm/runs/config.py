@@ -68,12 +68,14 @@ class PartitionConfig(Section):
 
     discriminator: ClassVar[str] = "kind"
 
-    kind: str = "equal"  # a name of PARTITION_KINDS: equal, splits, geometric, grid
-    blocks: int = 1  # kind=equal or geometric: K (1 = SA-DPM)
+    kind: str = "equal"  # a name of PARTITION_KINDS: equal, splits, geometric, grid, auto
+    blocks: int = 1  # kind=equal, geometric or auto: K (1 = SA-DPM)
     splits: list[float] | None = None  # kind=splits: e.g. [0, 0.1, 1]
     points: int | list[float] | None = None  # kind=grid: N, or explicit times
     first: float | None = None  # kind=geometric: the first inner edge (then x r up to 1)
     t0: float = Field(DEFAULT_T0, gt=0.0, lt=1.0)  # smallest time, training and inference
+    pilot_steps: int | None = Field(None, ge=2)  # kind=auto: the SA-DPM pilot's steps (4000)
+    chosen_by: str | None = None  # set by kind=auto on the splits it chose (psm.auto.splits)
 
     def build(self) -> Partition:
         """The :class:`~psm.core.partition.Partition` this section describes."""
@@ -129,6 +131,113 @@ def _grid(p: PartitionConfig) -> Partition:
     return grid(required(p, "points"), t0=p.t0)
 
 
+@PARTITION_KINDS.register("auto")
+def _auto(p: PartitionConfig) -> Partition:
+    """K blocks whose splits a pilot chooses when ``psm train`` starts (:mod:`psm.auto.splits`);
+    until then, for checks and block counts only, K equal blocks (a run is never made of it:
+    :meth:`~psm.runs.run.Run.create` refuses an unresolved ``auto``)."""
+    return equal(p.blocks, t0=p.t0)
+
+
+def parse_budget(value: int | str) -> tuple[str, float]:
+    """A budget as ``("steps", block-steps)`` or ``("seconds", wall seconds)``.
+
+    ``2000000`` (or ``"2000000"``) is block-steps summed over the blocks; ``"1h"``, ``"45m"``,
+    ``"90s"`` or ``"1h30m"`` is wall-clock time, turned into block-steps by a rate measured at
+    the start (:mod:`psm.auto.budget`).
+
+    Raises:
+        ValueError: anything else (a one-line message).
+    """
+    if isinstance(value, bool):
+        raise ValueError(f"budget {value!r}: give block-steps (2000000) or a time (1h, 45m)")
+    if isinstance(value, int) or (isinstance(value, str) and value.strip().isdigit()):
+        n = int(value)
+        if n < 1:
+            raise ValueError(f"budget {value!r}: needs at least 1 block-step")
+        return "steps", float(n)
+    import re
+
+    m = re.fullmatch(r"\s*(?:(\d+(?:\.\d+)?)h)?\s*(?:(\d+(?:\.\d+)?)m)?\s*(?:(\d+(?:\.\d+)?)s)?\s*",
+                     str(value))  # fmt: skip
+    if not m or not any(m.groups()):
+        raise ValueError(f"budget {value!r}: give block-steps (2000000) or a time (1h, 45m, 90s)")
+    h, mi, se = (float(g) if g else 0.0 for g in m.groups())
+    seconds = 3600 * h + 60 * mi + se
+    if seconds <= 0:
+        raise ValueError(f"budget {value!r}: needs a positive time")
+    return "seconds", seconds
+
+
+class BudgetConfig(Section):
+    """``train.budget``: psm gives each block its steps from measurements (``--budget``).
+
+    The rule (:mod:`psm.auto.budget`, docs/auto.md): a pilot of ``pilot`` of the total, equal
+    for every block, in two halves; then chunks of ``chunk`` of the total go, a round at a time,
+    to the blocks whose held-out bound term fell fastest per step in their last chunk (one
+    chunk per worker per round; every ``explore_every``-th round to the blocks with the fewest
+    steps instead); with a decaying ``lr_schedule``, the last ``cooldown`` of the total is
+    shared in proportion to the steps each block got and trained with the decay.
+    """
+
+    total: int | str  # block-steps (2000000) or a wall-clock time ("1h")
+    pilot: float = Field(0.1, gt=0.0, lt=1.0)  # share of the total in the pilot
+    chunk: float = Field(0.04, gt=0.0, lt=1.0)  # share of the total in one chunk
+    cooldown: float = Field(0.2, ge=0.0, lt=1.0)  # share for the decay (decaying lr_schedule)
+    explore_every: int = Field(4, ge=0)  # every n-th round: the least-trained blocks (0: never)
+    probe: int = Field(1000, ge=1)  # time budgets: steps per block that measure the rate
+
+    @field_validator("total")
+    @classmethod
+    def _parse_total(cls, v: int | str) -> int | str:
+        kind, amount = parse_budget(v)
+        return int(amount) if kind == "steps" else str(v).strip()  # one spelling, one hash
+
+    @model_validator(mode="after")
+    def _fits(self) -> BudgetConfig:
+        if self.pilot + self.cooldown >= 1.0:
+            raise ValueError("budget: pilot + cooldown must leave a share for the chunks")
+        return self
+
+
+class InitFrom(Section):
+    """``train.init_from``: a warm start. Every block of a new run starts (at step 0) from a
+    trained run's final weights instead of its random init (:mod:`psm.runs.warm_start`).
+
+    Written ``RUN`` or ``RUN:BLOCK``: a source with one block (SA-DPM) gives every block its
+    net, one with as many blocks as this run gives block b its block b, and ``RUN:BLOCK`` gives
+    every block that block. ``hash`` is the source's config hash, filled in when the run is
+    created; the config hash covers it and ``block``, not the path (a moved source is fine).
+    """
+
+    run: str  # the source run directory
+    block: int | None = Field(None, ge=0)  # RUN:BLOCK: every block from this source block
+    hash: str | None = None  # the source's config hash (resolved by Run.create)
+
+    @model_validator(mode="before")
+    @classmethod
+    def _from_text(cls, v: Any) -> Any:
+        """``"RUN"`` or ``"RUN:BLOCK"`` as the mapping; a mapping passes unchanged."""
+        if isinstance(v, Path):
+            v = str(v)
+        if isinstance(v, dict | InitFrom):
+            return v
+        if not isinstance(v, str):
+            raise ValueError("expected a run directory: RUN or RUN:BLOCK")
+        text = v.strip()
+        head, sep, tail = text.rpartition(":")
+        if sep and head and tail.isdigit():
+            return {"run": head, "block": int(tail)}
+        return {"run": text}
+
+    @field_validator("run")
+    @classmethod
+    def _nonempty(cls, v: str) -> str:
+        if not v.strip():
+            raise ValueError("give the source run directory (RUN or RUN:BLOCK)")
+        return v
+
+
 class TrainConfig(Section):
     """One block's optimisation (appendix H: Adam, lr 1e-3, batch 512, fresh samples)."""
 
@@ -142,6 +251,11 @@ class TrainConfig(Section):
     seed: int = 0  # block i uses seeds derived from (seed, i)
     checkpoint_every: int = Field(2000, ge=1)  # steps between resumable checkpoints
     log_every: int = Field(100, ge=1)  # steps between metric lines / status updates
+    # steps between measurements of each block's held-out denoising bound (its KL term up to
+    # a constant; psm.core.heldout), also taken at the end of every training call; 0: off.
+    # Not hashed: it changes no weight
+    heldout_every: int = Field(1000, ge=0)
+    heldout_points: int = Field(4096, ge=2)  # points (and times) in a block's held-out batch
     device: str = "cpu"  # cpu | cuda | cuda:N | auto
     threads: int | None = Field(None, ge=1)  # torch threads per worker (default: cores/workers)
     # the recipe (hashed where set: it changes what a block learns)
@@ -154,6 +268,15 @@ class TrainConfig(Section):
     # what a block learns from: its times, pairs and loss weights (a member of OBJECTIVES;
     # hashed unless it is the default, mse)
     objective: SerializeAsAny[ObjectiveSpec] = Field(default_factory=MSESpec)
+    # psm chooses the blocks' step targets from measurements (``--budget``; hashed when set,
+    # and then ``steps``/``block_steps``/``block_decay`` are the plan's, not hashed)
+    budget: BudgetConfig | None = None
+    # per block, the step from which a decaying lr_schedule decays to 0 at the block's target
+    # (default 0: over the whole target); a budget plan sets it for its final cool-down
+    block_decay: list[Annotated[int, Field(ge=0)]] | None = None
+    # a warm start: every block starts from a trained run's final weights (``RUN`` or
+    # ``RUN:BLOCK``; psm.runs.warm_start); hashed: the source's config hash and the block
+    init_from: InitFrom | None = None
 
     @field_validator("objective", mode="before")
     @classmethod
@@ -215,15 +338,21 @@ class RunConfig(Section):
 
     @model_validator(mode="after")
     def _block_steps_fit(self) -> RunConfig:
-        given = self.train.block_steps
-        if given is not None:
-            k = self.partition.build().num_blocks
-            if len(given) != k:
+        k = self.partition.build().num_blocks
+        for field_name in ("block_steps", "block_decay"):
+            given = getattr(self.train, field_name)
+            if given is not None and len(given) != k:
                 raise ValueError(
-                    f"train.block_steps has {len(given)} entries but the partition has {k} "
-                    "blocks: give one step target per block"
+                    f"train.{field_name} has {len(given)} entries but the partition has {k} "
+                    "blocks: give one per block"
                 )
         return self
+
+    def decay_start(self, block: int) -> int:
+        """The step from which block ``block``'s decaying learning rate decays
+        (``train.block_decay[block]``, default 0: over the whole target)."""
+        given = self.train.block_decay
+        return 0 if given is None else given[block]
 
     def step_target(self, block: int) -> int:
         """The steps block ``block`` trains to: ``train.block_steps[block]`` if set, else
@@ -283,14 +412,20 @@ def hashed_train(train: TrainConfig) -> dict[str, Any]:
     out = {k: dump[k] for k in HASHED_TRAIN_FIELDS}
     defaults = TrainConfig.model_fields
     out |= {k: dump[k] for k in RECIPE_FIELDS if dump[k] != defaults[k].default}
-    if train.lr_schedule != "constant":
+    if train.budget is not None:  # the plan sets the targets: the budget's rule is hashed
+        out["budget"] = canonical(train.budget)
+    elif train.lr_schedule != "constant":
         if train.block_steps is None:
             out["steps"] = train.steps
         else:
             out["block_steps"] = list(train.block_steps)
+        if train.block_decay is not None:
+            out["block_decay"] = list(train.block_decay)
     objective = canonical(train.objective)
     if objective != {"name": OBJECTIVES.default}:
         out["objective"] = objective
+    if train.init_from is not None:  # the source's config hash and the block map, not its path
+        out["init_from"] = {"hash": train.init_from.hash, "block": train.init_from.block}
     return out
 
 
@@ -432,6 +567,7 @@ def load_config(
     out: str | None = None,
     seed: int | None = None,
     executor: str | None = None,
+    budget: str | None = None,
 ) -> RunConfig:
     """Load a YAML config and apply command-line overrides.
 
@@ -444,6 +580,8 @@ def load_config(
         executor: the executor to run in place of ``executor.name`` (``--executor``): the
             options it shares with the config's executor carry over, the others of that
             executor are dropped (:meth:`psm.executors.base.ExecutorRegistry.switch`).
+        budget: ``train.budget.total`` (``--budget``: block-steps or a time like ``1h``); the
+            rule's other fields keep the config's values or their defaults.
     """
     raw = read_yaml(path)
     if raw is None:
@@ -459,6 +597,12 @@ def load_config(
     if out is not None:
         extra.append(f"out={json.dumps(str(out))}")
     raw = apply_overrides(raw, extra)
+    if budget is not None:
+        train = raw.setdefault("train", {})
+        if not isinstance(train, dict):
+            raise ConfigError(f"{path}: train is not a section")
+        given = train.get("budget") if isinstance(train.get("budget"), dict) else {}
+        train["budget"] = {**given, "total": budget}
     if executor is not None:
         try:
             raw["executor"] = _executors().switch(raw.get("executor"), executor)

@@ -29,6 +29,7 @@ from .data_guard import check_data, data_manifest, read_manifest, recorded_shape
 from .layout import CONFIG_FILE, DATA_FILE, RunLayout
 from .ledger import BlockLedger
 from .run_parts import Parts
+from .warm_start import check_reopened, resolve, source_record, write_record
 
 __all__ = ["CONFIG_FILE", "DATA_FILE", "Run", "parse_blocks"]
 
@@ -93,7 +94,11 @@ class Run:
         return self.partition.num_blocks
 
     def hash_of(self, config: RunConfig) -> str | None:
-        """``config``'s hash under this run's hash scheme (None: not expressible in it)."""
+        """``config``'s hash under this run's hash scheme (None: not expressible in it).
+
+        A warm start (``train.init_from``) naming this run's source path and block takes its
+        recorded source hash (:func:`~psm.runs.warm_start.resolve`)."""
+        config = resolve(config, self.config, target=self.path)
         return legacy_config_hash(config) if self.legacy_hash else config_hash(config)
 
     def check_data(self) -> None:
@@ -124,11 +129,18 @@ class Run:
         built for ``config`` are reused (the data are not loaded twice).
         """
         path = Path(path) if path is not None else config.out_dir
+        if config.partition.kind == "auto":
+            raise RunError(
+                "partition.kind auto is resolved by psm train (a pilot chooses the splits) "
+                "before a run is made"
+            )
         config = config.model_copy(update={"out": str(path)})
         layout = RunLayout(path)
         if layout.config.exists():
             old = cls.open(path)
+            config = resolve(config, old.config, target=path)  # warm start: the source's hash
             if old.hash_of(config) != old.hash:
+                _refuse_changed_source(path, old.config, config)
                 diff = ", ".join(hashed_differences(old.config, config)) or "unknown fields"
                 hint = ""
                 if not old.ledger.trained():
@@ -141,13 +153,18 @@ class Run:
                     f"use another --out or the same settings{hint}"
                 )
             old.check_data()
+            moved = check_reopened(old, config)  # a block still to start: the source unchanged
+            if moved is not None:
+                write_record(path, moved)
             if old.config.model_dump() != config.model_dump():
                 _write_config(layout, config, old.hash, legacy=old.legacy_hash)
             return cls(path, config, old.hash, legacy_hash=old.legacy_hash)
         if path.exists() and (not path.is_dir() or any(path.iterdir())):
             raise RunError(f"{path} exists and is not a psm run directory (no {CONFIG_FILE})")
+        config = resolve(config, target=path)
         parts = parts if parts is not None else Parts(config)
         manifest = data_manifest(config, parts.dataset)  # a bad source fails before any write
+        warm = source_record(config, parts, path)  # so does a warm start that cannot be used
         try:
             layout.blocks_dir.mkdir(parents=True, exist_ok=True)
             layout.metrics_dir.mkdir(exist_ok=True)
@@ -155,6 +172,8 @@ class Run:
             raise RunError(f"cannot create run directory {path}: {e.strerror}") from None
         h = config_hash(config)
         atomic_write_json(layout.data, manifest)
+        if warm is not None:
+            write_record(path, warm)
         _write_config(layout, config, h)
         # the parts were built for the same problem (only ``out`` differs)
         return cls(path, config, h, parts=parts)
@@ -197,13 +216,30 @@ class Run:
                 f"run {self.path}: block(s) {', '.join(map(str, kept[:10]))} hold training under "
                 "its config; a different config needs another --out"
             )
-        self.ledger.reset(list(range(self.num_blocks)))
-        config = config.model_copy(update={"out": str(self.path)})
+        config = resolve(config.model_copy(update={"out": str(self.path)}), target=self.path)
         parts = Parts(config)
+        warm = source_record(config, parts, self.path)
+        self.ledger.reset(list(range(self.num_blocks)))
         atomic_write_json(self.layout.data, data_manifest(config, parts.dataset))
+        write_record(self.path, warm)
         h = config_hash(config)
         _write_config(self.layout, config, h)
         return Run(self.path, config, h, parts=parts)
+
+
+def _refuse_changed_source(path: Path, old: RunConfig, new: RunConfig) -> None:
+    """One line when the only change is the warm-start source's config hash (same path and
+    block): the source was retrained under another config since the run was made."""
+    a, b = old.train.init_from, new.train.init_from
+    if a is None or b is None or (a.run, a.block) != (b.run, b.block):
+        return
+    if hashed_differences(old, new) == ["train.init_from"]:
+        from .warm_start import InitFromError
+
+        raise InitFromError(
+            f"warm-start source {b.run} of run {path} changed: its config hash is {b.hash}, the "
+            f"run was made from {a.hash}; restore it, or start a new run (another --out)"
+        )
 
 
 def _known_executor(raw: dict) -> dict:

@@ -37,8 +37,10 @@ from pathlib import Path
 import numpy as np
 import torch
 from torch import Tensor, nn
+from torch.func import functional_call
 
 from ..core.device import resolve_device
+from ..core.heldout import HELDOUT_SEED, HeldoutBatch, heldout_batch, heldout_term
 from ..core.objective import Batch, Objective, stack_batches
 from ..data import Dataset
 from ..errors import PSMError, RunError
@@ -47,10 +49,11 @@ from ..runs.checkpoint import BlockState, load_state, resume_step, save_state, s
 from ..runs.lock import BlockLocks, lock_holder, lock_holder_alive
 from ..runs.run import Run
 from ..runs.tensorboard import add_scalars, summary_writer
-from .stack import NetStack, stack_nets
+from ..runs.warm_start import start_block
+from .stack import NetStack, SingleNet, stack_nets
 from .stop import StopRequest
 
-SEED_INIT, SEED_DATA, SEED_GLOBAL = 0, 1, 2
+SEED_INIT, SEED_DATA, SEED_GLOBAL, SEED_HELDOUT = 0, 1, 2, 3
 PROGRESS_SECONDS = 2.0
 """Least seconds between two progress writes of a block's status (besides ``log_every``)."""
 
@@ -94,11 +97,17 @@ class BlockProblem:
         return cls(run, block, run.dataset, objective, device, run.config.train.batch_size)
 
     def new_net(self) -> nn.Module:
-        """The block's net, initialised from its own seed (same weights in every executor)."""
+        """The block's net, initialised from its own seed (same weights in every executor), or,
+        with ``train.init_from`` and no resume point yet, from the warm-start source's weights
+        (:func:`psm.runs.warm_start.start_block`, which records it in the block's status)."""
         with torch.random.fork_rng(devices=[]):
             torch.manual_seed(block_seed(self.run.config.train.seed, self.block, SEED_INIT))
             net = self.run.parts.new_net()
-        return net.to(self.device)
+        net = net.to(self.device)
+        warm = self.run.config.train.init_from is not None
+        if warm and not self.run.layout.state(self.block).exists():  # step 0: the source's
+            start_block(self.run, self.block, net)
+        return net
 
     def new_generator(self) -> torch.Generator:
         """The block's data stream: batches are a pure function of the run seed and block."""
@@ -174,13 +183,16 @@ class Recipe:
         cfg: the ``train`` section.
         total: the step budget the schedule decays over (the blocks' target).
         device: the training device (autocast's device type).
+        decay_start: the step the decay starts from (``train.block_decay``; 0: the decay spans
+            the whole target, as without a budget plan).
     """
 
-    def __init__(self, cfg, total: int, device: torch.device) -> None:
+    def __init__(self, cfg, total: int, device: torch.device, decay_start: int = 0) -> None:
         self.base_lr = cfg.lr
         self.schedule = cfg.lr_schedule
         self.warmup = cfg.warmup
         self.total = max(1, total)
+        self.decay_start = min(max(0, decay_start), self.total - 1)
         self.ema = cfg.ema
         self.grad_clip = cfg.grad_clip
         self.bf16 = cfg.precision == "bf16"
@@ -188,9 +200,11 @@ class Recipe:
 
     def lr(self, step: int) -> float:
         """The learning rate of update ``step + 1`` (``step`` updates done): a linear warm-up
-        over ``warmup`` steps, then constant, cosine or linear decay to 0 at ``total``."""
+        over ``warmup`` steps, then constant, cosine or linear decay to 0 at ``total`` (from
+        ``decay_start``: constant before it, the warm-up-stable-decay shape of a budget plan)."""
         warm = min(1.0, (step + 1) / self.warmup) if self.warmup else 1.0
-        frac = min(step / self.total, 1.0)
+        d = self.decay_start  # 0 without a plan: exactly step / total
+        frac = min(max(step - d, 0) / (self.total - d), 1.0)
         if self.schedule == "cosine":
             decay = 0.5 * (1.0 + math.cos(math.pi * frac))
         elif self.schedule == "linear":
@@ -231,8 +245,11 @@ class StackTrainer:
     def __init__(self, run: Run, blocks: Sequence[int]) -> None:
         cfg = run.config.train
         self.run, self.blocks = run, list(blocks)
-        if len({run.config.step_target(b) for b in self.blocks}) > 1:
-            raise ValueError(f"blocks {self.blocks} have different step targets: stack them apart")
+        if len({_schedule_key(run, b) for b in self.blocks}) > 1:
+            raise ValueError(
+                f"blocks {self.blocks} have different step targets or decay starts: stack them "
+                "apart"
+            )
         self.device = train_device(cfg.device)
         self.problems = [BlockProblem.build(run, b, self.device) for b in self.blocks]
         self.objective = self.problems[0].objective  # scores the whole stack (Objective.loss)
@@ -252,7 +269,9 @@ class StackTrainer:
         self.opt = make_adam(list(self.stack.params.values()), cfg.lr)
         if states[0] is not None and states[0].adam_m is not None:
             restore_adam(self.opt, self.stack, states, self.step)
-        self.recipe = Recipe(cfg, run.config.step_target(blocks[0]), self.device)
+        self.recipe = Recipe(
+            cfg, run.config.step_target(blocks[0]), self.device, run.config.decay_start(blocks[0])
+        )
         self.ema: dict[str, Tensor] | None = None
         if cfg.ema is not None:  # the averaged weights inference will use
             saved = [s.ema if s is not None else None for s in states]
@@ -270,6 +289,7 @@ class StackTrainer:
                 self._set_global_rng(saved)
             else:
                 self._seed_global_rng(block_seed(cfg.seed, self.blocks[0], SEED_GLOBAL))
+        self._heldout: list[HeldoutBatch | None] | None = None  # built on first use
         self._t_start = time.perf_counter()
 
     def _seed_global_rng(self, seed: int) -> None:
@@ -330,6 +350,83 @@ class StackTrainer:
         """Seconds each block has trained, this call included."""
         el = time.perf_counter() - self._t_start
         return [w + el for w in self.wall0]
+
+    # ------------------------------------------------------------ the held-out signal
+    def heldout_batches(self) -> list[HeldoutBatch | None]:
+        """Each block's fixed held-out batch (:mod:`psm.core.heldout`), built once, on the
+        training device; None for a grid block with no segment (its cell lies below t0).
+
+        The points are ``dataset.test_set(train.heldout_points, seed=HELDOUT_SEED)``: fresh
+        points for synthetic data (a seed other than ``eval.test_seed``), the first images of
+        the test split for finite image sets, a seeded subset of the held-out share for point
+        files. Times and noise come from the block's own generator
+        (``block_seed(seed, block, SEED_HELDOUT)``); neither the training generators nor the
+        global RNG are touched, so training is the same with and without the signal.
+        """
+        if self._heldout is None:
+            cfg, run = self.run.config.train, self.run
+            x0 = self.problems[0].dataset.test_set(cfg.heldout_points, seed=HELDOUT_SEED)
+            segments = {s.block: s for s in run.partition.segments()}
+            grid = run.partition.kind == "grid"
+            self._heldout = []
+            for b in self.blocks:
+                seg = segments.get(b)
+                if seg is None or x0.shape[0] < 2:
+                    self._heldout.append(None)
+                    continue
+                gen = torch.Generator().manual_seed(block_seed(cfg.seed, b, SEED_HELDOUT))
+                tau = run.partition.train_range(b)[0] if grid else None
+                batch = heldout_batch(
+                    run.process, seg.t_lo, seg.t_hi, x0, gen, block=b, net_time=tau
+                )
+                self._heldout.append(batch.to(self.device))
+        return self._heldout
+
+    def heldout(self) -> dict[int, float]:
+        """Each block's held-out denoising bound now (its KL term up to a network-free
+        constant, nats; :func:`psm.core.heldout.heldout_term`), by stack index.
+
+        Measured with the weights inference uses (the EMA when ``train.ema`` is set), the nets
+        in evaluation mode and without autocast (float32), under ``no_grad``; the nets go back
+        to training mode after. Grid blocks are measured with the paper's constant field.
+        """
+        batches = self.heldout_batches()
+        have = [k for k, b in enumerate(batches) if b is not None]
+        if not have:
+            return {}
+        fill = batches[have[0]]
+        assert fill is not None
+        xs = torch.stack([(b or fill).x_t for b in batches])  # [K, N, *D]
+        ts = torch.stack([(b or fill).t_net for b in batches])  # [K, N]
+        chunk = max(1, self.run.config.train.batch_size)
+        self.stack.train(False)
+        try:
+            with torch.no_grad():
+                out = torch.cat(
+                    [self._eval_forward(xs[:, i : i + chunk], ts[:, i : i + chunk])
+                     for i in range(0, xs.shape[1], chunk)], dim=1,
+                )  # fmt: skip
+        finally:
+            self.stack.train(True)
+        process = self.run.process
+        return {k: heldout_term(process, batches[k], out[k])[0] for k in have}  # type: ignore[arg-type]
+
+    def _eval_forward(self, x: Tensor, t: Tensor) -> Tensor:
+        """The stack's forward ``[K, B, *D], [K, B] -> [K, B, *D]`` with inference weights
+        (the EMA when kept), leaving the trained parameters untouched."""
+        stack = self.stack
+        if isinstance(stack, SingleNet):  # the plain module (never the compiled one)
+            if self.ema is None:
+                return stack.net(x[0], t[0]).unsqueeze(0)
+            return functional_call(stack.net, self.ema, (x[0], t[0])).unsqueeze(0)
+        if self.ema is None:
+            return stack(x, t)
+        trained = stack.params  # the stacked forward reads ``params`` at call time
+        stack.params = self.ema
+        try:
+            return stack(x, t)
+        finally:
+            stack.params = trained
 
     def block_state(self, k: int) -> BlockState:
         """Block k's resume point (unstacked views; the checkpoint copies them)."""
@@ -436,10 +533,13 @@ def _train_loop(run: Run, tr: StackTrainer, stop: StopRequest) -> list[BlockOutc
     progress_every = PROGRESS_SECONDS * max(1.0, len(blocks) / 100)  # many blocks: fewer writes
     last_progress = time.monotonic()
 
-    def flush() -> list[int]:
-        """Log the window; return the stack indices whose loss went non-finite."""
+    def flush(heldout: dict[int, float] | None = None) -> list[int]:
+        """Log the window (with the held-out values measured at this step, by stack index);
+        return the stack indices whose loss went non-finite."""
         vals, start = window.flush()
         if not vals.size:
+            if heldout:  # measured at a step already logged: a line of its own
+                log_heldout(heldout)
             return []
         bad = []
         walls = tr.walls()
@@ -452,11 +552,29 @@ def _train_loop(run: Run, tr: StackTrainer, stop: StopRequest) -> list[BlockOutc
                 continue
             last_loss[k] = float(vals[:, k].mean())
             line = {"step": tr.step, "loss": last_loss[k], "wall_time": round(walls[k], 3)}
+            signal = {}
+            if heldout and k in heldout:
+                line["heldout"] = heldout[k]
+                signal = {"heldout": heldout[k], "heldout_step": tr.step}
             append_line(run.layout.metrics(b), json.dumps(line))
-            run.ledger.write(b, step=tr.step, last_loss=last_loss[k], wall_time=walls[k])
+            run.ledger.write(b, step=tr.step, last_loss=last_loss[k], wall_time=walls[k],
+                             **signal)  # fmt: skip
         add_scalars(tb, {f"loss/block_{b:04d}": last_loss[k] for k, b in enumerate(blocks)
                          if k not in bad}, tr.step)  # fmt: skip
+        if heldout:
+            add_scalars(tb, {f"heldout/block_{blocks[k]:04d}": v for k, v in heldout.items()
+                             if k not in bad}, tr.step)  # fmt: skip
         return bad
+
+    def log_heldout(heldout: dict[int, float]) -> None:
+        """Held-out values at a step whose losses are logged already: a metrics line each."""
+        walls = tr.walls()
+        for k, v in heldout.items():
+            line = {"step": tr.step, "heldout": v, "wall_time": round(walls[k], 3)}
+            append_line(run.layout.metrics(blocks[k]), json.dumps(line))
+            run.ledger.write(blocks[k], heldout=v, heldout_step=tr.step)
+        add_scalars(tb, {f"heldout/block_{blocks[k]:04d}": v for k, v in heldout.items()},
+                    tr.step)  # fmt: skip
 
     def split_off(bad: list[int]) -> list[BlockOutcome]:
         """Failed blocks leave the stack (their last good checkpoint stays); the healthy ones
@@ -473,6 +591,10 @@ def _train_loop(run: Run, tr: StackTrainer, stop: StopRequest) -> list[BlockOutc
         return outs
 
     out_of_time = time_budget(cfg.max_seconds)
+    # the held-out signal (psm.core.heldout): every ``heldout_every`` steps and at the end of
+    # the call (what a budget allocator reads), written into the metrics line of that step
+    every = cfg.heldout_every
+    heldout_at: int | None = None  # the step last measured
     while tr.step < target and not out_of_time(max(tr.walls())):
         if stop.is_set():
             bad = flush()
@@ -487,8 +609,11 @@ def _train_loop(run: Run, tr: StackTrainer, stop: StopRequest) -> list[BlockOutc
         window.losses.append(tr.train_step())
         step = tr.step
         at_ckpt = step % cfg.checkpoint_every == 0
-        if step % cfg.log_every == 0 or at_ckpt or step == target:
-            bad = flush()
+        at_heldout = every > 0 and (step % every == 0 or step == target)
+        if step % cfg.log_every == 0 or at_ckpt or step == target or at_heldout:
+            heldout = tr.heldout() if at_heldout else None
+            heldout_at = step if at_heldout else heldout_at
+            bad = flush(heldout)
             if bad:
                 return split_off(bad)
             if at_ckpt and step < target:
@@ -498,7 +623,7 @@ def _train_loop(run: Run, tr: StackTrainer, stop: StopRequest) -> list[BlockOutc
             for b, w in zip(blocks, tr.walls()):  # a progress mark between two log lines
                 run.ledger.write(b, step=step, wall_time=w)
             last_progress = time.monotonic()
-    bad = flush()
+    bad = flush(tr.heldout() if every > 0 and heldout_at != tr.step else None)
     if bad:
         return split_off(bad)
     tr.checkpoint(final=True)
@@ -582,15 +707,21 @@ def train_block(run_dir: str | Path | Run, block: int) -> BlockOutcome:
 def _step_groups(run: Run, blocks: list[int], max_stack: int | None) -> list[list[int]]:
     """Blocks grouped by their resume step (so Adam's step count is shared) and step target
     (a stack trains to one target), then chunked."""
-    by_step: dict[tuple[int, int], list[int]] = defaultdict(list)
+    by_step: dict[tuple[int, int, int], list[int]] = defaultdict(list)
     for b in blocks:
-        by_step[resume_step(run, b), run.config.step_target(b)].append(b)
+        by_step[(resume_step(run, b), *_schedule_key(run, b))].append(b)
     size = max_stack or len(blocks) or 1
     groups = []
     for step in sorted(by_step):
         bs = by_step[step]
         groups += [bs[i : i + size] for i in range(0, len(bs), size)]
     return groups
+
+
+def _schedule_key(run: Run, block: int) -> tuple[int, int]:
+    """What a stack's blocks must share besides their step: the step target and the step a
+    decaying learning rate starts to decay from."""
+    return run.config.step_target(block), run.config.decay_start(block)
 
 
 def note_failure(run: Run, out: BlockOutcome) -> None:
