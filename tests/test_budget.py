@@ -254,5 +254,9 @@ def test_psm_train_budget_end_to_end_tiny(tmp_path, capsys):
     assert plan.spent() == 400
     code, _, err = run_cli(capsys, "nll", str(out), "--no-progress")
     assert code == 0, err  # an ordinary run for the other commands
+    code, text, _ = run_cli(capsys, "status", str(out))
+    assert code == 0 and "budget 400: 400/400 block-steps in" in text
+    code, text, _ = run_cli(capsys, "status", str(out), "--json")
+    assert json.loads(text)["budget"]["spent"] == 400
     code, _, err = run_cli(capsys, *argv, "--blocks", "0")
     assert code == 2 and "--budget" in err

@@ -45,7 +45,9 @@ def cmd_status(args: argparse.Namespace) -> int:
             asdict(s) | signal[s.block] | ({"job_state": extra.get(s.block)} if extra else {})
             for s in statuses
         ]
-        print(json.dumps({"run": str(run.path), "hash": run.hash, "blocks": rows}, indent=1))
+        plan = _budget_summary(run)
+        print(json.dumps({"run": str(run.path), "hash": run.hash, "blocks": rows}
+                         | ({"budget": plan} if plan else {}), indent=1))  # fmt: skip
         return 0
     cfg = run.config
     print(
@@ -56,6 +58,15 @@ def cmd_status(args: argparse.Namespace) -> int:
         src = cfg.train.init_from
         which = f"{src.run}:{src.block}" if src.block is not None else src.run
         print(f"warm start: from {which} (config {src.hash}; each block's source in --json)")
+    if cfg.partition.chosen_by:
+        print(f"splits: {cfg.partition.chosen_by}")
+    plan = _budget_summary(run)
+    if plan:
+        last = plan["last_round"] or {"kind": "-", "reason": "no round yet"}
+        print(
+            f"budget {plan['budget']}: {plan['spent']}/{plan['total']} block-steps in "
+            f"{plan['rounds']} rounds; last: {last['kind']} ({last['reason']}); {plan['file']}"
+        )
     now = time.time()
     head = f"{'block':>5}  {'interval':<18} {'state':<8} {'steps':>17}  {'last loss':>10}  "
     head += f"{'wall':>8}  {'checkpoint':>14}  {'held-out':>10} {'slope/1k':>9}"
@@ -84,6 +95,21 @@ def cmd_status(args: argparse.Namespace) -> int:
             f"to a constant, nats); slope per 1000 steps over the last {SLOPE_POINTS} values"
         )
     return 0
+
+
+def _budget_summary(run) -> dict | None:
+    """A budget run's plan in brief (:mod:`psm.auto.budget`), or None."""
+    from ..auto.budget import plan_path, read_plan
+
+    plan = read_plan(run.path)
+    if plan is None or run.config.train.budget is None:
+        return None
+    last = plan.rounds[-1] if plan.rounds else None
+    return {
+        "budget": run.config.train.budget.total, "total": plan.total, "spent": plan.spent(),
+        "rounds": len(plan.rounds), "file": str(plan_path(run.path)),
+        "last_round": {"kind": last.kind, "reason": last.reason} if last else None,
+    }  # fmt: skip
 
 
 def heldout_signal(path: Path, points: int = SLOPE_POINTS) -> dict[str, float | int | None]:
