@@ -194,6 +194,10 @@ def test_the_driver_records_the_plan_and_leaves_an_ordinary_run(tmp_path):
     assert reopened.ledger.not_done() == [] and reopened.hash == run.hash
     assert all(r.reason for r in plan.rounds)
     assert max(len(r.targets) for r in plan.rounds if r.kind in ("chunk", "explore")) == 2
+    from psm.viz.budget import plot_budget
+
+    png = plot_budget(reopened)
+    assert png == run.path / "budget.png" and png.read_bytes()[:4] == b"\x89PNG"
 
 
 def test_a_stopped_budget_run_resumed_gives_the_same_plan_as_an_unstopped_one(tmp_path):

@@ -166,12 +166,14 @@ def _train_budget(
     )  # fmt: skip
     wall = time.perf_counter() - t0
     if not args.no_plot:
+        from ..viz.budget import plot_budget
         from ..viz.losses import plot_loss_curves
 
         try:
             print(f"loss curves: {plot_loss_curves(run)}", file=sys.stderr)
+            print(f"budget plan: {plot_budget(run)}", file=sys.stderr)
         except PSMError as e:
-            print(f"psm: warning: no loss plot: {e}", file=sys.stderr)
+            print(f"psm: warning: no plot: {e}", file=sys.stderr)
     return _report_outcomes(run, outcomes, blocks, wall)
 
 
