@@ -231,32 +231,42 @@ def read_plan(run_dir: Path) -> Plan | None:
         raise RunError(f"{path} is not a psm budget plan ({e})") from None
 
 
-def heldout_at(run: Run, block: int, step: int) -> float:
-    """Block ``block``'s held-out term at ``step`` (its metrics line at that step)."""
+def heldout_series(run: Run, block: int) -> dict[int, float]:
+    """Block ``block``'s held-out terms by step, read once from its metrics file (the last line
+    of a step wins)."""
     path = run.layout.metrics(block)
-    value = None
+    out: dict[int, float] = {}
     if path.exists():
         for line in path.read_text().splitlines():
             try:
                 rec = json.loads(line)
             except ValueError:
                 continue
-            if rec.get("step") == step and rec.get("heldout") is not None:
-                value = float(rec["heldout"])
+            if rec.get("heldout") is not None and "step" in rec:
+                out[int(rec["step"])] = float(rec["heldout"])
+    return out
+
+
+def heldout_at(run: Run, block: int, step: int, series: dict[int, float] | None = None) -> float:
+    """Block ``block``'s held-out term at ``step`` (from ``series`` when given)."""
+    value = (series if series is not None else heldout_series(run, block)).get(step)
     if value is None:
         raise RunError(
-            f"block {block}: no held-out measurement at step {step} in {path} (a budget run "
-            "needs the held-out signal: train.heldout_every > 0)"
+            f"block {block}: no held-out measurement at step {step} in "
+            f"{run.layout.metrics(block)} (a budget run needs the held-out signal: "
+            "train.heldout_every > 0)"
         )
     return value
 
 
 def observations(run: Run, plan: Plan) -> Observations:
-    """Each block's held-out term at the end of the rounds it trained in (completed rounds)."""
+    """Each block's held-out term at the end of the rounds it trained in (completed rounds);
+    each metrics file is read once."""
+    series = {b: heldout_series(run, b) for b in range(plan.blocks)}
     obs: Observations = {}
     for r in plan.rounds:
         for b, t in r.targets.items():
-            obs.setdefault(b, []).append((t, heldout_at(run, b, t)))
+            obs.setdefault(b, []).append((t, heldout_at(run, b, t, series[b])))
     return obs
 
 

@@ -28,7 +28,7 @@ def plot_budget(run: Run, out: str | Path | None = None, plan: Plan | None = Non
     Raises:
         PSMError: the run has no budget plan.
     """
-    from ..auto.budget import heldout_at
+    from ..auto.budget import heldout_series
 
     plan = plan if plan is not None else read_plan(run.path)
     if plan is None or not plan.rounds:
@@ -55,13 +55,9 @@ def plot_budget(run: Run, out: str | Path | None = None, plan: Plan | None = Non
     left.set_title(f"steps per block ({plan.spent()} of {plan.total} block-steps)", fontsize=9)
     left.legend(fontsize=7)
     for b in range(k):
-        pts = []
-        for r in plan.rounds:
-            if b in r.targets:
-                try:
-                    pts.append((r.targets[b], heldout_at(run, b, r.targets[b])))
-                except PSMError:
-                    continue
+        series = heldout_series(run, b)
+        pts = [(r.targets[b], series[r.targets[b]]) for r in plan.rounds
+               if r.targets.get(b) in series]  # fmt: skip
         if pts:
             xs, ys = zip(*pts)
             right.plot(xs, [y - ys[0] for y in ys], marker="o", markersize=3, lw=1,
