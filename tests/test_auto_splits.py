@@ -12,7 +12,7 @@ from helpers import run_cli
 from psm.auto.splits import cell_terms, choose_splits, place_splits, resolve
 from psm.errors import PSMError
 from psm.executors import make_executor
-from psm.runs.config import config_hash, validate_config
+from psm.runs.config import BudgetConfig, config_hash, validate_config
 from psm.runs.run import Run
 from test_likelihood import GaussianMixture, exact_model
 
@@ -122,3 +122,23 @@ def test_psm_train_auto_partition_with_a_budget(tmp_path, capsys):
     assert "auto partition: 2 blocks at" in err and "budget spent: 260 of 260" in err  # 40 pilot
     run = Run.open(out)
     assert run.config.partition.kind == "splits" and run.num_blocks == 2
+
+
+def test_the_pilot_grows_with_a_block_step_budget_unless_set():
+    from psm.auto.splits import PILOT_STEPS, pilot_steps_of
+
+    def cfg(**part):
+        raw = {"data": {"name": "ty"}, "partition": {"kind": "auto", "blocks": 3, **part}}
+        return validate_config(raw)
+
+    assert pilot_steps_of(cfg()) == PILOT_STEPS
+    big = cfg().model_copy(deep=True)
+    big.train.budget = BudgetConfig(total=1_360_000)
+    assert pilot_steps_of(big) == 27_200  # 2% of the budget
+    big.train.budget = BudgetConfig(total=100_000)
+    assert pilot_steps_of(big) == PILOT_STEPS  # never below the default
+    big.train.budget = BudgetConfig(total="1h")
+    assert pilot_steps_of(big) == PILOT_STEPS  # a time budget's steps are not known yet
+    set_ = cfg(pilot_steps=500).model_copy(deep=True)
+    set_.train.budget = BudgetConfig(total=1_360_000)
+    assert pilot_steps_of(set_) == 500

@@ -90,8 +90,11 @@ def test_chunks_go_to_the_fastest_falling_blocks_and_every_nth_round_explores():
     r = next_round(spec, plan, obs)
     assert r.targets == {3: 250, 2: 150}  # 3 (0.05/step) then 2's stale 0.02 over 1's 0.001
     plan.rounds.append(r)
-    r = next_round(spec, plan, obs)  # the 3rd chunk round explores
-    assert (r.kind, sorted(r.targets)) == ("explore", [0, 1])
+    r = next_round(spec, plan, obs)  # the 3rd chunk round explores, with a quarter chunk
+    assert (r.kind, r.targets) == ("explore", {0: 75, 1: 175})
+    full = next_round(_spec(total=1000, pilot=0.2, chunk=0.1, explore_every=3, explore_share=1.0),
+                      plan, obs)  # fmt: skip
+    assert full.targets == {0: 150, 1: 250}
 
 
 def test_a_negative_or_missing_rate_ranks_last_and_ties_go_to_fewer_steps():

@@ -16,8 +16,10 @@ The rule (docs/auto.md):
    workers, so a round keeps every worker busy): the W blocks whose held-out bound term
    (:mod:`psm.core.heldout`, ``"heldout"`` in the metrics) fell fastest per step over their own
    last chunk. A rate is measured only when a block trains, so it is stale for the others; with
-   diminishing returns a stale rate is optimistic, and every ``explore_every``-th round goes to
-   the W blocks with the fewest steps instead, so no block is starved by one noisy chunk.
+   diminishing returns a stale rate is optimistic, and every ``explore_every``-th round gives
+   ``explore_share`` of a chunk to the W blocks with the fewest steps instead, so no block is
+   starved by one noisy chunk (a short round: it measures a rate, it is not a share of the
+   budget).
    Ties go to fewer steps, then to the lower block id.
 3. **Cool-down.** With a decaying ``lr_schedule``, the last ``cooldown`` of the total is shared
    among the blocks in proportion to the steps they got, and the learning rate decays to 0 over
@@ -192,8 +194,9 @@ def next_round(spec: BudgetConfig, plan: Plan, obs: Observations) -> Round | Non
         rates = {b: fall_rate(obs.get(b, [])) for b in range(k)}
         known = {b: r for b, r in rates.items() if r is not None}
         explore = spec.explore_every > 0 and (chunks_done + 1) % spec.explore_every == 0
-        if explore:
+        if explore:  # a measurement, not a share of the budget: a fraction of a chunk
             chosen = sorted(range(k), key=lambda b: (targets[b], b))[:n]
+            chunk = max(1, round(spec.explore_share * chunk))
             why = "explore: the blocks with the fewest steps"
             kind = "explore"
         else:

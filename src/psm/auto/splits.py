@@ -33,7 +33,7 @@ import torch
 from ..core.model import BlockModel
 from ..errors import PSMError
 from ..runs.atomic import atomic_write_json
-from ..runs.config import RunConfig
+from ..runs.config import RunConfig, parse_budget
 from ..runs.inference import load_model
 from ..runs.run import Run
 
@@ -157,6 +157,27 @@ def pilot_dir(cfg: RunConfig) -> Path:
     return out.with_name(out.name + "-pilot")
 
 
+PILOT_STEPS = 4000
+"""The pilot's steps when ``partition.pilot_steps`` is not set and no block-step budget is."""
+PILOT_SHARE = 0.02
+"""With a block-step ``--budget`` and no ``partition.pilot_steps``: the pilot's share of it."""
+
+
+def pilot_steps_of(cfg: RunConfig) -> int:
+    """The pilot's steps: ``partition.pilot_steps`` if set; else, with a block-step budget,
+    ``PILOT_SHARE`` of it (at least ``PILOT_STEPS``: a pilot long enough that its fall stands
+    above its noise grows with what the blocks will get); else ``PILOT_STEPS``. A time budget's
+    block-steps are not known before the pilot, so it gets ``PILOT_STEPS``."""
+    if cfg.partition.pilot_steps:
+        return int(cfg.partition.pilot_steps)
+    budget = cfg.train.budget
+    if budget is not None:
+        kind, amount = parse_budget(budget.total)
+        if kind == "steps":
+            return max(PILOT_STEPS, round(PILOT_SHARE * amount))
+    return PILOT_STEPS
+
+
 def choose_splits(cfg: RunConfig, executor, *, log: Callable[[str], None] = print) -> AutoSplits:
     """Train (or reuse) the pilot and place the splits (module docstring).
 
@@ -166,7 +187,7 @@ def choose_splits(cfg: RunConfig, executor, *, log: Callable[[str], None] = prin
         log: where the lines for people go.
     """
     p = cfg.partition
-    steps = int(p.pilot_steps or 4000)
+    steps = pilot_steps_of(cfg)
     if steps < 2:
         raise PSMError("partition.pilot_steps must be >= 2")
     record = pilot_dir(cfg) / "splits.json"

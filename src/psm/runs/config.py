@@ -175,9 +175,10 @@ class BudgetConfig(Section):
     The rule (:mod:`psm.auto.budget`, docs/auto.md): a pilot of ``pilot`` of the total, equal
     for every block, in two halves; then chunks of ``chunk`` of the total go, a round at a time,
     to the blocks whose held-out bound term fell fastest per step in their last chunk (one
-    chunk per worker per round; every ``explore_every``-th round to the blocks with the fewest
-    steps instead); with a decaying ``lr_schedule``, the last ``cooldown`` of the total is
-    shared in proportion to the steps each block got and trained with the decay.
+    chunk per worker per round; every ``explore_every``-th round gives ``explore_share`` of a
+    chunk to the blocks with the fewest steps instead); with a decaying ``lr_schedule``, the
+    last ``cooldown`` of the total is shared in proportion to the steps each block got and
+    trained with the decay.
     """
 
     total: int | str  # block-steps (2000000) or a wall-clock time ("1h")
@@ -185,6 +186,7 @@ class BudgetConfig(Section):
     chunk: float = Field(0.04, gt=0.0, lt=1.0)  # share of the total in one chunk
     cooldown: float = Field(0.2, ge=0.0, lt=1.0)  # share for the decay (decaying lr_schedule)
     explore_every: int = Field(4, ge=0)  # every n-th round: the least-trained blocks (0: never)
+    explore_share: float = Field(0.25, gt=0.0, le=1.0)  # an explore round's share of a chunk
     probe: int = Field(1000, ge=1)  # time budgets: steps per block that measure the rate
 
     @field_validator("total")
