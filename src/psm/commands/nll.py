@@ -1,5 +1,8 @@
 """``psm nll RUN``: test NLL of a trained run, in nats beside the data's true entropy, and for
-image runs in bits/dim beside the trivial bound ``log2 L``.
+image runs in bits/dim beside the trivial bound ``log2 L``. RUN is a run directory or a model
+written by ``psm export``: its test set is rebuilt from the config (toys, mixtures, the bundled
+digits) or read from the recorded data files when they are here; otherwise one line says that
+the test set needs the data and points to ``psm score``.
 
 The NLL is the mean of ``-log p₀(x)`` over the dataset's test set, ``log p₀`` from the
 probability-flow ODE through the blocks (paper eqs. 4 and 6,
@@ -11,7 +14,7 @@ compute; labelled as such wherever it appears). The trace is exact up to 16 dime
 Hutchinson above (``--trace auto``; one warning line says so); ``--trace exact`` above 16
 dimensions is refused unless ``--force``, since it costs D backward passes per evaluation.
 
-The result is printed and appended, with every setting, as one JSON line to
+The result is printed and appended (for a run directory), with every setting, as one JSON line to
 ``<run>/nll.jsonl`` (see :func:`nll_record`), and written to TensorBoard (``eval/nll``,
 ``eval/bpd``; ``eval/nll_authors``, ``eval/bpd_authors`` for the authors' convention) when it
 is installed.
@@ -62,7 +65,7 @@ def add(sub: argparse._SubParsersAction) -> None:
         "bits/dim beside the trivial bound log2 L. Defaults come from the run's eval section; "
         "the result is appended to <run>/nll.jsonl.",
     )
-    p.add_argument("run", help="run directory")
+    p.add_argument("run", help="run directory, or a model written by psm export")
     p.add_argument("--n", type=int, help="test points (default: eval.n_test)")
     add_ode_arguments(p, steps_default="eval.steps")
     p.add_argument(
@@ -154,11 +157,10 @@ def _probes(settings) -> str:
 
 def cmd_nll(args: argparse.Namespace) -> int:
     from ..runs.atomic import append_line, atomic_write_json
-    from ..runs.inference import evaluate_run
-    from ..runs.run import Run
+    from ..runs.inference import evaluate_run, open_source
 
-    run = Run.open(args.run)
-    run.check_data()  # a changed or vanished data file, before anything is built from it
+    run = open_source(args.run)  # a run directory or an exported file
+    run.test_data()  # a changed or vanished data file, before anything is built from it
     set_threads(args)
     check_positive(n=args.n, batch_size=args.batch_size, probes=args.probes)
     settings = resolve_settings(args, run)
@@ -188,9 +190,13 @@ def cmd_nll(args: argparse.Namespace) -> int:
         dtype=args.dtype, peak_memory_mb=memory, memory_kind=memory_kind,
     )  # fmt: skip
     print(format_nll(record))
-    append_line(run.path / NLL_LOG, json.dumps(record, allow_nan=False))
-    print(f"appended to {run.path / NLL_LOG}", file=sys.stderr)
-    log_tensorboard(run, record)
+    if run.run is not None:
+        append_line(run.path / NLL_LOG, json.dumps(record, allow_nan=False))
+        print(f"appended to {run.path / NLL_LOG}", file=sys.stderr)
+        log_tensorboard(run.run, record)
+    else:
+        print(f"{run.path} is an exported model: no {NLL_LOG} (--json keeps the record)",
+              file=sys.stderr)  # fmt: skip
     if args.json_out:
         atomic_write_json(args.json_out, record)
         print(f"wrote {args.json_out}", file=sys.stderr)

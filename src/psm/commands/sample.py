@@ -12,7 +12,8 @@
 Like the paper's tables 7-9 it reports the time per sample and the peak memory (CUDA's
 ``max_memory_allocated`` on a GPU, else the process's peak resident set size), printed and
 stored in the settings. An existing ``--out`` is refused unless ``--force``; every check runs
-before any sampling.
+before any sampling. RUN is a run directory or a model written by ``psm export`` (no run
+directory needed).
 """
 
 from __future__ import annotations
@@ -59,7 +60,7 @@ def add(sub: argparse._SubParsersAction) -> None:
         "scatter (2D runs) or an image grid (image runs). Reports the time per sample and the "
         "peak memory.",
     )
-    p.add_argument("run", help="run directory")
+    p.add_argument("run", help="run directory, or a model written by psm export")
     p.add_argument(
         "-n",
         "--n",
@@ -102,14 +103,13 @@ def cmd_sample(args: argparse.Namespace) -> int:
     from ..core.sample import sample
     from ..data.base import PixelMap
     from ..progress import progress_bar
-    from ..runs.inference import load_model
-    from ..runs.run import Run
+    from ..runs.inference import open_source
 
     out = Path(args.out)
     check_out(out, args.force)
     check_positive(n=args.n, batch_size=args.batch_size, nrow=args.nrow)
-    run = Run.open(args.run)
-    run.check_data()  # a changed or vanished data file, before anything is built from it
+    run = open_source(args.run)  # a run directory or an exported file
+    run.check_data()  # a run's changed or vanished data file, before anything is built from it
     set_threads(args)
     ev = run.config.eval
     image = len(run.shape) == 3
@@ -136,7 +136,7 @@ def cmd_sample(args: argparse.Namespace) -> int:
     device = resolve_device(args.device)
     dtype = dtype_of(args.dtype)
     grid_field = grid_field_for(args, run)
-    model = load_model(run, device=device, dtype=dtype, grid_field=grid_field)
+    model = run.load(device=device, dtype=dtype, grid_field=grid_field)
     gen = torch.Generator(device=device).manual_seed(args.seed)
     reset_peak_memory(device)
     start = time.perf_counter()
@@ -169,7 +169,7 @@ def cmd_sample(args: argparse.Namespace) -> int:
     else:
         from ..viz.samples import plot_samples
 
-        data = dataset.test_set(min(n, 20000), ev.test_seed)
+        data = _scatter_data(run, min(n, 20000), ev.test_seed)
         title = f"{run.config.name}: {n} samples, {how}, seed {args.seed}"
         plot_samples({f"model ({args.method})": x}, out, data=data, title=title)
     bad = int((~torch.isfinite(x).flatten(1).all(1)).sum())
@@ -180,6 +180,20 @@ def cmd_sample(args: argparse.Namespace) -> int:
     print(f"{n} samples ({how}, seed {args.seed}) in {cost}", file=sys.stderr)
     print(out)
     return 0
+
+
+def _scatter_data(run, n: int, seed: int):
+    """Test points to draw beside the samples; none for an exported model whose data are not
+    here (the scatter then shows the samples alone)."""
+    from ..data import DataError
+
+    try:
+        return run.test_data().test_set(n, seed)
+    except DataError:
+        if run.run is not None:
+            raise
+        warn(f"the data of {run.path} are not here: the scatter shows the samples alone")
+        return None
 
 
 def _settings(run, args: argparse.Namespace, n: int, ode, field, device: str) -> dict[str, Any]:

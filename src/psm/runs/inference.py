@@ -2,9 +2,11 @@
 
 :mod:`psm.core.model`, :mod:`psm.core.ode`, :mod:`psm.core.sample` and
 :mod:`psm.core.likelihood` know nothing of files; this module loads a run's blocks into a
-:class:`~psm.core.model.BlockModel` (refusing missing or unfinished blocks) and scores a run on
-its test set: the NLL in nats, and for image data bits/dim in one of two conventions
-(:data:`CONVENTIONS`):
+:class:`~psm.core.model.BlockModel` (refusing missing or unfinished blocks), from a run
+directory or from a file written by ``psm export`` (:mod:`psm.runs.export`) alike
+(:func:`open_source`, :func:`open_model`), maps the user's data to the model's space
+(:meth:`ModelSource.to_model`), and scores a run on its test set: the NLL in nats, and for
+image data bits/dim in one of two conventions (:data:`CONVENTIONS`):
 
 * ``"psm"`` (the headline): test images dequantized, ``x = (k + u) / L``, mapped to the model's
   ``y = s (x - m)`` exactly as in training; ``bpd = (NLL - D log s) / (D ln 2) + log2 L``
@@ -25,7 +27,7 @@ import dataclasses
 import math
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Literal
+from typing import Any, Literal
 
 import torch
 from torch import Tensor
@@ -41,10 +43,15 @@ from ..core.model import BlockModel, GridField
 from ..core.ode import SolverSettings
 from ..core.partition import Partition, PartitionError
 from ..data.base import Dataset, Quantized
-from ..errors import IncompleteRunError, PSMError
+from ..data.images import ImageDataset
+from ..data.points import PointsDataset
+from ..errors import PSMError, RunError
 from ..progress import progress_bar
 from .checkpoint import load_weights
+from .config import RunConfig
+from .export import ExportFile, load_blocks, prepared_options, read_export, require_done
 from .run import Run
+from .run_parts import Parts
 
 Convention = Literal["psm", "authors"]
 CONVENTIONS: tuple[str, ...] = ("psm", "authors")
@@ -54,8 +61,314 @@ AUTHORS_STEPS = 1000
 """The authors' scripts take ``AUTHORS_STEPS // K`` RK4 steps in each of K blocks."""
 
 
+class ModelSource:
+    """A trained model before its weights are loaded: a run directory or an exported file.
+
+    Everything the commands and the Python API ask of "the run" without its weights: the
+    config and hash, the process, partition and shape, the block statuses (``ledger``), the
+    data map (``dataset``) and the test set (:meth:`test_data`). Build one with
+    :func:`open_source`; :meth:`load` loads the weights.
+
+    Attributes:
+        path: the run directory or the exported file.
+        run: the :class:`~psm.runs.run.Run` (None for an exported file).
+        export: the :class:`~psm.runs.export.ExportFile` (None for a run directory).
+    """
+
+    def __init__(
+        self, path: Path, *, run: Run | None = None, export: ExportFile | None = None
+    ) -> None:
+        if (run is None) == (export is None):
+            raise ValueError("a model source is a run or an exported file")
+        self.path = path
+        self.run = run
+        self.export = export
+
+    def __repr__(self) -> str:
+        kind = "exported model" if self.is_export else "run"
+        return f"ModelSource({kind} {str(self.path)!r}, {self.config.name}, {self.hash})"
+
+    @property
+    def is_export(self) -> bool:
+        """Whether this is an exported file (no run directory)."""
+        return self.export is not None
+
+    @property
+    def _owner(self) -> Run | ExportFile:
+        return self.run if self.run is not None else self.export  # type: ignore[return-value]
+
+    @property
+    def config(self) -> RunConfig:
+        return self._owner.config
+
+    @property
+    def hash(self) -> str:
+        """The config hash (what every block was trained under)."""
+        return self._owner.hash
+
+    @property
+    def parts(self) -> Parts:
+        return self._owner.parts
+
+    @property
+    def partition(self) -> Partition:
+        return self.parts.partition
+
+    @property
+    def process(self):
+        return self.parts.process
+
+    @property
+    def shape(self) -> tuple[int, ...]:
+        """The shape of one point in the model's space."""
+        return self._owner.shape
+
+    @property
+    def num_blocks(self) -> int:
+        return self.partition.num_blocks
+
+    @property
+    def ledger(self):
+        """The block statuses: the run's ledger, or those an export recorded (all done)."""
+        return self._owner.ledger
+
+    @property
+    def dataset(self) -> Dataset:
+        """The data map from the user's coordinates to the model's space and back: the run's
+        dataset, or for an export an :class:`~psm.runs.export.ImageMap` /
+        :class:`~psm.runs.export.PointsMap` carrying the training map without the data (toys:
+        the dataset rebuilt from the config). Use :meth:`test_data` for a test set."""
+        return self._owner.dataset
+
+    @property
+    def prepared_options(self) -> dict[str, Any]:
+        """How the run's image files were prepared (``size``, ``channels``, ...: the prepared
+        directory's ``provenance.options``, kept in an export); empty for other data. Needed
+        to map a user's image files (resize, crop) exactly as the training images were."""
+        if self.export is not None:
+            options = self.export.map_meta.get("prepared") or {}
+            return dict(options) if isinstance(options, dict) else {}
+        return prepared_options(self.config)
+
+    def check_data(self) -> None:
+        """A run: refuse data files that changed since it was created. An export carries its
+        map and needs no data: nothing to check."""
+        if self.run is not None:
+            self.run.check_data()
+
+    def test_data(self) -> Dataset:
+        """The dataset with its test split (for the NLL), its files checked.
+
+        Raises:
+            DataError: a data file changed or is gone; for an export, one line saying that the
+                test set needs the data and that ``psm score`` scores the user's own inputs.
+        """
+        if self.run is not None:
+            self.run.check_data()
+            return self.run.dataset
+        assert self.export is not None
+        return self.export.test_dataset()
+
+    def load(
+        self,
+        *,
+        device: str | torch.device = "cpu",
+        dtype: torch.dtype = torch.float32,
+        grid_field: GridField = "constant",
+        t0: float | None = None,
+    ) -> BlockModel:
+        """Build the nets and load every block's final weights (the EMA ones when the run
+        kept an EMA); see :func:`load_model`."""
+        if self.run is not None:
+            r = self.run
+            require_done(r)
+            nets = []
+            for b in range(r.num_blocks):
+                net = r.parts.new_net()
+                load_weights(r, b, net)
+                nets.append(net)
+        else:
+            assert self.export is not None
+            nets = load_blocks(self.export)
+        for net in nets:
+            net.to(device=device, dtype=dtype).eval()
+            net.requires_grad_(False)
+        model = BlockModel(
+            self.process, self.partition, nets, grid_field=grid_field, shape=self.shape
+        )
+        return model if t0 is None else with_t0(model, t0)
+
+    # ------------------------------------------------------------------ the data map
+    def to_model(
+        self, x, *, generator: torch.Generator | None = None, dtype: torch.dtype = torch.float32
+    ) -> tuple[Tensor, float]:
+        """Map points in the data's coordinates to the model's space, exactly as in training.
+
+        * images: ``uint8`` levels ``k`` ``[N, C, H, W]`` become ``x = (k + u) / L`` (``u``
+          from ``generator``, one draw for the whole input, as ``psm nll`` draws its test
+          set's), and float pixels ``x`` in ``[0, 1]`` are taken as they are; then
+          ``y = s (x - m)`` with the dequantized convention's ``m`` (the psm convention of
+          ``psm nll``, whatever ``data.dequantize`` the run trained with);
+        * the user's points (``data: points``): ``y = x - shift`` (the training mean when
+          ``data.center``; the raw file's coordinates in);
+        * toys and other data: the dataset's own coordinates are the model's (``y = x``).
+
+        Args:
+            x: ``[N, *shape]`` (tensor or array).
+            generator: dequantization noise for ``uint8`` images (default: a fresh one).
+            dtype: the float dtype of ``y``.
+
+        Returns:
+            ``(y [N, *shape], log_det)``: ``log_det`` is ``log |dy/dx|`` per point (``D log s``
+            for images, 0 otherwise), so ``log p_x(x) = log p_y(y) + log_det``.
+
+        Raises:
+            PSMError: a shape other than ``[N, *shape]``, or image levels outside ``0..L-1``.
+        """
+        ds = self.dataset
+        x = torch.as_tensor(x)
+        if x.ndim != len(self.shape) + 1 or tuple(x.shape[1:]) != self.shape:
+            want = ", ".join(map(str, self.shape))
+            raise PSMError(f"expected points of shape [N, {want}], got {list(x.shape)}")
+        if isinstance(ds, ImageDataset):
+            if x.dtype == torch.uint8:
+                if x.numel() and int(x.max()) >= ds.levels:
+                    raise PSMError(
+                        f"image levels must lie in 0..{ds.levels - 1}, got up to {int(x.max())}"
+                    )
+                g = generator or torch.Generator(device=x.device).manual_seed(0)
+                u = ds.levels_to_unit(x, g)
+            elif x.is_floating_point():
+                u = x.to(torch.float32, copy=True)
+            else:
+                raise PSMError(f"images are uint8 levels or floats in [0, 1], not {x.dtype}")
+            y = ds.unit_to_model(u, True).to(dtype)
+            return y, math.prod(self.shape) * ds.log_scale_per_dim
+        if not (x.is_floating_point() or x.dtype in _INT_DTYPES):
+            raise PSMError(f"points must be numbers, not {x.dtype}")
+        if isinstance(ds, PointsDataset):  # an export's PointsMap too
+            return (x.to(torch.float64) - ds.shift.to(x.device)).to(dtype), 0.0
+        return x.to(dtype), 0.0
+
+    def from_model(self, y: Tensor) -> Tensor:
+        """The inverse of :meth:`to_model`: model-space points to the data's coordinates
+        (images: pixels ``x = y / s + m`` clipped to ``[0, 1]``; points: ``y + shift``)."""
+        ds = self.dataset
+        if isinstance(ds, ImageDataset):
+            return ds.to_unit(y)  # the training convention's map back, as psm sample's grids
+        if isinstance(ds, PointsDataset):
+            return (y.to(torch.float64) + ds.shift.to(y.device)).to(y.dtype)
+        return y
+
+
+_INT_DTYPES = (torch.int8, torch.int16, torch.int32, torch.int64, torch.uint8)
+
+
+def open_source(source: str | Path | Run | ModelSource | OpenedModel) -> ModelSource:
+    """A :class:`ModelSource` for a run directory, an open run, or an exported
+    ``.safetensors`` file (told apart by being a file); nothing is loaded but metadata.
+
+    Raises:
+        RunError: no such directory or file, or a directory that is not a run.
+        ExportError: a file that is not a psm export, or damaged metadata (one line).
+    """
+    if isinstance(source, ModelSource):
+        return source
+    if isinstance(source, OpenedModel):
+        return source.source
+    if isinstance(source, Run):
+        return ModelSource(source.path, run=source)
+    path = Path(source)
+    if path.is_file():
+        return ModelSource(path, export=read_export(path))
+    if not path.exists() and path.suffix == ".safetensors":
+        raise RunError(f"exported model {path} does not exist")
+    return ModelSource(path, run=Run.open(path))
+
+
+@dataclass(frozen=True)
+class OpenedModel:
+    """A trained model with its weights loaded, and everything needed to use it.
+
+    Attributes:
+        model: the blocks as one :class:`~psm.core.model.BlockModel` (eval mode, no grads).
+        source: where it came from (:class:`ModelSource`: config, hash, data map, test set).
+        device: where the nets live.
+        dtype: the nets' dtype.
+    """
+
+    model: BlockModel
+    source: ModelSource
+    device: torch.device
+    dtype: torch.dtype
+
+    @property
+    def config(self) -> RunConfig:
+        """The run's config."""
+        return self.source.config
+
+    @property
+    def hash(self) -> str:
+        return self.source.hash
+
+    @property
+    def shape(self) -> tuple[int, ...]:
+        return self.source.shape
+
+    @property
+    def dataset(self) -> Dataset:
+        """The data map (:attr:`ModelSource.dataset`); use ``source.test_data()`` for the test
+        set."""
+        return self.source.dataset
+
+    @property
+    def is_export(self) -> bool:
+        return self.source.is_export
+
+
+def open_model(
+    source: str | Path | Run | ModelSource,
+    *,
+    device: str | torch.device = "cpu",
+    dtype: torch.dtype = torch.float32,
+    grid_field: GridField = "constant",
+    t0: float | None = None,
+) -> OpenedModel:
+    """Open a trained model from a run directory or an exported file, weights loaded.
+
+    The one entry point of ``psm nll``, ``psm sample``, ``psm score``, ``psm compare`` and
+    :func:`psm.load`. ``result.model`` is the :class:`~psm.core.model.BlockModel`,
+    ``result.config`` the :class:`~psm.runs.config.RunConfig`, ``result.dataset`` the data map
+    (:meth:`ModelSource.to_model` / :meth:`ModelSource.from_model` map the user's points or
+    images to the model's space exactly as in training, with the log-Jacobian),
+    ``result.source.test_data()`` the dataset with its test split (refused in one line for an
+    export whose data files are not here), and ``result.source`` the run-like rest (``hash``,
+    ``partition``, ``ledger``, ``run`` or ``export``).
+
+    Args:
+        source: a run directory, an open :class:`~psm.runs.run.Run`, a :class:`ModelSource`,
+            or an exported ``.safetensors`` file (``psm export``), told apart by being a file.
+        device: where the nets live.
+        dtype: the nets' dtype (float64 for reference integrations).
+        grid_field: DPSM field, ``"constant"`` (paper) or ``"linear"``.
+        t0: integrate from this time instead of the run's ``partition.t0`` (:func:`with_t0`).
+
+    Raises:
+        RunError: no such run or file.
+        IncompleteRunError: a run with missing or unfinished blocks (named in the message); no
+            block is ever replaced by an untrained network.
+        CheckpointError: a block's weights file is unreadable or foreign; an exported file that
+            is not a psm export, or lacks a block's tensor, or holds one of another shape
+            (:class:`~psm.runs.export.ExportError`).
+    """
+    src = open_source(source)
+    dev = torch.device(device)
+    model = src.load(device=dev, dtype=dtype, grid_field=grid_field, t0=t0)
+    return OpenedModel(model, src, dev, dtype)
+
+
 def load_model(
-    run: str | Path | Run,
+    run: str | Path | Run | ModelSource,
     *,
     device: str | torch.device = "cpu",
     dtype: torch.dtype = torch.float32,
@@ -65,7 +378,8 @@ def load_model(
     """Build a run's nets from its config and load every block's final weights.
 
     Args:
-        run: a run directory or an open :class:`~psm.runs.run.Run`.
+        run: a run directory, an open :class:`~psm.runs.run.Run`, or an exported
+            ``.safetensors`` file (see :func:`open_model`).
         device: where the nets live.
         dtype: the nets' dtype (float64 for reference integrations).
         grid_field: DPSM field, ``"constant"`` (paper) or ``"linear"``.
@@ -73,33 +387,18 @@ def load_model(
             (:func:`with_t0`).
 
     Returns:
-        A :class:`BlockModel` whose blocks are the nets, in eval mode with gradients off.
+        A :class:`BlockModel` whose blocks are the nets, in eval mode with gradients off. The
+        weights are each block's final ones: the EMA of its parameters when the run trained
+        with ``train.ema`` (the trainer writes those as the final weights).
 
     Raises:
         IncompleteRunError: some blocks are missing or unfinished (named in the message); no
             block is ever replaced by an untrained network. Blocks may be done at different
             step counts (each at its own target).
-        CheckpointError: a weights file is unreadable or belongs to another config.
+        CheckpointError: a weights file is unreadable or belongs to another config; an
+            exported file that does not match its config.
     """
-    r = run if isinstance(run, Run) else Run.open(run)
-    missing = r.ledger.not_done()
-    if missing:
-        states = [r.ledger.status(b).state for b in missing]
-        listed = ", ".join(f"{b} ({s})" for b, s in zip(missing[:20], states[:20]))
-        more = f" and {len(missing) - 20} more" if len(missing) > 20 else ""
-        raise IncompleteRunError(
-            f"run {r.path} is not fully trained: {len(missing)} of {r.num_blocks} block(s) "
-            f"not done: {listed}{more}; train them first (psm train with this run's config)"
-        )
-    nets = []
-    for b in range(r.num_blocks):
-        net = r.parts.new_net()
-        load_weights(r, b, net)
-        net = net.to(device=device, dtype=dtype).eval()
-        net.requires_grad_(False)
-        nets.append(net)
-    model = BlockModel(r.process, r.partition, nets, grid_field=grid_field, shape=r.shape)
-    return model if t0 is None else with_t0(model, t0)
+    return open_source(run).load(device=device, dtype=dtype, grid_field=grid_field, t0=t0)
 
 
 def with_t0(model: BlockModel, t0: float) -> BlockModel:
@@ -200,7 +499,7 @@ class EvalSettings:
 
 
 def eval_settings(
-    run: Run,
+    run: Run | ModelSource,
     *,
     convention: Convention = "psm",
     solver: SolverSettings | None = None,
@@ -269,6 +568,22 @@ class RunEvaluation:
     bits: BitsPerDim | None = None
     settings: EvalSettings | None = None
 
+    def __str__(self) -> str:
+        """One line for a person: ``NLL 1.2345 ± 0.0110 nats on 3000 test points of ty (true
+        entropy, the floor: 0.4750)``; images lead with bits/dim and their convention."""
+        r = self.result
+        unit = "images" if self.bits is not None else "points"
+        line = f"NLL {r.nll:.4f} ± {r.stderr:.4f} nats on {r.n} test {unit} of {self.dataset}"
+        if self.entropy is not None:
+            line += f" (true entropy, the floor: {self.entropy:.4f})"
+        if self.bits is not None:
+            b = self.bits
+            line = (
+                f"{b.bpd:.4f} ± {b.stderr:.4f} bits/dim ({b.convention} convention; trivial "
+                f"bound {b.trivial:.4f}); {line}"
+            )
+        return line
+
 
 def evaluate_model(
     model: BlockModel,
@@ -320,7 +635,7 @@ def evaluate_model(
 
 
 def evaluate_run(
-    run: str | Path | Run,
+    run: str | Path | Run | ModelSource,
     *,
     n: int | None = None,
     solver: SolverSettings | None = None,
@@ -344,7 +659,9 @@ def evaluate_run(
     convention (module docstring).
 
     Args:
-        run: a run directory or an open :class:`~psm.runs.run.Run`.
+        run: a run directory, an open :class:`~psm.runs.run.Run`, a :class:`ModelSource`, or
+            an exported ``.safetensors`` file (its test set rebuilt from the config, or from
+            the recorded data files when they are here; refused in one line otherwise).
         n: test points.
         solver: the ODE solver (default: the convention's, else the run's
             ``eval.solver_settings()``).
@@ -367,18 +684,19 @@ def evaluate_run(
 
     Raises:
         IncompleteRunError: the run has missing or unfinished blocks.
-        DataError: a data file changed since the run was created.
+        DataError: a data file changed since the run was created, or an export's data are not
+            here.
         PSMError: the authors' convention on data without levels.
     """
-    r = run if isinstance(run, Run) else Run.open(run)
-    r.check_data()
+    r = open_source(run)
+    dataset = r.test_data()  # a changed or vanished data file, before anything is built
     ev = r.config.eval
     settings = eval_settings(
         r, convention=convention, solver=solver, trace=trace, probes=probes, redraw=redraw
     )
-    model = load_model(r, device=device, dtype=dtype, grid_field=grid_field, t0=settings.t0)
+    model = r.load(device=device, dtype=dtype, grid_field=grid_field, t0=settings.t0)
     return evaluate_model(
-        model, r.dataset, n=n or ev.n_test, test_seed=ev.test_seed if test_seed is None else
+        model, dataset, n=n or ev.n_test, test_seed=ev.test_seed if test_seed is None else
         test_seed, settings=settings, probe_seed=probe_seed, batch_size=batch_size,
         device=device, dtype=dtype, progress=progress,
     )  # fmt: skip

@@ -1,0 +1,300 @@
+"""``psm compare RUN RUN [RUN...]``: runs on the same test points, with paired errors.
+
+Every run is scored on the first run's test points (``--n``, ``--seed``; defaults from the
+first run's ``eval`` section; image runs in ``psm nll``'s ``psm`` convention), or its per-point
+NLLs are read from files written by ``psm nll --values`` (``--values A.npy B.npy ...``, one per
+run, in order, all made with the same ``--n`` and ``--seed``). Runs whose test points differ
+(another data set, data map or split) are refused in one line.
+
+The table gives each run's NLL in nats (bits/dim for images) ± its standard error, the
+difference against the first run and the **paired** standard error of that difference,
+``std(v_r - v_first) / sqrt(n)`` (:func:`psm.runs.scoring.paired_stats`): the two runs'
+errors on the same points are correlated, so the paired error is usually far smaller than the
+unpaired ``sqrt(se_r² + se_first²)``, shown beside it. ``--json`` prints the same as JSON.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import math
+import sys
+from pathlib import Path
+from typing import TYPE_CHECKING, Any
+
+from ..errors import PSMError
+from .model_flags import (
+    add_model_arguments,
+    add_ode_arguments,
+    check_positive,
+    dtype_of,
+    grid_field_for,
+    resolve_device,
+    set_threads,
+)
+from .nll import TRACE_CHOICES, resolve_settings
+
+if TYPE_CHECKING:  # numpy and torch are imported when the command runs
+    import numpy as np
+
+
+def add(sub: argparse._SubParsersAction) -> None:
+    p = sub.add_parser(
+        "compare",
+        help="compare runs on the same test points: NLL (bits/dim) and paired errors",
+        description="Score every run on the first run's test points (or read per-point NLLs "
+        "written by psm nll --values) and print each run's NLL (bits/dim for images) ± s.e., "
+        "its difference against the first run and the paired standard error of the difference.",
+    )
+    p.add_argument(
+        "runs", nargs="+", metavar="RUN", help="run directories or exported models (two or more)"
+    )
+    p.add_argument(
+        "--values",
+        nargs="+",
+        metavar="FILE.npy",
+        help="per-point NLLs from psm nll --values, one file per run in the same order "
+        "(all made with the same --n and --seed); nothing is scored",
+    )
+    p.add_argument("--n", type=int, help="test points (default: the first run's eval.n_test)")
+    p.add_argument(
+        "--seed", type=int, help="seed of the test set (default: the first run's eval.test_seed)"
+    )
+    add_ode_arguments(p, steps_default="each run's eval.steps")
+    p.add_argument("--trace", choices=TRACE_CHOICES, default="auto", help="as psm nll")
+    p.add_argument("--probes", type=int, default=1, help="Hutchinson probes per solve")
+    p.add_argument("--force", action="store_true", help="allow --trace exact above 16 dims")
+    p.add_argument("--batch-size", type=int, default=1000, help="points per solve")
+    p.add_argument("--probe-seed", type=int, default=0, help="seed of the Hutchinson probes")
+    p.add_argument("--json", action="store_true", help="machine-readable output on stdout")
+    add_model_arguments(p)
+    p.set_defaults(func=cmd_compare, convention="psm")
+
+
+def cmd_compare(args: argparse.Namespace) -> int:
+    from ..runs.scoring import open_for_scoring
+
+    if len(args.runs) < 2:
+        raise PSMError("compare needs at least two runs")
+    if args.values is not None and len(args.values) != len(args.runs):
+        raise PSMError(
+            f"--values: {len(args.values)} file(s) for {len(args.runs)} runs (one per run)"
+        )
+    set_threads(args)
+    check_positive(n=args.n, batch_size=args.batch_size, probes=args.probes)
+    runs = [open_for_scoring(r) for r in args.runs]
+    first = runs[0]
+    ev = first.config.eval
+    seed = ev.test_seed if args.seed is None else args.seed
+    image = _image(first)
+    if args.values is not None:
+        values = [read_values(Path(v)) for v in args.values]
+        lengths = {len(v) for v in values}
+        if len(lengths) > 1:
+            sizes = ", ".join(f"{f}: {len(v)}" for f, v in zip(args.values, values))
+            raise PSMError(f"--values files hold different numbers of points ({sizes})")
+        n = len(values[0])
+        check_same_points(runs, args.runs, n=n, seed=seed)
+        settings = [None] * len(runs)
+    else:
+        n = args.n or ev.n_test
+        x = check_same_points(runs, args.runs, n=n, seed=seed)
+        values, settings = score_runs(args, runs, x)
+        n = len(values[0])
+    if n < 2:
+        raise PSMError(f"a paired comparison needs at least 2 points, got {n}")
+    cached = args.values is not None
+    report = comparison(
+        args.runs, runs, values, settings, image=image, n=n, seed=None if cached else seed
+    )
+    if args.json:
+        print(json.dumps(report, indent=2, allow_nan=False))
+    else:
+        print(format_table(report))
+    return 0
+
+
+def _image(run) -> bool:
+    from ..runs.inference import is_image_data
+
+    return is_image_data(run.dataset)
+
+
+def read_values(path: Path) -> np.ndarray:
+    """Per-point NLLs ``[n]`` float64 from a ``.npy`` (as ``psm nll --values`` writes it).
+
+    Raises:
+        PSMError: missing, unreadable, pickled, not 1-D numeric, empty or non-finite.
+    """
+    import numpy as np
+
+    if not path.is_file():
+        raise PSMError(f"--values {path}: no such file")
+    try:
+        arr = np.load(path, allow_pickle=False)
+    except (ValueError, OSError, EOFError) as e:
+        msg = " ".join(str(e).split())
+        raise PSMError(f"--values {path}: not a readable .npy array ({msg})") from None
+    if not isinstance(arr, np.ndarray) or arr.dtype.kind not in "iuf" or arr.ndim != 1:
+        what = f"{arr.dtype} {list(arr.shape)}" if isinstance(arr, np.ndarray) else "an archive"
+        raise PSMError(f"--values {path}: {what}; expected NLLs per point, a 1-D float array")
+    if arr.size == 0:
+        raise PSMError(f"--values {path}: no values")
+    bad = int((~np.isfinite(arr)).sum())
+    if bad:
+        raise PSMError(f"--values {path}: {bad} non-finite value(s); a mean would be meaningless")
+    return arr.astype(np.float64)
+
+
+def check_same_points(runs: list, names: list[str], *, n: int, seed: int):
+    """The first run's test points ``[n', *shape]`` (model space, ``psm`` convention for
+    images), after checking that every run would score exactly the same points.
+
+    Raises:
+        PSMError: a run's test points differ (another data set, data map, split or shape),
+            naming the first differing ``data`` field when there is one.
+    """
+    import torch
+
+    def points(run):
+        dequantize = True if _image(run) else None
+        return run.test_data().test_set(n, seed, dequantize=dequantize)
+
+    x = points(runs[0])
+    for run, name in zip(runs[1:], names[1:]):
+        if tuple(run.shape) != tuple(runs[0].shape):
+            raise PSMError(
+                f"{name}: data of shape {list(run.shape)}, {names[0]}'s are "
+                f"{list(runs[0].shape)}; compare runs trained on the same data"
+            )
+        y = points(run)
+        if y.shape != x.shape or not torch.equal(x, y):
+            raise PSMError(f"{name}: {_data_difference(runs[0], run, names[0])}")
+    return x
+
+
+def _data_difference(a, b, name_a: str) -> str:
+    da = a.config.data.model_dump(mode="json")
+    db = b.config.data.model_dump(mode="json")
+    for key in sorted(set(da) | set(db)):
+        if da.get(key) != db.get(key):
+            return (
+                f"its test points differ from {name_a}'s (data.{key}: {db.get(key)!r} vs "
+                f"{da.get(key)!r}); compare runs trained on the same data"
+            )
+    return (
+        f"its test points differ from {name_a}'s (same data section: the split follows "
+        f"train.seed, {b.config.train.seed} vs {a.config.train.seed}, or the data files "
+        "differ); compare runs trained on the same data"
+    )
+
+
+def score_runs(args: argparse.Namespace, runs: list, x) -> tuple[list[np.ndarray], list]:
+    """Each run's per-point NLLs on ``x`` (nats, float64), under its own settings."""
+    from ..runs.scoring import load_scoring_model, score_inputs
+
+    device = resolve_device(args.device)
+    dtype = dtype_of(args.dtype)
+    settings = [resolve_settings(args, run) for run in runs]  # every flag checked first
+    values = []
+    for run, s in zip(runs, settings):
+        model = load_scoring_model(
+            run, device=device, dtype=dtype, grid_field=grid_field_for(args, run)
+        )
+        scores = score_inputs(
+            model, x, run.dataset, s, probe_seed=args.probe_seed, batch_size=args.batch_size,
+            device=device, dtype=dtype, progress=not args.no_progress,
+        )  # fmt: skip
+        v = scores.result.values.double().numpy()
+        bad = int((~scores.result.values.isfinite()).sum())
+        if bad:
+            raise PSMError(f"{run.path}: {bad} point(s) have a non-finite log-likelihood")
+        values.append(v)
+        print(f"scored {run.path} ({s.solver.describe()}, {s.trace} trace)", file=sys.stderr)
+    return values, settings
+
+
+def comparison(
+    names: list[str], runs: list, values: list[np.ndarray], settings: list, *, image: bool,
+    n: int, seed: int | None,
+) -> dict[str, Any]:  # fmt: skip
+    """The report: per run the figure ± s.e., the difference against the first and its paired
+    and unpaired errors (bits/dim for image runs, converted per point by the data's formula)."""
+    from ..runs.scoring import paired_stats
+
+    first = runs[0].dataset
+    per_point = [first.bits_per_dim(v) for v in values] if image else values
+    rows = paired_stats(per_point)
+    unit = "bits/dim" if image else "nats"
+    report: dict[str, Any] = {
+        "metric": "bpd" if image else "nll",
+        "unit": unit,
+        "n": n,
+        "test_seed": seed,
+        "dataset": first.name,
+        "runs": [],
+    }
+    if image:
+        from ..runs.nll_records import convention_label
+
+        report["convention"] = convention_label("psm", first.levels)
+    for name, row, s in zip(names, rows, settings):
+        report["runs"].append(
+            {
+                "run": name,
+                "value": row.mean,
+                "stderr": row.stderr,
+                "diff": row.diff,
+                "diff_stderr_paired": _finite(row.diff_stderr),
+                "diff_stderr_unpaired": _finite(row.unpaired_stderr),
+                "z_paired": _finite(row.z),
+                "solver": s.solver.describe() if s is not None else None,
+                "trace": s.trace if s is not None else None,
+                "source": "scored" if s is not None else "values file",
+            }
+        )
+    return report
+
+
+def _finite(x: float) -> float | None:
+    return x if math.isfinite(x) else None
+
+
+def format_table(report: dict[str, Any]) -> str:
+    """The report as a table for a person."""
+    unit = report["unit"]
+    metric = "bits/dim" if report["metric"] == "bpd" else "NLL (nats)"
+    rows = report["runs"]
+    width = max(len("run"), *(len(r["run"]) for r in rows))
+    head = (
+        f"{'run':<{width}}  {metric:>20}  {'diff vs first':>13}  {'paired s.e.':>11}  "
+        f"{'diff/s.e.':>9}  {'unpaired s.e.':>13}"
+    )
+    lines = [head, "-" * len(head)]
+    for i, r in enumerate(rows):
+        value = f"{r['value']:.4f} ± {r['stderr']:.4f}"
+        if i == 0:
+            lines.append(f"{r['run']:<{width}}  {value:>20}  {'(reference)':>13}")
+            continue
+
+        def fmt(x: float | None, spec: str) -> str:
+            return format(x, spec) if x is not None else "nan"
+
+        lines.append(
+            f"{r['run']:<{width}}  {value:>20}  {r['diff']:>+13.4f}  "
+            f"{fmt(r['diff_stderr_paired'], '11.4f'):>11}  {fmt(r['z_paired'], '+9.1f'):>9}  "
+            f"{fmt(r['diff_stderr_unpaired'], '13.4f'):>13}"
+        )
+    seed = report["test_seed"]
+    how = f"{report['n']} test points of {report['dataset']}"
+    how += f" (seed {seed}), {unit}" if seed is not None else f", {unit}"
+    if report.get("convention"):
+        how += f" [{report['convention']}]"
+    sources = {r["source"] for r in rows}
+    if sources == {"values file"}:
+        how += "; per-point values read from files"
+    else:
+        solvers = {f"{r['solver']}, {r['trace']} trace" for r in rows}
+        how += "; " + ("; ".join(sorted(solvers)) if len(solvers) > 1 else solvers.pop())
+    note = "paired s.e. = std of per-point differences / sqrt(n); lower is better"
+    return "\n".join([*lines, how, note])
