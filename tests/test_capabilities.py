@@ -357,6 +357,7 @@ def test_the_tqdm_bar_keeps_its_label_unit_and_batch_note(monkeypatch):
             made.append(self)
 
     monkeypatch.setattr("psm.progress.tqdm", Bar)
+    monkeypatch.setenv("PSM_PROGRESS", "bar")  # tqdm even though pytest's stderr is no terminal
     from psm.progress import progress_bar
 
     model = exact_model(GAUSS, make_process("vp"), equal(2), shape=(2,))

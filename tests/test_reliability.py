@@ -229,6 +229,7 @@ def test_the_nll_bar_moves_at_every_solver_step(monkeypatch):
             return super().update(n)
 
     monkeypatch.setattr("psm.progress.tqdm", Bar)  # the core reports; the bar is drawn above
+    monkeypatch.setenv("PSM_PROGRESS", "bar")  # tqdm even though stderr is no terminal
     from psm.progress import progress_bar
 
     part = splits([0, 0.5, 1])

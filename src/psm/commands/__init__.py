@@ -9,7 +9,8 @@ import argparse
 import importlib
 
 COMMAND_MODULES: tuple[str, ...] = (
-    "train", "status", "nll", "kl", "sample", "plot", "demo", "bench", "data", "reproduce",
+    "train", "status", "nll", "kl", "sample", "score", "compare", "export", "prune", "plot", "demo",
+    "bench", "data", "reproduce",
 )  # fmt: skip
 
 

@@ -76,7 +76,9 @@ def cmd_status(args: argparse.Namespace) -> int:
     for s in statuses:
         loss = f"{s.last_loss:.5f}" if s.last_loss is not None else "-"
         ck = "-"
-        if s.checkpoint_time:
+        if s.pruned:  # only the final weights are kept (psm prune)
+            ck = "pruned"
+        elif s.checkpoint_time:
             ck = f"{s.checkpoint_step} ({_ago(now - s.checkpoint_time)})"
         line = f"{s.block:>5}  {s.span:<18} {s.state:<8} {s.step:>8}/{s.target:<8}  {loss:>10}  "
         line += f"{_fmt_time(s.wall_time):>8}  {ck:>14}  " + _fmt_signal(signal[s.block])

@@ -52,7 +52,17 @@ def add(sub: argparse._SubParsersAction) -> None:
         metavar="SECTION.FIELD=VALUE",
         help="override any config field (repeatable)",
     )
-    p.add_argument("--dry-run", action="store_true", help="print the config and plan, then exit")
+    p.add_argument(
+        "--dry-run",
+        action="store_true",
+        help="print the config, the plan and the disk it will need, then exit",
+    )
+    p.add_argument(
+        "--prune-done",
+        action="store_true",
+        help="keep only the final weights of each block as it finishes (train.keep_state=false; "
+        "more steps later restart its optimizer)",
+    )
     p.add_argument(
         "--reset-failed",
         action="store_true",
@@ -72,6 +82,7 @@ def cmd_train(args: argparse.Namespace) -> int:
     from ..runs.config import config_hash, load_config
     from ..runs.run import CONFIG_FILE, Run, parse_blocks
     from ..runs.run_parts import Parts
+    from ..runs.wandb_log import check_wandb
     from ..training.train import train_device
 
     if args.workers is not None and args.workers < 1:
@@ -82,6 +93,8 @@ def cmd_train(args: argparse.Namespace) -> int:
         raise PSMError(f"--executor {args.executor!r}: choose from {', '.join(EXECUTORS.names())}")
     if args.budget is not None and (args.blocks or args.steps is not None):
         raise PSMError("--budget chooses every block's steps: drop --blocks and --steps")
+    if args.prune_done:
+        args.overrides = [*args.overrides, "train.keep_state=false"]
     cfg = load_config(
         args.config, overrides=args.overrides, steps=args.steps, out=args.out, seed=args.seed,
         executor=args.executor, budget=args.budget,
@@ -90,6 +103,7 @@ def cmd_train(args: argparse.Namespace) -> int:
         raise PSMError("train.budget chooses every block's steps: drop --blocks")
     executor = make_executor(cfg.executor.name, cfg, **flag_values(args))
     train_device(cfg.train.device)  # a device that is not here fails before anything is written
+    check_wandb(cfg.train.wandb)  # so does train.wandb without wandb installed
     partition = cfg.partition.build()
     blocks = parse_blocks(args.blocks) if args.blocks else list(range(partition.num_blocks))
     bad = [b for b in blocks if not 0 <= b < partition.num_blocks]
@@ -106,6 +120,7 @@ def cmd_train(args: argparse.Namespace) -> int:
         cfg = check_config(cfg, parts)  # so does a warm-start source that cannot be used
     if args.dry_run:
         _print_plan(cfg, config_hash(cfg), blocks, executor.describe())
+        _print_disk(cfg, parts, blocks)
         return 0
     spent = (0, 0.0)
     if cfg.partition.kind == "auto":
@@ -296,8 +311,10 @@ def _print_plan(cfg, h: str, blocks: list[int], executor: str) -> None:
     print(f"# plan: {len(blocks)} of {partition.num_blocks} block(s) -> {cfg.out_dir}")
     print(f"# executor: {executor}")
     if cfg.partition.kind == "auto":
+        from ..auto.splits import pilot_steps_of
+
         print(
-            f"# partition: auto - a {cfg.partition.pilot_steps or 4000}-step SA-DPM pilot places "
+            f"# partition: auto - a {pilot_steps_of(cfg)}-step SA-DPM pilot places "
             f"the splits when training starts ({cfg.out_dir}-pilot); the spans below are "
             "placeholders"
         )
@@ -318,3 +335,36 @@ def _print_plan(cfg, h: str, blocks: list[int], executor: str) -> None:
             state = "other cfg"
         steps = cfg.step_target(b)
         print(f"{b:>5}  {partition.describe(b):<20} {span:<24} {steps:>8}  {state:<10}")
+
+
+def _print_disk(cfg, parts, blocks: list[int]) -> None:
+    """The disk the blocks will take (``--dry-run``): each block's files, predicted from the
+    net's tensors (:func:`psm.runs.prune.predict_disk`), the total with the resume states and
+    after pruning them."""
+    from ..runs.prune import format_bytes, predict_disk
+
+    disk = predict_disk(cfg, parts, blocks)
+    if not disk:
+        return
+    fb = format_bytes
+    w, s = max(d.weights for d in disk), max(d.state for d in disk)
+    logs = sum(d.logs for d in disk) / len(disk)
+    held = "weights, Adam moments, EMA, RNG" if cfg.train.ema else "weights, Adam moments, RNG"
+    print(
+        f"# disk per block: weights {fb(w)}, resume state {fb(s)} ({held}), metrics and logs "
+        f"~{fb(logs)}"
+    )
+    total, pruned = sum(d.total for d in disk), sum(d.pruned for d in disk)
+    keep = cfg.train.keep_state
+    print(
+        f"# disk for {len(disk)} block(s): {fb(total)} with their resume states"
+        f"{'' if keep else ' (not kept: train.keep_state false)'}, {fb(pruned)} after pruning "
+        f"them ({'as each block finishes' if not keep else 'psm prune, or --prune-done'})"
+    )
+    extra = f"{fb(s)} more" if keep else f"up to 2 x {fb(s)}"
+    print(
+        f"# disk while training: {extra} per block being trained at once (a checkpoint writes "
+        "the new resume state beside the old one, then replaces it)"
+    )
+    if cfg.train.budget is not None:
+        print("# disk: metrics follow the budget's steps, not known yet (sizes at train.steps)")

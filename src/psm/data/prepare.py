@@ -134,7 +134,7 @@ def write_prepared(plan: Plan, out: Path, source_path: Path | None, *, progress:
     Returns:
         the ``meta.json`` contents.
     """
-    from tqdm import tqdm
+    from ..progress import make_bar
 
     out.parent.mkdir(parents=True, exist_ok=True)
     _check_space(out.parent, plan)
@@ -142,9 +142,7 @@ def write_prepared(plan: Plan, out: Path, source_path: Path | None, *, progress:
     tmp.mkdir()  # hidden, and not the final name: never mistaken for a prepared directory
     try:
         total = plan.train.n + plan.test.n
-        with tqdm(
-            total=total, unit="img", desc=f"prepare {plan.name}", disable=not progress
-        ) as bar:
+        with make_bar(total, unit="img", desc=f"prepare {plan.name}", disable=not progress) as bar:
             sums = _write_part(tmp / TRAIN_FILE, plan.train, plan, bar, with_sum=True)
             _write_part(tmp / TEST_FILE, plan.test, plan, bar, with_sum=False)
         assert sums is not None

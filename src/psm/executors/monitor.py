@@ -7,9 +7,9 @@ shared file system): workers write ``blocks/NNNN.json`` as they go, the driver p
 from __future__ import annotations
 
 import threading
+from typing import Any
 
-from tqdm.auto import tqdm
-
+from ..progress import make_bar
 from ..runs.run import Run
 
 
@@ -37,7 +37,7 @@ class ProgressMonitor:
         self.desc = desc or f"train {run.config.name}"
         self._stop = threading.Event()
         self._thread: threading.Thread | None = None
-        self._bar: tqdm | None = None
+        self._bar: Any = None  # a psm.progress.make_bar bar
 
     @property
     def _budget(self) -> float | None:
@@ -75,8 +75,8 @@ class ProgressMonitor:
             else:
                 total = sum(self.run.config.step_target(b) for b in self.blocks)
                 unit, scale = "block-step", True
-            self._bar = tqdm(
-                total=total, desc=self.desc, unit=unit, unit_scale=scale, dynamic_ncols=True,
+            self._bar = make_bar(
+                total, desc=self.desc, unit=unit, unit_scale=scale, dynamic_ncols=True,
                 bar_format=fmt,
             )  # fmt: skip
             self._poll()

@@ -8,6 +8,11 @@ Two files per block:
   random layers (dropout) also keep the global generator's state (``rng_global``).
 * ``blocks/NNNN.safetensors``: the final weights, written when the block reaches its target.
 
+A done block may lose its resume point (``psm prune``, ``train.keep_state: false``:
+:mod:`psm.runs.prune`). Such a block resumes from its final weights at their step, with a fresh
+optimizer (no Adam moments, the EMA restarted from those weights, a new data stream):
+:func:`load_state` says so (``BlockState.from_weights``), never a random net.
+
 Every load checks the file's config hash and block id against the run, and the tensor names
 and shapes against the net, so a foreign, truncated or mismatched file is refused with a
 :class:`~psm.errors.CheckpointError` instead of silently becoming a random network.
@@ -45,16 +50,20 @@ class BlockState:
         wall_time: seconds spent training so far.
         global_rng: the global generator's state (dropout masks), when the trainer kept it.
         ema: the exponential moving average of the parameters (``train.ema``), by name.
+        from_weights: the block had no resume point (pruned): this state is its final weights
+            at their step, with no Adam moments, EMA or RNG state (``rng`` is None); the
+            trainer starts a fresh optimizer and data stream.
     """
 
     step: int
     net: dict[str, Tensor]
     adam_m: dict[str, Tensor] | None
     adam_v: dict[str, Tensor] | None
-    rng: Tensor
+    rng: Tensor | None
     wall_time: float
     global_rng: Tensor | None = None
     ema: dict[str, Tensor] | None = None
+    from_weights: bool = False
 
 
 def _cpu_copy(t: Tensor) -> Tensor:
@@ -68,6 +77,8 @@ def save_state(run: Run, block: int, state: BlockState) -> None:
     if state.adam_m is not None and state.adam_v is not None:
         tensors |= {f"adam_m.{k}": _cpu_copy(v) for k, v in state.adam_m.items()}
         tensors |= {f"adam_v.{k}": _cpu_copy(v) for k, v in state.adam_v.items()}
+    if state.rng is None:
+        raise ValueError("a resume point needs the block generator's state")
     tensors["rng"] = _cpu_copy(state.rng)
     if state.global_rng is not None:
         tensors["rng_global"] = _cpu_copy(state.global_rng)
@@ -138,11 +149,38 @@ def verify_checkpoints(run: Run, blocks: list[int]) -> None:
 
 
 def resume_step(run: Run, block: int) -> int:
-    """The step a block would resume from (0 without a resume point); reads the header only."""
+    """The step a block would resume from: its resume point's, else (a pruned block) its final
+    weights', else 0. Reads headers only."""
     path = run.layout.state(block)
     if not path.exists():
-        return 0
-    _, meta = _read(path, run, block, tensors=False)
+        path = run.layout.weights(block)
+        if not path.exists():
+            return 0
+    return _step_of(block, path, _read(path, run, block, tensors=False)[1])
+
+
+def has_moments(run: Run, block: int) -> bool:
+    """Whether a block resumes with Adam moments (a resume point written after a step); False
+    for a block not started or pruned, which starts a fresh optimizer. Reads the header only."""
+    path = run.layout.state(block)
+    if not path.exists():
+        return False
+    _read(path, run, block, tensors=False)  # checked: ours, not truncated
+    with safe_open(str(path), framework="pt") as f:
+        return any(k.startswith("adam_m.") for k in f.keys())  # noqa: SIM118
+
+
+def weights_step(run: Run, block: int) -> int:
+    """The step of a block's final weights, checked against the run (header only).
+
+    Raises:
+        CheckpointError: the weights are missing, foreign or unreadable.
+    """
+    path = run.layout.weights(block)
+    return _step_of(block, path, _read(path, run, block, tensors=False)[1])
+
+
+def _step_of(block: int, path: Path, meta: dict[str, str]) -> int:
     try:
         return int(meta["step"])
     except (KeyError, ValueError):
@@ -167,10 +205,12 @@ def _check_keys(block: int, path: Path, got: dict[str, Tensor], want: dict[str, 
 
 
 def load_state(run: Run, block: int, net: nn.Module) -> BlockState | None:
-    """A block's resume point, or None if it has none yet. ``net`` gives the expected tensors."""
+    """A block's resume point; for a block without one but with final weights (pruned), those
+    weights as a :class:`BlockState` with ``from_weights=True``; None for a block not started.
+    ``net`` gives the expected tensors."""
     path = run.layout.state(block)
     if not path.exists():
-        return None
+        return _state_from_weights(run, block, net)
     tensors, meta = _read(path, run, block)
     want = net.state_dict()
     net_t = {k[4:]: v for k, v in tensors.items() if k.startswith("net.")}
@@ -194,6 +234,19 @@ def load_state(run: Run, block: int, net: nn.Module) -> BlockState | None:
     return BlockState(
         step, net_t, adam_m, adam_v, tensors["rng"], wall, tensors.get("rng_global"), ema
     )
+
+
+def _state_from_weights(run: Run, block: int, net: nn.Module) -> BlockState | None:
+    """A pruned block's restart point: its final weights at their step, nothing else (None when
+    the block has no weights either)."""
+    path = run.layout.weights(block)
+    if not path.exists():
+        return None
+    tensors, meta = _read(path, run, block)
+    _check_keys(block, path, tensors, net.state_dict())
+    wall = float((run.ledger.read(block) or {}).get("wall_time", 0.0))
+    return BlockState(_step_of(block, path, meta), tensors, None, None, None, wall,
+                      from_weights=True)  # fmt: skip
 
 
 def load_weights(run: Run, block: int, net: nn.Module) -> int:

@@ -39,6 +39,7 @@ from ..data.toy import ToyData
 from ..errors import ConfigError
 from ..nets import NETS, MLPSpec, NetSpec
 from ..spec import Builders, Registry, Section, Spec, SpecError, canonical
+from .wandb_log import WandbConfig
 
 
 class ProcessConfig(Section):
@@ -279,6 +280,13 @@ class TrainConfig(Section):
     # a warm start: every block starts from a trained run's final weights (``RUN`` or
     # ``RUN:BLOCK``; psm.runs.warm_start); hashed: the source's config hash and the block
     init_from: InitFrom | None = None
+    # keep each block's resume point (weights, Adam moments, EMA) once it is done; False: only
+    # its final weights stay, as after ``psm prune`` (more steps later restart its optimizer).
+    # Not hashed: it changes no weight a block is trained to
+    keep_state: bool = True
+    # Weights & Biases logging beside TensorBoard, one W&B run per block (psm.runs.wandb_log;
+    # a mapping or the project name). Not hashed: it changes no weight
+    wandb: WandbConfig | None = None
 
     @field_validator("objective", mode="before")
     @classmethod
@@ -348,6 +356,17 @@ class RunConfig(Section):
                     f"train.{field_name} has {len(given)} entries but the partition has {k} "
                     "blocks: give one per block"
                 )
+        return self
+
+    @model_validator(mode="after")
+    def _keep_state_fits(self) -> RunConfig:
+        if not self.train.keep_state and (self.train.budget or self.partition.kind == "auto"):
+            what = "train.budget" if self.train.budget else "partition.kind auto"
+            raise ValueError(
+                f"train.keep_state: false does not go with {what}, which extends blocks round "
+                "by round (each extension would restart their optimizer); run psm prune after "
+                "training instead"
+            )
         return self
 
     def decay_start(self, block: int) -> int:

@@ -45,6 +45,9 @@ class BlockStatus:
     host: str | None = None
     job: str | None = None
     init_from: dict[str, Any] | None = None  # a warm start: {run, hash, block} it started from
+    # a done block whose resume point was deleted (psm prune, train.keep_state: false): more
+    # steps later restart its optimizer from its final weights
+    pruned: bool = False
 
 
 class BlockLedger:
@@ -148,6 +151,7 @@ class BlockLedger:
             host=rec.get("host"),
             job=rec.get("job"),
             init_from=rec.get("init_from"),
+            pruned=bool(rec.get("pruned")) and not self.layout.state(block).exists(),
         )
 
     def statuses(self, blocks: list[int] | None = None) -> list[BlockStatus]:

@@ -261,8 +261,11 @@ def source_record(
 
 
 def waiting_blocks(run: Run) -> list[int]:
-    """The blocks that would start from the source now: those without a resume point."""
-    return [b for b in range(run.num_blocks) if not run.layout.state(b).exists()]
+    """The blocks that would start from the source now: those without a resume point (or
+    final weights: a pruned block restarts from its own)."""
+    lay = run.layout
+    return [b for b in range(run.num_blocks)
+            if not lay.state(b).exists() and not lay.weights(b).exists()]  # fmt: skip
 
 
 def check_reopened(run: Run, config: RunConfig) -> dict[str, Any] | None:

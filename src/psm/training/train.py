@@ -28,6 +28,7 @@ from __future__ import annotations
 import contextlib
 import json
 import math
+import sys
 import time
 from collections import defaultdict
 from collections.abc import Sequence
@@ -45,10 +46,18 @@ from ..core.objective import Batch, Objective, stack_batches
 from ..data import Dataset
 from ..errors import PSMError, RunError
 from ..runs.atomic import append_line, atomic_write_text
-from ..runs.checkpoint import BlockState, load_state, resume_step, save_state, save_weights
+from ..runs.checkpoint import (
+    BlockState,
+    has_moments,
+    load_state,
+    resume_step,
+    save_state,
+    save_weights,
+)
 from ..runs.lock import BlockLocks, lock_holder, lock_holder_alive
+from ..runs.prune import drop_state, record_restart
 from ..runs.run import Run
-from ..runs.tensorboard import add_scalars, summary_writer
+from ..runs.tensorboard import MetricWriter, add_scalars, metric_writer
 from ..runs.warm_start import start_block
 from .stack import NetStack, SingleNet, stack_nets
 from .stop import StopRequest
@@ -58,9 +67,11 @@ PROGRESS_SECONDS = 2.0
 """Least seconds between two progress writes of a block's status (besides ``log_every``)."""
 
 
-def block_seed(seed: int, block: int, purpose: int) -> int:
-    """A 63-bit seed for one purpose (init, data, global RNG) of one block of a run."""
-    return int(np.random.SeedSequence([seed, block, purpose]).generate_state(2, np.uint64)[0] >> 1)
+def block_seed(seed: int, block: int, purpose: int, *more: int) -> int:
+    """A 63-bit seed for one purpose (init, data, global RNG) of one block of a run (``more``:
+    e.g. the step a pruned block restarts its data stream at)."""
+    entropy = [seed, block, purpose, *more]
+    return int(np.random.SeedSequence(entropy).generate_state(2, np.uint64)[0] >> 1)
 
 
 def train_device(name: str) -> torch.device:
@@ -105,7 +116,9 @@ class BlockProblem:
             net = self.run.parts.new_net()
         net = net.to(self.device)
         warm = self.run.config.train.init_from is not None
-        if warm and not self.run.layout.state(self.block).exists():  # step 0: the source's
+        layout = self.run.layout
+        started = layout.state(self.block).exists() or layout.weights(self.block).exists()
+        if warm and not started:  # step 0: the source's (a pruned block: its own weights)
             start_block(self.run, self.block, net)
         return net
 
@@ -259,12 +272,18 @@ class StackTrainer:
         steps = {s.step if s else 0 for s in states}
         if len(steps) != 1:
             raise ValueError(f"blocks {self.blocks} are at different steps {sorted(steps)}")
+        if len({s is not None and s.adam_m is not None for s in states}) > 1:
+            raise ValueError(f"blocks {self.blocks}: some resume with Adam moments, some not")
         self.step = steps.pop()
         self.wall0 = [s.wall_time if s else 0.0 for s in states]
-        for net, gen, st in zip(nets, self.generators, states):
+        for b, net, gen, st in zip(self.blocks, nets, self.generators, states):
             if st is not None:
                 net.load_state_dict(st.net)
-                gen.set_state(st.rng.to(torch.uint8))
+                if st.rng is not None:
+                    gen.set_state(st.rng.to(torch.uint8))
+                else:  # pruned: fresh optimizer, a data stream of its own from this step
+                    gen.manual_seed(block_seed(cfg.seed, b, SEED_DATA, st.step))
+                    print(record_restart(run, b, st.step), file=sys.stderr)
         self.stack = stack_nets(nets, compile=cfg.compile)
         self.opt = make_adam(list(self.stack.params.values()), cfg.lr)
         if states[0] is not None and states[0].adam_m is not None:
@@ -288,7 +307,8 @@ class StackTrainer:
             if saved is not None:
                 self._set_global_rng(saved)
             else:
-                self._seed_global_rng(block_seed(cfg.seed, self.blocks[0], SEED_GLOBAL))
+                more = [self.step] if self.step else []  # a pruned block's restart
+                self._seed_global_rng(block_seed(cfg.seed, self.blocks[0], SEED_GLOBAL, *more))
         self._heldout: list[HeldoutBatch | None] | None = None  # built on first use
         self._t_start = time.perf_counter()
 
@@ -440,10 +460,12 @@ class StackTrainer:
 
     def checkpoint(self, *, final: bool, only: Sequence[int] | None = None) -> None:
         """Write the resume point (and, when ``final``, the weights) of each block."""
+        keep = self.run.config.train.keep_state
         for k, b in enumerate(self.blocks):
             if only is not None and k not in only:
                 continue
-            save_state(self.run, b, self.block_state(k))
+            if keep or not final:  # keep_state false: the done block's state is dropped next
+                save_state(self.run, b, self.block_state(k))
             if final:
                 save_weights(self.run, b, self.weights(k), self.step)
             self.run.ledger.write(b, checkpoint_step=self.step, checkpoint_time=time.time())
@@ -502,9 +524,9 @@ def train_stack(run: Run, blocks: Sequence[int], stop: StopRequest) -> list[Bloc
     The caller holds the blocks' locks. Returns one outcome per block, in the order given.
     """
     cfg = run.config.train
-    with torch.random.fork_rng(devices=_cuda_index(cfg.device)):
+    with metric_writer(run, blocks) as tb, torch.random.fork_rng(devices=_cuda_index(cfg.device)):
         trainer = StackTrainer(run, blocks)
-        return _train_loop(run, trainer, stop)
+        return _train_loop(run, trainer, stop, tb)
 
 
 def _cuda_index(device: str) -> list[int]:
@@ -518,7 +540,9 @@ def _cuda_index(device: str) -> list[int]:
     return [dev.index if dev.index is not None else torch.cuda.current_device()]
 
 
-def _train_loop(run: Run, tr: StackTrainer, stop: StopRequest) -> list[BlockOutcome]:
+def _train_loop(
+    run: Run, tr: StackTrainer, stop: StopRequest, tb: MetricWriter
+) -> list[BlockOutcome]:
     cfg = run.config.train
     blocks, target = tr.blocks, run.config.step_target(tr.blocks[0])
     for b in blocks:
@@ -529,7 +553,6 @@ def _train_loop(run: Run, tr: StackTrainer, stop: StopRequest) -> list[BlockOutc
         )  # fmt: skip
     window = _LossWindow(tr.step)
     last_loss: list[float | None] = [None] * len(blocks)
-    tb = summary_writer(run.path)
     progress_every = PROGRESS_SECONDS * max(1.0, len(blocks) / 100)  # many blocks: fewer writes
     last_progress = time.monotonic()
 
@@ -632,6 +655,8 @@ def _train_loop(run: Run, tr: StackTrainer, stop: StopRequest) -> list[BlockOutc
         run.ledger.write(
             b, state="done", step=tr.step, wall_time=walls[k], budget_spent=tr.step < target
         )
+        if not cfg.keep_state:  # only the final weights stay (as psm prune)
+            drop_state(run, b)
     return [BlockOutcome(b, "done", tr.step, last_loss[k]) for k, b in enumerate(blocks)]
 
 
@@ -707,9 +732,9 @@ def train_block(run_dir: str | Path | Run, block: int) -> BlockOutcome:
 def _step_groups(run: Run, blocks: list[int], max_stack: int | None) -> list[list[int]]:
     """Blocks grouped by their resume step (so Adam's step count is shared) and step target
     (a stack trains to one target), then chunked."""
-    by_step: dict[tuple[int, int, int], list[int]] = defaultdict(list)
-    for b in blocks:
-        by_step[(resume_step(run, b), *_schedule_key(run, b))].append(b)
+    by_step: dict[tuple[int, bool, int, int], list[int]] = defaultdict(list)
+    for b in blocks:  # a pruned block (fresh optimizer) never stacks with one with moments
+        by_step[(resume_step(run, b), has_moments(run, b), *_schedule_key(run, b))].append(b)
     size = max_stack or len(blocks) or 1
     groups = []
     for step in sorted(by_step):

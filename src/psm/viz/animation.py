@@ -16,13 +16,13 @@ from typing import Any
 import numpy as np
 import torch
 from torch import Tensor
-from tqdm.auto import tqdm
 
 from ..core.model import BlockModel
 from ..core.ode import PLOT_SOLVER, SolverSettings, State, solve_units, steps_for
 from ..core.partition import Partition
 from ..core.sample import Method, prior_sample, sample_ode, sample_sde
 from ..errors import PSMError
+from ..progress import make_bar
 from ..runs.atomic import atomic_write_bytes
 from . import use_agg
 from .samples import DATA_COLOR, MODEL_COLOR, Extent, data_extent, style_axes
@@ -208,7 +208,7 @@ def animate_trajectory(
     path = Path(path)
     with (
         tempfile.TemporaryDirectory(prefix="psm-gif-") as tmp,
-        tqdm(total=count + hold, desc="gif", unit="frame", disable=not progress, leave=False) as pb,
+        make_bar(count + hold, desc="gif", unit="frame", disable=not progress, leave=False) as pb,
     ):
         tmp_file = Path(tmp) / "anim.gif"
         anim.save(

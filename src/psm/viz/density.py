@@ -16,17 +16,19 @@ import math
 from collections.abc import Callable, Mapping
 from dataclasses import dataclass
 from pathlib import Path
+from typing import Any
 
 import torch
 from torch import Tensor
-from tqdm.auto import tqdm
 
 from ..core.likelihood import log_likelihood
 from ..core.model import BlockModel
 from ..core.ode import PLOT_SOLVER, SolverSettings
 from ..data import Dataset
 from ..errors import PSMError
+from ..progress import make_bar
 from . import use_agg
+from .layout import MAX_COLUMNS, panel_grid
 from .samples import Extent, data_extent, save_figure, style_axes
 
 
@@ -108,7 +110,7 @@ def model_density(
         dtype: evaluation dtype.
         device: where to evaluate.
         prior_log_prob: log-density at t = 1, ``[B, 2] -> [B]`` (default ``log N(0, I)``).
-        progress: show a tqdm bar over the grid points.
+        progress: show a bar over the grid points (:func:`psm.progress.make_bar`).
 
     Returns:
         A :class:`DensityGrid`.
@@ -117,7 +119,7 @@ def model_density(
         raise PSMError(f"batch size must be >= 1, got {batch_size}")
     xs, ys, pts = grid_points(extent, size)
     parts = []
-    with tqdm(total=len(pts), desc="density", unit="pt", disable=not progress, leave=False) as bar:
+    with make_bar(len(pts), desc="density", unit="pt", disable=not progress, leave=False) as bar:
         for i in range(0, len(pts), batch_size):
             xb = pts[i : i + batch_size].to(device=device, dtype=dtype)
             lp = log_likelihood(model, xb, solver=solver, prior_log_prob=prior_log_prob)
@@ -231,10 +233,22 @@ def plot_density_comparison(
     return Path(path)
 
 
-def _draw(
-    grids: Mapping[str, DensityGrid], ref: DensityGrid, ref_label: str, path: str | Path, title: str
-) -> None:
-    """Panels: each model's grid, then the reference; shared colour scale from the reference."""
+def density_figure(
+    grids: Mapping[str, DensityGrid], ref: DensityGrid, ref_label: str, title: str
+) -> Any:
+    """The heat-map figure: each model's grid, then the reference, in a grid of at most
+    :data:`~psm.viz.layout.MAX_COLUMNS` panels per row, all on one colour scale (``p`` from 0 to
+    the reference's 99.5th percentile) with one colour bar beside them.
+
+    Args:
+        grids: ``label -> model grid`` (titles give each one's mass in view).
+        ref: the reference grid (true density or data histogram).
+        ref_label: the reference panel's title.
+        title: the figure title.
+
+    Returns:
+        The matplotlib figure (not yet saved).
+    """
     plt = use_agg()
     from matplotlib.colors import Normalize
 
@@ -246,12 +260,9 @@ def _draw(
     norm = Normalize(0.0, vmax)
     panels = [(f"{label} (mass in view {g.mass():.3f})", g) for label, g in grids.items()]
     panels.append((ref_label, ref))
-    n = len(panels)
-    fig, axes = plt.subplots(
-        1, n, figsize=(3.6 * n + 0.8, 3.9), squeeze=False, layout="constrained"
-    )
+    fig, axes = panel_grid(plt, len(panels), extra_width=0.9)
     image = None
-    for ax, (label, g) in zip(axes[0], panels):
+    for ax, (label, g) in zip(axes, panels):
         p = torch.nan_to_num(g.density(), nan=0.0, posinf=vmax).numpy()
         image = ax.imshow(
             p, origin="lower", extent=g.extent, norm=norm, cmap="viridis", interpolation="nearest"
@@ -259,7 +270,14 @@ def _draw(
         style_axes(ax, g.extent)
         ax.set_title(label, fontsize=8)
     fig.suptitle(title, fontsize=9)
-    bar = fig.colorbar(image, ax=list(axes[0]), shrink=0.85)
+    bar = fig.colorbar(image, ax=axes, shrink=0.85 if len(axes) <= MAX_COLUMNS else 0.6)
     bar.set_label("p(x)", fontsize=8)
     bar.ax.tick_params(labelsize=7)
-    save_figure(fig, path)
+    return fig
+
+
+def _draw(
+    grids: Mapping[str, DensityGrid], ref: DensityGrid, ref_label: str, path: str | Path, title: str
+) -> None:
+    """Write :func:`density_figure` to ``path``."""
+    save_figure(density_figure(grids, ref, ref_label, title), path)

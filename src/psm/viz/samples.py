@@ -19,6 +19,7 @@ from torch import Tensor
 from ..errors import PSMError
 from ..runs.atomic import atomic_write_bytes
 from . import use_agg
+from .layout import panel_grid
 
 Extent = tuple[float, float, float, float]
 """A plotting window ``(x_min, x_max, y_min, y_max)``."""
@@ -115,7 +116,8 @@ def plot_samples(
     title: str | None = None,
     max_points: int = 20000,
 ) -> Path:
-    """Side-by-side scatters: data samples, then each model's samples, on one window.
+    """Side-by-side scatters: data samples, then each model's samples, on one window (at most
+    :data:`~psm.viz.layout.MAX_COLUMNS` panels per row).
 
     Args:
         samples: model samples ``[N, 2]``, or a mapping ``label -> [N, 2]`` for several models
@@ -146,8 +148,8 @@ def plot_samples(
         note = f", {out} outside the view" if out else ""
         panels.append((f"{label} ({len(x)}{note})", x, MODEL_COLOR))
     plt = use_agg()
-    fig, axes = plt.subplots(1, len(panels), figsize=(3.6 * len(panels), 3.9), squeeze=False)
-    for ax, (label, x, color) in zip(axes[0], panels):
+    fig, axes = panel_grid(plt, len(panels), panel_size=(3.6, 3.7), layout=None)
+    for ax, (label, x, color) in zip(axes, panels):
         scatter(ax, x[:max_points], extent, color=color)
         ax.set_title(label, fontsize=9)
     if title:
