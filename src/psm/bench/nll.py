@@ -4,16 +4,23 @@ The time of an ODE likelihood does not depend on how well the nets are trained, 
 here are freshly initialised paper MLPs (one per block) assembled exactly as a trained run
 would be (:class:`psm.core.model.BlockModel`); every model scores the same TY test points with the
 exact trace, side by side in one run.
+
+``--trace-only`` measures just the exact trace's two paths side by side (issue 21): the paper
+MLP's closed form (:meth:`psm.nets.mlp.PaperMLP.output_and_trace`) against autograd's D backward
+passes (the same nets behind plain callables), alternating, with the median of the paired
+ratios and the largest difference of the per-point results.
 """
 
 from __future__ import annotations
 
 import argparse
+import statistics
+import time
 from typing import Any
 
 import torch
 
-from ..core.likelihood import evaluate_nll
+from ..core.likelihood import evaluate_nll, log_likelihood
 from ..core.model import BlockModel
 from ..core.ode import SolverSettings
 from ..runs.config import validate_config
@@ -38,6 +45,13 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument(
         "--repeats", type=int, default=3, help="rounds over all methods; the best time counts"
     )
+    p.add_argument(
+        "--trace-only", action="store_true",
+        help="only compare the exact trace's closed form (paper MLP) with autograd",
+    )  # fmt: skip
+    p.add_argument("--trace-n", type=int, default=2000, help="points for --trace-only")
+    p.add_argument("--trace-blocks", type=int, default=5, help="TPSM blocks for --trace-only")
+    p.add_argument("--trace-steps", type=int, default=50, help="RK4 steps for --trace-only")
 
 
 def build_model(method: str, seed: int = 0) -> BlockModel:
@@ -65,8 +79,74 @@ def best_times(jobs: dict[str, tuple[BlockModel, int]], x: torch.Tensor, rounds:
     return best
 
 
+def autograd_model(model: BlockModel) -> BlockModel:
+    """The same nets behind plain callables: no closed-form trace to find, so the exact trace
+    goes through autograd (D backward passes per evaluation, psm before issue 21)."""
+    blocks = [lambda x, t, net=net: net(x, t) for net in model.blocks]
+    return BlockModel(model.process, model.partition, blocks, shape=model.shape)
+
+
+def compare_trace(
+    x: torch.Tensor, blocks: int, steps: int, repeats: int, seed: int = 0
+) -> dict[str, Any]:
+    """The exact-trace log-likelihood of ``x`` through a TPSM of untrained paper MLPs, by the
+    nets' closed form (new) and by autograd (old), alternating ``repeats`` times in one
+    process (old first on even rounds).
+
+    Returns:
+        Seconds of each run, the median of the paired old/new ratios, and the largest
+        absolute and relative difference of the per-point log-likelihoods.
+    """
+    partition = {"kind": "equal", "blocks": blocks}
+    parts = Parts(validate_config({"name": "trace", "partition": partition}))
+    torch.manual_seed(seed)
+    nets = [parts.new_net().eval().requires_grad_(False) for _ in range(blocks)]
+    new = BlockModel(parts.process, parts.partition, nets, shape=parts.shape)
+    models = {"new": new, "old": autograd_model(new)}
+    solver = SolverSettings("rk4", steps)
+    secs: dict[str, list[float]] = {"old": [], "new": []}
+    values: dict[str, torch.Tensor] = {}
+    for r in range(repeats):
+        for key in ("old", "new") if r % 2 == 0 else ("new", "old"):
+            start = time.perf_counter()
+            values[key] = log_likelihood(models[key], x, solver=solver)
+            secs[key].append(time.perf_counter() - start)
+    diff = (values["new"] - values["old"]).abs()
+    return {
+        "n": x.shape[0], "blocks": blocks, "rk4_steps": steps, "repeats": repeats,
+        "old_seconds": secs["old"], "new_seconds": secs["new"],
+        "median_ratio": statistics.median(o / n for o, n in zip(secs["old"], secs["new"])),
+        "max_abs_diff": float(diff.max()),
+        "max_rel_diff": float((diff / values["old"].abs().clamp_min(1e-12)).max()),
+    }  # fmt: skip
+
+
+def trace_section(res: dict[str, Any], threads: int) -> str:
+    """Markdown of :func:`compare_trace`."""
+    table = markdown_table(
+        ["path", "seconds (each run)", "old / new (median of pairs)"],
+        [
+            ["autograd (old)", ", ".join(f"{s:.2f}" for s in res["old_seconds"]), ""],
+            ["closed form (new)", ", ".join(f"{s:.2f}" for s in res["new_seconds"]),
+             f"{res['median_ratio']:.2f}x"],
+        ],
+    )  # fmt: skip
+    return (
+        f"### Exact trace: the MLP's closed form against autograd\n\n"
+        f"Exact-trace log-likelihood of {res['n']} TY test points, TPSM with "
+        f"{res['blocks']} untrained paper MLPs, RK4 with {res['rk4_steps']} steps, {threads} "
+        f"torch thread(s), {res['repeats']} alternating runs in one process.\n\n{table}\n\n"
+        f"Largest difference of the per-point log-likelihoods: {res['max_abs_diff']:.2g} nats "
+        f"({res['max_rel_diff']:.2g} relative).\n"
+    )
+
+
 def run(args: argparse.Namespace) -> tuple[dict[str, Any], str]:
     torch.set_num_threads(args.threads)
+    if args.trace_only:
+        x = Parts(validate_config({})).dataset.test_set(args.trace_n, 12345)
+        res = compare_trace(x, args.trace_blocks, args.trace_steps, args.repeats)
+        return {"trace": res}, trace_section(res, args.threads)
     data = Parts(validate_config({})).dataset
     x = data.test_set(args.n, 12345)
     sa = build_model("SA")

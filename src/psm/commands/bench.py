@@ -28,6 +28,7 @@ def add(sub: argparse._SubParsersAction) -> None:
         )
         mod.add_arguments(q)
         q.set_defaults(func=_run(mod, name))
+    importlib.import_module("psm.bench.gpu").add_parser(names)  # own flags: --append, no --doc
 
 
 def _run(mod, name: str):

@@ -16,6 +16,7 @@ if TYPE_CHECKING:  # torch is imported when a command runs, not when `psm` parse
 DTYPES: tuple[str, ...] = ("float32", "float64")
 DEFAULT_TOL = 1e-5  # SolverSettings.rtol/atol and eval.rtol/atol (tested)
 SOLVER_CHOICES: tuple[str, ...] = ("rk4", "euler", "dopri5")  # psm.core.ode.SOLVER_NAMES (tested)
+GRID_CHOICES: tuple[str, ...] = ("uniform", "log")  # psm.core.ode.GRIDS (tested)
 GRID_FIELD_CHOICES: tuple[str, ...] = ("constant", "linear")  # psm.core.model.GRID_FIELDS (tested)
 
 
@@ -47,6 +48,18 @@ def add_ode_arguments(p: argparse.ArgumentParser, *, steps_default: str) -> None
     )
     p.add_argument("--rtol", type=float, help=f"dopri5 relative tolerance (default {DEFAULT_TOL})")
     p.add_argument("--atol", type=float, help=f"dopri5 absolute tolerance (default {DEFAULT_TOL})")
+
+
+def add_grid_argument(p: argparse.ArgumentParser) -> None:
+    """``--grid uniform|log`` (``args.step_grid``): how a fixed-step solver places its steps,
+    read by :func:`ode_settings` (``psm plot`` has another ``--grid``, the heat map's)."""
+    p.add_argument(
+        "--grid",
+        dest="step_grid",
+        choices=GRID_CHOICES,
+        help="fixed-step solvers: steps evenly spaced in t (uniform, the default) or in log t "
+        "(log: short steps near t0, where image models' fields change fastest)",
+    )
 
 
 def add_model_arguments(p: argparse.ArgumentParser) -> None:
@@ -83,21 +96,30 @@ def ode_settings(
     """The solver from the flags over a default (a run's ``eval.solver_settings()``), checked.
 
     Args:
-        args: the parsed flags (``solver``, ``steps``, ``rtol``, ``atol``).
+        args: the parsed flags (``solver``, ``steps``, ``rtol``, ``atol``, and ``step_grid``
+            where the command has it: :func:`add_grid_argument`).
         default: the solver the flags override, field by field.
         blocks: the run's number of blocks (a per-block ``--steps`` list must match it).
 
     Raises:
         PSMError: per-block steps of the wrong length; tolerances given for a fixed-step
-            solver, or not > 0.
+            solver, or not > 0; a log grid for an adaptive solver.
     """
     from dataclasses import replace
+
+    from ..core.ode import SOLVERS
 
     method = args.solver or default.method
     steps = args.steps if args.steps is not None else default.steps
     if not isinstance(steps, int) and len(steps) != blocks:
         raise PSMError(f"--steps: {len(steps)} per-block values for a run of {blocks} blocks")
-    settings = replace(default, method=method, steps=steps)
+    flag_grid = getattr(args, "step_grid", None)
+    grid = flag_grid or default.grid
+    if not SOLVERS[method].fixed_step:
+        if flag_grid not in (None, "uniform"):
+            raise PSMError(f"--grid applies to fixed-step solvers only (solver is {method})")
+        grid = "uniform"  # an adaptive solver places its own steps
+    settings = replace(default, method=method, steps=steps, grid=grid)
     for flag in ("rtol", "atol"):
         value = getattr(args, flag)
         if value is None:

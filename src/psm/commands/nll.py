@@ -32,6 +32,7 @@ from typing import TYPE_CHECKING, Any
 from ..errors import PSMError
 from ..runs.nll_records import NLL_LOG, nll_record
 from .model_flags import (
+    add_grid_argument,
     add_model_arguments,
     add_ode_arguments,
     check_positive,
@@ -68,6 +69,7 @@ def add(sub: argparse._SubParsersAction) -> None:
     p.add_argument("run", help="run directory, or a model written by psm export")
     p.add_argument("--n", type=int, help="test points (default: eval.n_test)")
     add_ode_arguments(p, steps_default="eval.steps")
+    add_grid_argument(p)
     p.add_argument(
         "--trace",
         choices=TRACE_CHOICES,
@@ -235,7 +237,7 @@ def record_solver(rec: dict[str, Any]) -> SolverSettings:
     defaults)."""
     from ..core.ode import SolverSettings
 
-    given: dict[str, Any] = {k: rec[k] for k in ("rtol", "atol") if rec.get(k) is not None}
+    given: dict[str, Any] = {k: rec[k] for k in ("rtol", "atol", "grid") if rec.get(k) is not None}
     if rec["steps"] is not None:  # null for adaptive solvers
         steps = rec["steps"]
         given["steps"] = steps if isinstance(steps, int) else tuple(steps)

@@ -27,6 +27,7 @@ from typing import Any
 
 from ..errors import PSMError
 from .model_flags import (
+    add_grid_argument,
     add_model_arguments,
     add_ode_arguments,
     check_positive,
@@ -66,6 +67,7 @@ def add(sub: argparse._SubParsersAction) -> None:
         help="a prepared directory's split to score (default test)",
     )
     add_ode_arguments(p, steps_default="eval.steps")
+    add_grid_argument(p)
     p.add_argument(
         "--trace",
         choices=TRACE_CHOICES,

@@ -8,14 +8,17 @@ integrated from the data point ``x(t0) = x`` to noise, block by block: the integ
 over blocks of eq. 4 (TPSM) or, for DPSM with the piecewise-constant field and one Euler step per
 cell, exactly eq. 6. The solver carries the augmented state ``(x, Δ)`` with ``dΔ/dt = tr ∂f/∂x``.
 
-The trace is exact (vectorized: one reverse-mode product per dimension, all batched in one
-autograd call; for low dimension) or Hutchinson's ``v^T (∂f/∂x) v`` with Rademacher probes
-``v``: by default ``probes`` of them drawn once per batch and held fixed through the whole solve
-(as score_sde does; the estimate of ``log p`` is then unbiased and the ODE stays smooth), or,
-the authors' scripts' way, redrawn at every function evaluation (``redraw="evaluation"``).
-Above :data:`EXACT_TRACE_MAX_DIM` dimensions the exact trace costs D backward passes per
-evaluation (about 50x Hutchinson on 8x8 digits), so callers choose Hutchinson there
-(:func:`auto_trace`).
+The trace is exact or Hutchinson's. The exact trace comes from the block itself where it
+offers a closed form (:meth:`BlockModel.field_divergence`; the paper MLP's
+:meth:`~psm.nets.mlp.PaperMLP.output_and_trace`: one forward-mode tangent per dimension, no
+autograd graph), else from autograd (:func:`divergence`: one reverse-mode product per
+dimension); both give the same trace to float rounding. Hutchinson's estimate is
+``v^T (∂f/∂x) v`` with Rademacher probes ``v``: by default ``probes`` of them drawn once per
+batch and held fixed through the whole solve (as score_sde does; the estimate of ``log p`` is
+then unbiased and the ODE stays smooth), or, the authors' scripts' way, redrawn at every function
+evaluation (``redraw="evaluation"``). Above :data:`EXACT_TRACE_MAX_DIM` dimensions the exact
+trace costs D products per evaluation (about 50x Hutchinson on 8x8 digits), so callers choose
+Hutchinson there (:func:`auto_trace`).
 """
 
 from __future__ import annotations
@@ -187,6 +190,10 @@ def log_likelihood(
 
     def dynamics(block: int, t: Tensor, y: State) -> State:
         # augmented state (x, Δ): dx/dt = f(x, t), dΔ/dt = tr ∂f/∂x (eq. 20)
+        if trace == "exact":
+            fast = model.field_divergence(y[0], t, block)  # the block's closed form, if any
+            if fast is not None:
+                return fast
         fx, div = divergence(lambda z: model.field(z, t, block), y[0], draw() if per_eval else v)
         return fx, div
 

@@ -215,6 +215,47 @@ class BlockModel:
 
         return self._routed(x, t, block, fn)
 
+    def field_divergence(
+        self, x: Tensor, t: Tensor | float, block: int
+    ) -> tuple[Tensor, Tensor] | None:
+        """The field and the exact trace of its Jacobian in x, from the block's own closed form.
+
+        The field is affine in the network output, ``f = a x + c · out``
+        (:meth:`Process.field_coefficients`; for DPSM's constant field the cell's fixed
+        ``a_i, c_i``), so ``tr ∂f/∂x = a D + c tr ∂out/∂x``. A block offers
+        ``tr ∂out/∂x`` through a method ``output_and_trace(x, t) -> (out, trace [B]) | None``
+        (:meth:`psm.nets.mlp.PaperMLP.output_and_trace`); any other callable, and DPSM's linear
+        field (two nets mixed), get None: the caller then uses autograd
+        (:func:`psm.core.likelihood.divergence`).
+
+        Args:
+            x: ``[B, *D]``.
+            t: ``[B]`` or a scalar, inside the block's segment.
+            block: the block id.
+
+        Returns:
+            ``(f [B, *D], tr ∂f/∂x [B])``, both equal to :meth:`field` and autograd's trace to
+            float rounding; or None.
+        """
+        fast = getattr(self.blocks[block], "output_and_trace", None)
+        if fast is None or (self.is_grid and self.grid_field != "constant"):
+            return None
+        t = self._times(t, x)
+        dim = x[0].numel()
+        if self.is_grid:
+            a, c = self._cell_coefficients(block)
+            res = fast(x, torch.full_like(t, self.net_time(block)))
+            if res is None:
+                return None
+            out, tr = res
+            return a * x + c * out, a * dim + c * tr
+        res = fast(x, t)
+        if res is None:
+            return None
+        out, tr = res
+        a, c = self.process.field_coefficients(t)
+        return self.process.velocity(out, x, t), a * dim + c * tr
+
     def _cell_coefficients(self, block: int) -> tuple[float, float]:
         """DPSM constant field: ``(a_i, c_i)`` with ``f_i(x) = a_i x + c_i net_i(x)`` (eq. 6)."""
         if block not in self._cell_cache:

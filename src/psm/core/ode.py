@@ -8,11 +8,14 @@ A model is integrated block by block: block i's field is used only on its own su
 ``[t_i, t_{i+1}]`` (with the floor t0), each block solved on its own (eq. 3 for generation, the
 sum over blocks in eq. 4 for likelihood). Fixed-step solvers split a total step budget over the
 blocks in proportion to their lengths (at least one step each) unless steps are given per
-block; the adaptive solver (dopri5 through :func:`torchdiffeq.odeint`) restarts at each block
-boundary, where the field may jump, and is made to land exactly on the block's end (its
-``step_t`` option) and to start with a step inside the block, so that it never evaluates a
-block's field outside the block's own segment (by default dopri5 steps past the end and
-interpolates back).
+block, and space the steps of each block evenly in t (``grid="uniform"``, the default) or
+evenly in log t (``grid="log"``: geometric, short steps near t0 where the field of image models
+changes fastest, long ones near 1; the budget is then split by the blocks' lengths in log t, so
+the steps of all blocks make one geometric grid over ``[t0, 1]``, to rounding). The adaptive
+solver (dopri5 through :func:`torchdiffeq.odeint`) restarts at each block boundary, where the
+field may jump, and is made to land exactly on the block's end (its ``step_t`` option) and to
+start with a step inside the block, so that it never evaluates a block's field outside the
+block's own segment (by default dopri5 steps past the end and interpolates back).
 
 Solver settings travel as one :class:`SolverSettings` value; :data:`SOLVERS` lists the methods,
 so a new solver is one step (or one torchdiffeq method name) and one registry entry.
@@ -49,6 +52,10 @@ StepHook = Callable[[float, State], None]
 
 Direction = Literal["to_noise", "to_data"]
 DIRECTIONS: tuple[str, ...] = ("to_noise", "to_data")
+
+Grid = Literal["uniform", "log"]
+GRIDS: tuple[str, ...] = ("uniform", "log")
+"""How fixed-step solvers place their steps in each block: evenly in t, or evenly in log t."""
 
 
 # ---------------------------------------------------------------------- single steps
@@ -102,12 +109,16 @@ class SolverSettings:
             methods.
         rtol: adaptive methods: relative tolerance.
         atol: adaptive methods: absolute tolerance.
+        grid: fixed-step methods: steps evenly spaced in t (``"uniform"``) or in log t
+            (``"log"``, geometric; a total budget is then split by the blocks' lengths in
+            log t). Adaptive methods take only ``"uniform"`` (they place their own steps).
     """
 
     method: str = "rk4"
     steps: int | tuple[int, ...] = 1000
     rtol: float = 1e-5
     atol: float = 1e-5
+    grid: str = "uniform"
 
     def __post_init__(self) -> None:
         if self.method not in SOLVERS:
@@ -119,6 +130,10 @@ class SolverSettings:
             object.__setattr__(self, "steps", tuple(int(n) for n in self.steps))
         if not (self.rtol > 0 and self.atol > 0):
             raise ValueError(f"tolerances must be > 0, got rtol={self.rtol}, atol={self.atol}")
+        if self.grid not in GRIDS:
+            raise ValueError(f"unknown grid {self.grid!r} (choose from {', '.join(GRIDS)})")
+        if self.grid != "uniform" and not self.fixed_step:
+            raise ValueError(f"a {self.grid} grid applies to fixed-step solvers, not {self.method}")
 
     @property
     def fixed_step(self) -> bool:
@@ -126,12 +141,14 @@ class SolverSettings:
         return SOLVERS[self.method].fixed_step
 
     def describe(self) -> str:
-        """``"rk4 1000 steps"``, ``"rk4 steps 100,900"`` or ``"dopri5 rtol 1e-05"``."""
+        """``"rk4 1000 steps"``, ``"rk4 steps 100,900"``, ``"rk4 250 steps, log grid"`` or
+        ``"dopri5 rtol 1e-05"``."""
         if not self.fixed_step:
             return f"{self.method} rtol {self.rtol:g}"
+        grid = "" if self.grid == "uniform" else f", {self.grid} grid"
         if isinstance(self.steps, int):
-            return f"{self.method} {self.steps} steps"
-        return f"{self.method} steps {','.join(map(str, self.steps))}"
+            return f"{self.method} {self.steps} steps{grid}"
+        return f"{self.method} steps {','.join(map(str, self.steps))}{grid}"
 
 
 # ---------------------------------------------------------------------- one interval
@@ -148,7 +165,8 @@ class SegmentSolver(Protocol):
 
 @dataclass(frozen=True)
 class FixedStep:
-    """``steps`` equal steps of a one-step method (:func:`euler_step`, :func:`rk4_step`)."""
+    """``steps`` steps of a one-step method (:func:`euler_step`, :func:`rk4_step`), placed as
+    ``settings.grid`` says."""
 
     step: Callable[[Dynamics, Tensor, float, State], State]
     fixed_step: bool = True
@@ -157,7 +175,9 @@ class FixedStep:
         self, f: Dynamics, y0: State, t_start: float, t_end: float, *, steps: int,
         settings: SolverSettings, on_step: StepHook | None,
     ) -> State:  # fmt: skip
-        return integrate_fixed(f, y0, t_start, t_end, steps, step=self.step, on_step=on_step)
+        return integrate_fixed(
+            f, y0, t_start, t_end, steps, step=self.step, on_step=on_step, grid=settings.grid
+        )
 
 
 @dataclass(frozen=True)
@@ -204,8 +224,9 @@ def integrate_fixed(
     *,
     step: Callable[[Dynamics, Tensor, float, State], State] = rk4_step,
     on_step: StepHook | None = None,
+    grid: Grid | str = "uniform",
 ) -> State:
-    """Integrate ``dy/dt = f(t, y)`` from ``t_start`` to ``t_end`` with ``steps`` equal steps.
+    """Integrate ``dy/dt = f(t, y)`` from ``t_start`` to ``t_end`` with ``steps`` steps.
 
     Args:
         f: the dynamics.
@@ -215,6 +236,8 @@ def integrate_fixed(
         steps: number of steps, >= 1.
         step: the one-step method.
         on_step: hook called after each step.
+        grid: ``"uniform"``: equal steps; ``"log"``: steps equal in log t (both ends > 0),
+            :func:`step_times`.
 
     Returns:
         The state at ``t_end``.
@@ -222,14 +245,48 @@ def integrate_fixed(
     if steps < 1:
         raise ValueError(f"steps must be >= 1, got {steps}")
     ref = y0[0]
-    h = (t_end - t_start) / steps
     y = y0
+    if grid == "uniform":  # the arithmetic of psm before grids, kept for bit-equal results
+        h = (t_end - t_start) / steps
+        for k in range(steps):
+            t = torch.tensor(t_start + k * h, dtype=ref.dtype, device=ref.device)
+            y = step(f, t, h, y)
+            if on_step is not None:
+                on_step(t_start + (k + 1) * h if k + 1 < steps else t_end, y)
+        return y
+    times = step_times(t_start, t_end, steps, grid)
     for k in range(steps):
-        t = torch.tensor(t_start + k * h, dtype=ref.dtype, device=ref.device)
-        y = step(f, t, h, y)
+        t = torch.tensor(times[k], dtype=ref.dtype, device=ref.device)
+        y = step(f, t, times[k + 1] - times[k], y)
         if on_step is not None:
-            on_step(t_start + (k + 1) * h if k + 1 < steps else t_end, y)
+            on_step(times[k + 1], y)
     return y
+
+
+def step_times(t_start: float, t_end: float, steps: int, grid: Grid | str) -> list[float]:
+    """The ``steps + 1`` step points from ``t_start`` to ``t_end`` (both ends exact).
+
+    Args:
+        t_start: start time.
+        t_end: end time (may be below ``t_start``).
+        steps: number of steps, >= 1.
+        grid: ``"uniform"`` (``t_start + k h``) or ``"log"`` (geometric,
+            ``t_start (t_end / t_start)^(k / steps)``; both ends must be > 0).
+
+    Raises:
+        ValueError: an unknown grid, or a log grid reaching t <= 0.
+    """
+    if grid not in GRIDS:
+        raise ValueError(f"unknown grid {grid!r} (choose from {', '.join(GRIDS)})")
+    if grid == "uniform":
+        h = (t_end - t_start) / steps
+        inner = [t_start + k * h for k in range(1, steps)]
+    else:
+        if not (t_start > 0 and t_end > 0):
+            raise ValueError(f"a log grid needs times > 0, got [{t_start:g}, {t_end:g}]")
+        ratio = math.log(t_end / t_start)
+        inner = [t_start * math.exp(ratio * k / steps) for k in range(1, steps)]
+    return [t_start, *inner, t_end]
 
 
 FIRST_STEP_FRACTION = 0.01
@@ -302,18 +359,24 @@ def allocate_steps(lengths: Sequence[float], total: int) -> list[int]:
     return steps
 
 
-def steps_for(segments: Sequence[Segment], steps: int | Sequence[int]) -> list[int]:
+def steps_for(
+    segments: Sequence[Segment], steps: int | Sequence[int], grid: Grid | str = "uniform"
+) -> list[int]:
     """Steps per segment: a total budget split by length, or given per block id.
 
     Args:
         segments: the segments to integrate.
         steps: a total (split with :func:`allocate_steps`) or a sequence indexed by block id
             (e.g. ``[100, 900]`` for the paper's two image blocks ``[0, 0.1], [0.1, 1]``).
+        grid: ``"uniform"``: a total is split by the segments' lengths; ``"log"``: by their
+            lengths in log t (``log(t_hi / t_lo)``), as one geometric grid over all of them.
 
     Returns:
         Steps for each segment, in the order of ``segments``.
     """
     if isinstance(steps, int):
+        if grid == "log":
+            return allocate_steps([math.log(s.t_hi / s.t_lo) for s in segments], steps)
         return allocate_steps([s.length for s in segments], steps)
     per_block = list(steps)
     need = max(s.block for s in segments) + 1
@@ -329,7 +392,7 @@ def solve_units(segments: Sequence[Segment], solver: SolverSettings) -> int:
     """How many times ``on_step`` fires in one solve (for progress bars): every step of a
     fixed-step method, every block of an adaptive one."""
     if solver.fixed_step:
-        return sum(steps_for(segments, solver.steps))
+        return sum(steps_for(segments, solver.steps, solver.grid))
     return len(segments)
 
 
@@ -359,7 +422,7 @@ def integrate_blocks(
         raise ValueError(f"unknown direction {direction!r} (choose from {', '.join(DIRECTIONS)})")
     method = SOLVERS[solver.method]
     segs = list(segments)
-    counts = steps_for(segs, solver.steps) if method.fixed_step else [0] * len(segs)
+    counts = steps_for(segs, solver.steps, solver.grid) if method.fixed_step else [0] * len(segs)
     order = range(len(segs)) if direction == "to_noise" else range(len(segs) - 1, -1, -1)
     y = tuple(y0)
     for i in order:

@@ -3,13 +3,16 @@
 ``[x, t, t] → 100 → 150 → 100 → d`` with ELU; the time-free twin (DPSM) drops the time inputs.
 Points of any shape are flattened on the way in and reshaped on the way out, so the same MLP is
 also a (weak) baseline on small images.
+
+:meth:`PaperMLP.output_and_trace` gives the output and the exact trace of its Jacobian in x in
+closed form (the likelihood's fast path, :meth:`psm.core.model.BlockModel.field_divergence`).
 """
 
 from __future__ import annotations
 
 import itertools
 import math
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from typing import Literal
 
 import torch
@@ -18,6 +21,58 @@ from torch import Tensor, nn
 
 from .activations import ACTIVATION_NAMES, ACTIVATIONS, STACKED_ACTIVATIONS
 from .base import BlockNet, NetSpec
+
+F = nn.functional
+
+
+# ---------------------------------------------------------------------- activation derivatives
+# Each takes the pre-activation z (which it may overwrite) and returns (act(z), act'(z)).
+def _elu(z: Tensor) -> tuple[Tensor, Tensor]:
+    # alpha = 1: elu(z) = (exp(min(z, 0)) - 1) + max(z, 0) and elu'(z) = exp(min(z, 0)): one
+    # exp for both (on a CPU torch's elu alone, an expm1, takes about as long); exact for
+    # z > 0, equal to float rounding below
+    slope = z.clamp(max=0.0).exp_()
+    return slope.sub(1.0).add_(z.clamp_(min=0.0)), slope
+
+
+def _silu(z: Tensor) -> tuple[Tensor, Tensor]:
+    s = torch.sigmoid(z)
+    return F.silu(z), s * (1.0 + z * (1.0 - s))
+
+
+def _relu(z: Tensor) -> tuple[Tensor, Tensor]:
+    return F.relu(z), (z > 0).to(z.dtype)
+
+
+def _tanh(z: Tensor) -> tuple[Tensor, Tensor]:
+    a = torch.tanh(z)
+    return a, 1.0 - a * a
+
+
+def _softplus(z: Tensor) -> tuple[Tensor, Tensor]:
+    # nn.Softplus: beta 1, linear above the threshold 20 (slope exactly 1 there)
+    return F.softplus(z), torch.where(z > 20.0, 1.0, torch.sigmoid(z))
+
+
+ACTIVATION_DERIVATIVES: dict[str, Callable[[Tensor], tuple[Tensor, Tensor]]] = {
+    "elu": _elu,
+    "silu": _silu,
+    "relu": _relu,
+    "tanh": _tanh,
+    "softplus": _softplus,
+}
+"""``z -> (act(z), act'(z))`` for the activations whose Jacobian trace the MLP computes in
+closed form (``z`` may be overwritten); an activation missing here makes
+:meth:`PaperMLP.output_and_trace` answer None."""
+
+TRACE_CHUNK_ELEMENTS = 1 << 18
+""":meth:`PaperMLP.output_and_trace` works through the batch in chunks of about this many
+values per layer (``rows x (1 + D) x widest layer``: the hidden values and their D tangents), so
+that they stay in the CPU's cache (one large batch runs measurably slower per point)."""
+
+TRACE_CHUNK_ELEMENTS_DEVICE = 1 << 26
+"""The same on an accelerator, where only memory bounds a chunk (256 MB of float32 per layer):
+small chunks would only add kernel launches."""
 
 
 class PaperMLP(BlockNet):
@@ -79,6 +134,57 @@ class PaperMLP(BlockNet):
             h = torch.cat([h, t[:, None].expand(-1, self.time_repeats)], dim=1)
         return self.layers(h).reshape(x.shape)
 
+    def output_and_trace(self, x: Tensor, t: Tensor | None = None) -> tuple[Tensor, Tensor] | None:
+        """The output and the exact trace of its Jacobian in ``x``, in closed form.
+
+        For ``h_1 = act(W_1 [x, t] + b_1)``, ``h_i = act(W_i h_{i-1} + b_i)`` and the output
+        ``W_L h_{L-1} + b_L``, the Jacobian in x is ``W_L A_{L-1} W_{L-1} ... A_1 U`` with
+        ``A_i = diag(act'(z_i))`` per sample and ``U`` the D columns of ``W_1`` on x. Its trace
+        is ``Σ_k w_k^T A_{L-1} W_{L-1} ... A_1 u_k`` (``u_k`` column k of ``U``, ``w_k`` row k of
+        ``W_L``): D forward-mode tangents carried together, started past the first layer
+        (``W_2 A_1 u_k = (W_2 diag(u_k)) act'(z_1)``, one product with the D matrices side by
+        side) and ended with a dot product with ``w_k``. The same matrix products as autograd's D
+        backward passes, without its graph, its small first- and last-layer products and most of
+        its element-wise passes, in chunks of the batch that stay in a CPU's cache. Output and
+        trace equal :meth:`forward`'s and autograd's to float rounding. Like
+        :func:`psm.core.likelihood.divergence`, it keeps no graph: the results carry no gradient.
+
+        Args:
+            x: ``[B, *shape]``.
+            t: ``[B]`` (ignored when time-free).
+
+        Returns:
+            ``(output [B, *shape], trace [B])``, or None where this net cannot (an activation
+            without a derivative in :data:`ACTIVATION_DERIVATIVES`, or dropout in training
+            mode): the caller then falls back to autograd.
+        """
+        act = ACTIVATION_DERIVATIVES.get(self.activation)
+        if act is None or (self.training and self.dropout > 0):
+            return None
+        h = x.flatten(1)
+        if self.time_repeats:
+            if t is None:
+                raise ValueError("this net is time-conditioned: pass t")
+            t = torch.as_tensor(t, dtype=x.dtype, device=x.device).expand(x.shape[0])
+            h = torch.cat([h, t[:, None].expand(-1, self.time_repeats)], dim=1)
+        linears = [m for m in self.layers if isinstance(m, nn.Linear)]
+        d = linears[-1].out_features
+        u = linears[0].weight[:, :d]  # [h_1, D]: the first layer's columns on x
+        w = linears[-1].weight  # [D, h_{L-1}]
+        budget = TRACE_CHUNK_ELEMENTS if h.device.type == "cpu" else TRACE_CHUNK_ELEMENTS_DEVICE
+        rows = max(1, budget // ((1 + d) * max(m.out_features for m in linears)))
+        with torch.no_grad():
+            if len(linears) == 2:  # one hidden layer: tr = act'(z_1) · (Σ_k u_k ⊙ w_k)
+                first = (u * w.t()).sum(1)
+            else:  # [D h_2, h_1]: the D matrices W_2 diag(u_k), stacked
+                first = (linears[1].weight[None] * u.t()[:, None, :]).flatten(0, 1)
+            parts = [_mlp_output_and_trace(hc, linears, act, first) for hc in h.split(rows)]
+        if len(parts) == 1:
+            out, tr = parts[0]
+        else:
+            out, tr = torch.cat([p[0] for p in parts]), torch.cat([p[1] for p in parts])
+        return out.reshape(x.shape), tr
+
     def stacked_forward(self, params: dict[str, Tensor], x: Tensor, t: Tensor) -> Tensor:
         """K nets of this architecture at once, with batched matmuls (the ensemble trainer).
 
@@ -106,6 +212,40 @@ class PaperMLP(BlockNet):
                 if self.dropout > 0:
                     h = torch.nn.functional.dropout(h, self.dropout, self.training)
         return h.reshape(x.shape)
+
+
+def _mlp_output_and_trace(
+    h: Tensor,
+    linears: Sequence[nn.Linear],
+    act: Callable[[Tensor], tuple[Tensor, Tensor]],
+    first: Tensor,
+) -> tuple[Tensor, Tensor]:
+    """:meth:`PaperMLP.output_and_trace` of one chunk.
+
+    Args:
+        h: the net's input ``[n, D + time inputs]``.
+        linears: the net's linear layers.
+        act: the activation with its derivative (:data:`ACTIVATION_DERIVATIVES`).
+        first: one hidden layer: ``Σ_k u_k ⊙ w_k`` ``[h_1]``; more: the stacked
+            ``W_2 diag(u_k)`` ``[D h_2, h_1]``.
+
+    Returns:
+        ``(output [n, D], trace [n])``.
+    """
+    slopes = []
+    for lin in linears[:-1]:
+        h, slope = act(F.linear(h, lin.weight, lin.bias))
+        slopes.append(slope)
+    last = linears[-1]
+    out = F.linear(h, last.weight, last.bias)
+    if len(slopes) == 1:
+        return out, slopes[0] @ first
+    n, d = out.shape
+    tan = F.linear(slopes[0], first).view(n, d, -1)  # [n, D, h_2]: W_2 A_1 u_k, k = 1..D
+    for lin, slope in zip(linears[2:-1], slopes[1:-1], strict=True):
+        tan = F.linear(tan.mul_(slope[:, None, :]).view(n * d, -1), lin.weight).view(n, d, -1)
+    tan = tan.mul_(slopes[-1][:, None, :])  # [n, D, h_{L-1}]: A_{L-1} ... A_1 u_k
+    return out, (tan * last.weight).sum((1, 2))
 
 
 class MLPSpec(NetSpec):

@@ -28,8 +28,8 @@ NLL_LOG = "nll.jsonl"
 
 IDENTITY: tuple[str, ...] = (
     "config_hash", "train_steps", "t0", "convention", "n", "solver", "steps", "rtol", "atol",
-    "trace", "probes", "probe_redraw", "grid_field", "batch_size", "test_seed", "probe_seed",
-    "device", "dtype",
+    "grid", "trace", "probes", "probe_redraw", "grid_field", "batch_size", "test_seed",
+    "probe_seed", "device", "dtype",
 )  # fmt: skip
 """The record fields that fix an evaluation: the problem and step target (``config_hash``,
 ``train_steps``) and every setting of the likelihood. Equal on these, two records hold the same
@@ -67,6 +67,12 @@ def _steps(solver: SolverSettings) -> int | list[int] | None:
     if not solver.fixed_step:
         return None
     return solver.steps if isinstance(solver.steps, int) else list(solver.steps)
+
+
+def _grid(solver: SolverSettings) -> str | None:
+    """The record's ``grid``: None for the default uniform steps (so records made before grids
+    existed, which lack the field, keep their identity), else the grid's name."""
+    return None if solver.grid == "uniform" else solver.grid
 
 
 def trained(run: Run) -> tuple[int, float]:
@@ -158,6 +164,7 @@ def nll_record(
         "steps": _steps(solver),
         "rtol": solver.rtol if adaptive else None,
         "atol": solver.atol if adaptive else None,
+        "grid": _grid(solver),
         "trace": trace,
         "probes": r.probes if hutch else None,
         "probe_redraw": r.redraw if hutch else None,
@@ -200,6 +207,7 @@ def evaluation_key(
         "steps": _steps(solver),
         "rtol": solver.rtol if adaptive else None,
         "atol": solver.atol if adaptive else None,
+        "grid": _grid(solver),
         "trace": settings.trace,
         "probes": settings.probes if hutch else None,
         "probe_redraw": settings.redraw if hutch else None,
