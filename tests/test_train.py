@@ -134,7 +134,8 @@ def test_time_budget_ends_blocks_and_can_be_raised(make_run, tmp_path):
     assert run.ledger.done(0) and run.ledger.status(0).wall_time >= 0.3
     outs = train_ensemble(run, [1, 2])
     assert all(o.state == "done" for o in outs) and run.ledger.done(1) and run.ledger.done(2)
-    more = make_run(path=run.path, train={"steps": 10**9, "max_seconds": 0.6})
+    raised = run.ledger.status(0).wall_time + 0.3  # above what a loaded machine spent already
+    more = make_run(path=run.path, train={"steps": 10**9, "max_seconds": raised})
     assert more.ledger.done(0) and not more.ledger.done(0, more.config.train.steps)
     assert train_block(more, 0).step > out.step
 

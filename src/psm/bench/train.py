@@ -9,13 +9,17 @@ checkpoint). Also measured: what drawing one batch costs next to one training st
 from __future__ import annotations
 
 import argparse
+import math
+import statistics
 import tempfile
 import time
 from pathlib import Path
 from typing import Any
 
 import torch
+from torch import Tensor
 
+from ..core.objective import stack_batches
 from ..training.train import StackTrainer, train_block, train_ensemble
 from .report import markdown_table, toy_run
 
@@ -79,6 +83,90 @@ def time_sampling(root: Path, batch: int, n: int = 300) -> dict[str, float]:
     return {"draw_us": draw * 1e6, "step_us": step * 1e6, "draw_share": draw / step}
 
 
+STEP_MFLOP_NOTE = "three matrix products per linear layer, 2 B fan_in fan_out FLOPs each"
+
+
+def step_flops(trainer: StackTrainer) -> float:
+    """FLOPs of one training step of a stack of MLPs: three matrix products per linear layer
+    (forward, gradient in the input, gradient in the weights), ``2 B fan_in fan_out`` each,
+    per block (about 94 MFLOP for the paper MLP at batch 512)."""
+    batch = trainer.problems[0].batch_size
+    linears = [m for m in trainer.stack.net_state(0) if m.endswith("weight")]
+    per = sum(trainer.stack.part(trainer.stack.params[n], 0).numel() for n in linears)
+    return 3.0 * 2.0 * batch * per * len(trainer.blocks)
+
+
+def reference_step(tr: StackTrainer) -> Tensor:
+    """The training step as it was before the direct fused-Adam call (``opt.zero_grad``,
+    the autocast context entered every step, ``opt.step``): the same arithmetic as
+    :meth:`StackTrainer.train_step` (bit-for-bit), kept to measure the two side by side."""
+    batch = stack_batches([p.draw_batch(g) for p, g in zip(tr.problems, tr.generators)])
+    with tr.recipe.autocast():
+        out = tr.stack(batch.x_t, batch.t)
+    losses = tr.objective.loss(out.float(), batch.target, batch.weight)
+    tr.opt.zero_grad(set_to_none=True)
+    losses.sum().backward()
+    if tr.recipe.grad_clip is not None:
+        tr.stack.clip_grad_norm_(tr.recipe.grad_clip)
+    for group in tr.opt.param_groups:
+        group["lr"] = tr.recipe.lr(tr.step)
+    tr.opt.step()
+    tr.step += 1
+    return losses.detach()
+
+
+def mm_rate(size: int = 2048, repeats: int = 3) -> float:
+    """FLOP/s of ``torch.mm`` of two ``size x size`` float32 matrices (best of ``repeats``)."""
+    a, b = torch.randn(size, size), torch.randn(size, size)
+    torch.mm(a, b)
+    best = math.inf
+    for _ in range(repeats):
+        t = time.perf_counter()
+        torch.mm(a, b)
+        best = min(best, time.perf_counter() - t)
+    return 2.0 * size**3 / best
+
+
+def time_step_rate(root: Path, batch: int, rounds: int = 7, steps: int = 100) -> dict[str, Any]:
+    """One block's training step (draw and Adam included, one thread, steady state) as a
+    fraction of the one-core ``torch.mm`` rate, the reference step and the current one side by
+    side: ``rounds`` alternating chunks of ``steps`` steps each, ``torch.mm`` measured between
+    the chunks; medians of the per-round values."""
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    try:
+        run = toy_run(root, "rate", 10, 10, batch)
+        old, new = StackTrainer(run, [3]), StackTrainer(run, [3])
+        for _ in range(20):  # warm-up (and Adam's state made)
+            reference_step(old)
+            new.train_step()
+        flops = step_flops(new)
+        fractions: dict[str, list[float]] = {"old": [], "new": []}
+        us: dict[str, list[float]] = {"old": [], "new": []}
+        ratios = []
+        for _ in range(rounds):
+            secs = {}
+            for name, step in (("old", lambda: reference_step(old)), ("new", new.train_step)):
+                t = time.perf_counter()
+                for _ in range(steps):
+                    step()
+                secs[name] = (time.perf_counter() - t) / steps
+            mm = mm_rate()
+            for name, sec in secs.items():
+                fractions[name].append(flops / sec / mm)
+                us[name].append(sec * 1e6)
+            ratios.append(secs["old"] / secs["new"])
+    finally:
+        torch.set_num_threads(threads)
+    med = statistics.median
+    return {
+        "step_mflop": flops / 1e6,
+        "old_us": med(us["old"]), "new_us": med(us["new"]),
+        "old_fraction_of_mm": med(fractions["old"]), "new_fraction_of_mm": med(fractions["new"]),
+        "paired_speedups": sorted(ratios), "median_paired_speedup": med(ratios),
+    }  # fmt: skip
+
+
 def run(args: argparse.Namespace) -> tuple[dict[str, Any], str]:
     torch.set_num_threads(args.threads)
     ks = [int(k) for k in args.blocks.split(",") if k.strip()]
@@ -86,6 +174,7 @@ def run(args: argparse.Namespace) -> tuple[dict[str, Any], str]:
     with tempfile.TemporaryDirectory(prefix="psm-bench-") as tmp:
         root = Path(tmp)
         sampling = time_sampling(root, args.batch_size)
+        rate = time_step_rate(root, args.batch_size)
         for k in ks:
             steps = max(40, args.block_steps // k)
             pairs = []
@@ -140,4 +229,18 @@ def run(args: argparse.Namespace) -> tuple[dict[str, Any], str]:
         f"training step of one block (draw included): {sampling['step_us']:.0f} us; drawing is "
         f"{100 * sampling['draw_share']:.1f}% of a step.\n"
     )
-    return {"results": results, "sampling": sampling, "threads": args.threads}, md
+    rate_rows = [
+        ["before (opt.zero_grad, opt.step)", rate["old_us"], rate["old_fraction_of_mm"]],
+        ["now (direct fused Adam)", rate["new_us"], rate["new_fraction_of_mm"]],
+    ]
+    md += (
+        f"\nOne block's step at batch {args.batch_size} ({rate['step_mflop']:.0f} MFLOP: "
+        f"{STEP_MFLOP_NOTE}), one thread, steady state, as a fraction of one core's "
+        f"`torch.mm` rate (2048 x 2048 float32) measured between the chunks, medians of 7 "
+        f"alternating chunks of 100 steps:\n\n"
+        + markdown_table(["step", "us / step", "fraction of the mm rate"], rate_rows)
+        + f"\n\nnow / before, median of the paired chunks: {rate['median_paired_speedup']:.2f}x "
+        "(bit-for-bit the same weights).\n"
+    )
+    return {"results": results, "sampling": sampling, "step_rate": rate,
+            "threads": args.threads}, md  # fmt: skip

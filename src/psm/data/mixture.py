@@ -114,8 +114,10 @@ class Mixture(Dataset):
         comp = torch.searchsorted(cdf, pick, right=True)
         z = torch.randn(n, 2, generator=generator, device=generator.device)
         u = torch.rand(n, 2, generator=generator, device=generator.device)
-        v = torch.where(is_box[comp, None], u, z)
-        return torch.baddbmm(loc[comp, :, None], mat[comp], v[:, :, None]).squeeze(-1)
+        # index_select: the same gathers as ``loc[comp]`` etc., without advanced indexing's cost
+        v = torch.where(is_box.index_select(0, comp)[:, None], u, z)
+        loc_n, mat_n = loc.index_select(0, comp)[:, :, None], mat.index_select(0, comp)
+        return torch.baddbmm(loc_n, mat_n, v[:, :, None]).squeeze(-1)
 
     @property
     def has_density(self) -> bool:

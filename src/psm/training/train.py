@@ -26,6 +26,7 @@ Both are
 from __future__ import annotations
 
 import contextlib
+import functools
 import json
 import math
 import sys
@@ -163,6 +164,82 @@ def make_adam(params: list[Tensor], lr: float) -> torch.optim.Adam:
         return torch.optim.Adam(params, lr=lr)
 
 
+@functools.cache
+def direct_adam_matches() -> bool:
+    """Whether this torch's private fused-Adam kernel, called as :func:`adam_step` calls it,
+    gives ``Adam.step``'s result bit for bit (checked once per process on a tiny problem, so a
+    torch whose private API differs falls back to ``opt.step()`` instead of failing)."""
+
+    def run(direct: bool) -> list[Tensor]:
+        gen = torch.Generator().manual_seed(0)
+        params = [torch.randn(8, 3, generator=gen, requires_grad=True)]
+        opt = torch.optim.Adam(params, lr=1e-2, fused=True, weight_decay=0.1)
+        for i in range(3):
+            params[0].grad = (params[0] * (i + 1)).sin().detach()
+            if not (direct and _direct_adam(opt)):
+                opt.step()
+        st = opt.state[params[0]]
+        return [params[0].detach(), st["exp_avg"], st["exp_avg_sq"], st["step"]]
+
+    try:
+        return all(torch.equal(a, b) for a, b in zip(run(False), run(True)))
+    except Exception:  # a torch without this private kernel, or with another signature
+        return False
+
+
+def adam_step(opt: torch.optim.Adam) -> None:
+    """``opt.step()``, calling the fused kernel directly where that is the same arithmetic.
+
+    For a fused Adam with one parameter group (what :func:`make_adam` builds), every parameter
+    with a gradient and its state already made (from the second update on, or after a
+    resume), this is what ``Adam.step`` does — count the step, one ``torch._fused_adam_`` over
+    the same lists with the same arguments — without its per-call Python bookkeeping (about a
+    tenth of a 2D step on one CPU core, ``psm bench train``). Anything else (the first update,
+    a foreach Adam, amsgrad, a grad scaler, a torch whose kernel does not match
+    :func:`direct_adam_matches`) goes through ``opt.step()``.
+    """
+    if not (direct_adam_matches() and _direct_adam(opt)):
+        opt.step()
+
+
+def _direct_adam(opt: torch.optim.Adam) -> bool:
+    """One fused-Adam update by the kernel itself; False (nothing done) where that is not
+    ``Adam.step``'s arithmetic."""
+    groups = opt.param_groups
+    group = groups[0]
+    if (
+        len(groups) != 1
+        or not group.get("fused")
+        or group["amsgrad"]
+        or group["differentiable"]
+        or group.get("capturable")
+        or getattr(opt, "grad_scale", None) is not None
+        or getattr(opt, "found_inf", None) is not None
+    ):
+        return False
+    params = group["params"]
+    state = opt.state
+    grads, m, v, steps = [], [], [], []
+    for p in params:
+        st = state.get(p)
+        if p.grad is None or not st or p.grad.is_sparse:
+            return False
+        grads.append(p.grad)
+        m.append(st["exp_avg"])
+        v.append(st["exp_avg_sq"])
+        steps.append(st["step"])
+    beta1, beta2 = group["betas"]
+    torch._foreach_add_(steps, 1)
+    decoupled = group.get("decoupled_weight_decay", False)
+    kernel = torch._fused_adamw_ if decoupled else torch._fused_adam_
+    kernel(
+        params, grads, m, v, [], steps, amsgrad=False, lr=group["lr"], beta1=beta1,
+        beta2=beta2, weight_decay=group["weight_decay"], eps=group["eps"],
+        maximize=group["maximize"], grad_scale=None, found_inf=None,
+    )  # fmt: skip
+    return True
+
+
 def adam_moments(
     opt: torch.optim.Adam, stack: NetStack, k: int
 ) -> tuple[dict[str, Tensor], dict[str, Tensor]] | None:
@@ -285,7 +362,8 @@ class StackTrainer:
                     gen.manual_seed(block_seed(cfg.seed, b, SEED_DATA, st.step))
                     print(record_restart(run, b, st.step), file=sys.stderr)
         self.stack = stack_nets(nets, compile=cfg.compile)
-        self.opt = make_adam(list(self.stack.params.values()), cfg.lr)
+        self._params = list(self.stack.params.values())
+        self.opt = make_adam(self._params, cfg.lr)
         if states[0] is not None and states[0].adam_m is not None:
             restore_adam(self.opt, self.stack, states, self.step)
         self.recipe = Recipe(
@@ -340,16 +418,20 @@ class StackTrainer:
             The K losses before the update, ``[K]`` (detached, left on the device).
         """
         batch = stack_batches([p.draw_batch(g) for p, g in zip(self.problems, self.generators)])
-        with self.recipe.autocast():
+        if self.recipe.bf16:
+            with self.recipe.autocast():
+                out = self.stack(batch.x_t, batch.t)
+        else:  # autocast disabled: the same forward, without entering the context each step
             out = self.stack(batch.x_t, batch.t)
         losses = self.objective.loss(out.float(), batch.target, batch.weight)  # [K], one per block
-        self.opt.zero_grad(set_to_none=True)
+        for p in self._params:  # opt.zero_grad(set_to_none=True), without its bookkeeping
+            p.grad = None
         losses.sum().backward()
         if self.recipe.grad_clip is not None:
             self.stack.clip_grad_norm_(self.recipe.grad_clip)
         for group in self.opt.param_groups:
             group["lr"] = self.recipe.lr(self.step)
-        self.opt.step()
+        adam_step(self.opt)
         self.step += 1
         if self.ema is not None:
             params = list(self.stack.params.values())
