@@ -51,28 +51,34 @@ def load_points(path: str | Path) -> np.ndarray:
     return x
 
 
-def _read_npy(p: Path) -> np.ndarray:
-    """A numeric ``.npy`` array as float64 (any rank), never unpickling."""
+def load_npy(p: Path, what: str, *, mmap: bool = False) -> np.ndarray:
+    """One ``.npy`` array, never unpickled; every failure a one-line :class:`DataError` that
+    starts with ``what`` (``"points file x.npy"``)."""
     try:
         with p.open("rb") as f:
             magic = f.read(6)
     except OSError as e:
-        raise DataError(f"points file {p}: cannot open ({_line(e)})") from None
+        raise DataError(f"{what}: cannot open ({_line(e)})") from None
     if magic.startswith(b"PK"):
-        raise DataError(f"points file {p}: holds an .npz archive, not a single .npy array")
+        raise DataError(f"{what}: holds an .npz archive, not a single .npy array")
     if magic != b"\x93NUMPY":
-        raise DataError(f"points file {p}: not a .npy file (no NumPy header)")
+        raise DataError(f"{what}: not a .npy file (no NumPy header)")
     try:
-        arr = np.load(p, allow_pickle=False)
+        return np.load(p, mmap_mode="r" if mmap else None, allow_pickle=False)
     except ValueError as e:
-        if "allow_pickle" in str(e):  # an object array: loading it would unpickle
+        if "allow_pickle" in str(e) or "object" in str(e).lower():  # loading would unpickle
             raise DataError(
-                f"points file {p}: holds an object (pickled) array, which psm never loads; "
+                f"{what}: holds an object (pickled) array, which psm never loads; "
                 "save a numeric array"
             ) from None
-        raise DataError(f"points file {p}: not a readable .npy file ({_line(e)})") from None
+        raise DataError(f"{what}: not a readable .npy file ({_line(e)})") from None
     except (OSError, EOFError) as e:
-        raise DataError(f"points file {p}: not a readable .npy file ({_line(e)})") from None
+        raise DataError(f"{what}: not a readable .npy file ({_line(e)})") from None
+
+
+def _read_npy(p: Path) -> np.ndarray:
+    """A numeric ``.npy`` array as float64 (any rank), never unpickling."""
+    arr = load_npy(p, f"points file {p}")
     if arr.dtype.names is not None or arr.dtype.kind not in "biuf":
         raise DataError(f"points file {p}: array dtype {arr.dtype} is not numeric")
     return arr.astype(np.float64)

@@ -236,25 +236,9 @@ def check_levels(raw: np.ndarray, levels: int, path: Path) -> None:
 
 def _load_npy(path: Path) -> np.ndarray:
     """A ``.npy`` array, memory-mapped, never unpickled."""
-    try:
-        with path.open("rb") as f:
-            magic = f.read(6)
-    except OSError as e:
-        raise DataError(f"input {path}: cannot open ({_line(e)})") from None
-    if magic.startswith(b"PK"):
-        raise DataError(f"input {path}: holds an .npz archive, not a single .npy array")
-    if magic != b"\x93NUMPY":
-        raise DataError(f"input {path}: not a .npy file (no NumPy header)")
-    try:
-        return np.load(path, mmap_mode="r", allow_pickle=False)
-    except ValueError as e:
-        if "allow_pickle" in str(e) or "object" in str(e).lower():
-            raise DataError(
-                f"input {path}: holds an object (pickled) array, which psm never loads"
-            ) from None
-        raise DataError(f"input {path}: not a readable .npy file ({_line(e)})") from None
-    except (OSError, EOFError) as e:
-        raise DataError(f"input {path}: not a readable .npy file ({_line(e)})") from None
+    from ..data.points import load_npy
+
+    return load_npy(path, f"input {path}", mmap=True)
 
 
 def _image_array(path: Path, shape: tuple[int, ...]) -> np.ndarray:
