@@ -126,13 +126,17 @@ class PaperMLP(BlockNet):
 
     def forward(self, x: Tensor, t: Tensor | None = None) -> Tensor:
         """``x [B, *shape]``, ``t [B]`` (ignored when time-free) → output ``[B, *shape]``."""
+        return self.layers(self._inputs(x, t)).reshape(x.shape)
+
+    def _inputs(self, x: Tensor, t: Tensor | None) -> Tensor:
+        """The first layer's input ``[B, D (+ time_repeats)]``: x flattened, t repeated."""
         h = x.flatten(1)
         if self.time_repeats:
             if t is None:
                 raise ValueError("this net is time-conditioned: pass t")
             t = torch.as_tensor(t, dtype=x.dtype, device=x.device).expand(x.shape[0])
             h = torch.cat([h, t[:, None].expand(-1, self.time_repeats)], dim=1)
-        return self.layers(h).reshape(x.shape)
+        return h
 
     def output_and_trace(self, x: Tensor, t: Tensor | None = None) -> tuple[Tensor, Tensor] | None:
         """The output and the exact trace of its Jacobian in ``x``, in closed form.
@@ -161,12 +165,7 @@ class PaperMLP(BlockNet):
         act = ACTIVATION_DERIVATIVES.get(self.activation)
         if act is None or (self.training and self.dropout > 0):
             return None
-        h = x.flatten(1)
-        if self.time_repeats:
-            if t is None:
-                raise ValueError("this net is time-conditioned: pass t")
-            t = torch.as_tensor(t, dtype=x.dtype, device=x.device).expand(x.shape[0])
-            h = torch.cat([h, t[:, None].expand(-1, self.time_repeats)], dim=1)
+        h = self._inputs(x, t)
         linears = [m for m in self.layers if isinstance(m, nn.Linear)]
         d = linears[-1].out_features
         u = linears[0].weight[:, :d]  # [h_1, D]: the first layer's columns on x
