@@ -103,4 +103,4 @@ def test_unknown_process_and_prediction():
     with pytest.raises(ValueError, match="unknown process"):
         make_process("ve")
     with pytest.raises(ValueError, match="unknown prediction"):
-        make_process("vp", prediction="score")  # type: ignore[arg-type]
+        make_process("vp", prediction="noise")  # type: ignore[arg-type]

@@ -162,10 +162,10 @@ class BlockModel:
         eps = self.process.epsilon(out, x, tau)
         ratio = self.process.schedule(t).sigma / self.process.schedule(tau).sigma
         eps_t = eps * ratio.reshape(ratio.shape + (1,) * (x.dim() - 1))
-        if self.process.prediction == "epsilon":
-            return eps_t
-        # the velocity a network predicts is the ODE field itself (eq. 30 from ε)
-        return self._eps_process.velocity(eps_t, x, t)
+        if self.process.prediction == "velocity":
+            # the velocity a network predicts is the ODE field itself (eq. 30 from ε)
+            return self._eps_process.velocity(eps_t, x, t)
+        return self.process.from_epsilon(eps_t, x, t)
 
     def _routed(
         self, x: Tensor, t: Tensor | float, block: int | None, fn: Callable[..., Tensor]

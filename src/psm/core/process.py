@@ -31,8 +31,14 @@ from torch import Tensor
 
 from ..spec import Builders
 
-Prediction = Literal["epsilon", "velocity"]
-PREDICTIONS: tuple[str, ...] = ("epsilon", "velocity")
+Prediction = Literal["epsilon", "velocity", "x0", "v", "score"]
+PREDICTIONS: tuple[str, ...] = ("epsilon", "velocity", "x0", "v", "score")
+"""What a network may predict: ``epsilon`` (ε, eq. 26), ``velocity`` (the probability-flow field
+``α' x0 + σ' ε``, flow matching), ``x0`` (the clean point), ``v`` (Salimans & Ho 2022:
+``v = α_t ε − σ_t x0``) and ``score`` (``∇log p_t = −ε/σ_t`` itself, whose target ``−ε/σ_t``
+is the conditional score of denoising score matching). Each is an affine function of ε given ``x_t``
+(:meth:`Process.epsilon_affine`), so all four give the same score, field and likelihood when
+they predict exactly."""
 
 
 @dataclass(frozen=True)
@@ -129,8 +135,10 @@ class Process:
 
     Args:
         schedule: the path coefficients.
-        prediction: ``"epsilon"`` (network output ε̂, loss ‖ε̂ - ε‖², eq. 26) or ``"velocity"``
-            (network output v̂, loss ‖v̂ - (α' x0 + σ' ε)‖², flow matching).
+        prediction: ``"epsilon"`` (network output ε̂, loss ‖ε̂ - ε‖², eq. 26), ``"velocity"``
+            (network output v̂, loss ‖v̂ - (α' x0 + σ' ε)‖², flow matching), ``"x0"`` (output
+            x̂0, loss ‖x̂0 - x0‖²), ``"v"`` (output v̂, loss ‖v̂ - (α ε - σ x0)‖²) or ``"score"``
+            (output ŝ, loss ‖ŝ + ε/σ‖²).
         name: the config name of this process (``"vp"`` or ``"ot"``).
 
     The smallest time used, t0, belongs to the time domain the blocks split
@@ -167,15 +175,61 @@ class Process:
         if self.prediction == "epsilon":
             alpha, sigma = self.schedule.alpha_sigma(t)
             return torch.addcmul(_per_sample(alpha, x0) * x0, _per_sample(sigma, x0), noise), noise
+        if self.prediction in ("x0", "v", "score"):
+            alpha, sigma = self.schedule.alpha_sigma(t)
+            a, s = _per_sample(alpha, x0), _per_sample(sigma, x0)
+            x_t = torch.addcmul(a * x0, s, noise)
+            if self.prediction == "score":
+                return x_t, -noise / s
+            return x_t, (x0 if self.prediction == "x0" else a * noise - s * x0)
         c = self.schedule(t)
         x_t = torch.addcmul(_per_sample(c.alpha, x0) * x0, _per_sample(c.sigma, x0), noise)
         return x_t, _per_sample(c.d_alpha, x0) * x0 + _per_sample(c.d_sigma, x0) * noise
 
     # ---------------------------------------------------------------- inference
+    def epsilon_affine(self, t: Tensor) -> tuple[Tensor, Tensor]:
+        """``(A, C)`` with ``ε = A x_t + C · output`` for this prediction, each the shape of t.
+
+        * ε: ``A = 0, C = 1``;
+        * x0: ``x_t = α x0 + σ ε`` gives ``A = 1/σ, C = -α/σ``;
+        * v = α ε - σ x0: ``σ x_t + α v = (α² + σ²) ε`` gives ``A = σ/(α²+σ²), C = α/(α²+σ²)``;
+        * score ``s = -ε/σ``: ``A = 0, C = -σ``;
+        * velocity ``f = (α'/α) x + k ε`` with ``k = ½ g²/σ`` (eq. 30): ``A = -(α'/α)/k, C = 1/k``.
+
+        ``C`` also turns an output error into an ε error (``ε̂ - ε = C (out - target)``), which
+        is how a likelihood weighting carries over between predictions.
+        """
+        if self.prediction == "epsilon":
+            return torch.zeros_like(t), torch.ones_like(t)
+        if self.prediction == "x0":
+            alpha, sigma = self.schedule.alpha_sigma(t)
+            return 1.0 / sigma, -alpha / sigma
+        if self.prediction == "v":
+            alpha, sigma = self.schedule.alpha_sigma(t)
+            norm = alpha * alpha + sigma * sigma
+            return sigma / norm, alpha / norm
+        if self.prediction == "score":
+            sigma = self.schedule.alpha_sigma(t)[1]
+            return torch.zeros_like(t), -sigma
+        c = self.schedule(t)
+        k = 0.5 * c.g2 / c.sigma
+        return -(c.d_alpha / c.alpha) / k, 1.0 / k
+
+    def from_epsilon(self, eps: Tensor, x: Tensor, t: Tensor) -> Tensor:
+        """The output this prediction gives for ``E[ε | x_t = x] = eps`` (inverse of
+        :meth:`epsilon`), ``[B, *D]``."""
+        if self.prediction == "epsilon":
+            return eps
+        a, c = self.epsilon_affine(t)
+        return (eps - _per_sample(a, x) * x) / _per_sample(c, x)
+
     def epsilon(self, output: Tensor, x: Tensor, t: Tensor) -> Tensor:
         """E[ε | x_t = x] from a network output, ``[B, *D]``."""
         if self.prediction == "epsilon":
             return output
+        if self.prediction in ("x0", "v", "score"):
+            a, c = self.epsilon_affine(t)
+            return _per_sample(a, x) * x + _per_sample(c, x) * output
         c = self.schedule(t)
         dlog_alpha = c.d_alpha / c.alpha
         # v = (α'/α) x + (σ' - (α'/α) σ) ε
@@ -199,12 +253,17 @@ class Process:
     def field_coefficients(self, t: Tensor) -> tuple[Tensor, Tensor]:
         """``(a, c)`` with ``f(x, t) = a x + c · output``: the field is affine in the output.
 
-        ε-prediction: ``a = α'/α``, ``c = ½ g² / σ``; velocity prediction: ``a = 0``, ``c = 1``.
-        Both have the shape of ``t``.
+        ε-prediction: ``a = α'/α``, ``c = ½ g² / σ``; velocity prediction: ``a = 0``, ``c = 1``;
+        x0 and v through :meth:`epsilon_affine` (``ε = A x + C out``): ``a = α'/α + ½ g²/σ A``,
+        ``c = ½ g²/σ C``. All have the shape of ``t``.
         """
         if self.prediction == "velocity":
             return torch.zeros_like(t), torch.ones_like(t)
         k = self.schedule(t)
+        if self.prediction in ("x0", "v", "score"):
+            big_a, big_c = self.epsilon_affine(t)
+            kk = 0.5 * k.g2 / k.sigma
+            return k.d_alpha / k.alpha + kk * big_a, kk * big_c
         return k.d_alpha / k.alpha, 0.5 * k.g2 / k.sigma
 
     def reverse_sde(self, output: Tensor, x: Tensor, t: Tensor) -> tuple[Tensor, Tensor]:

@@ -5,6 +5,7 @@ from __future__ import annotations
 from abc import ABC, abstractmethod
 from collections.abc import Sequence
 from dataclasses import dataclass
+from typing import Literal
 
 import torch
 from torch import Tensor
@@ -135,7 +136,26 @@ class Objective(ABC):
 
 
 class ObjectiveSpec(Spec):
-    """The ``train.objective`` section of a config: one registered member per objective."""
+    """The ``train.objective`` section of a config: one registered member per objective.
+
+    Every member has ``prediction``: what the block's net outputs — ``epsilon``, ``x0``, ``v``
+    or ``velocity`` (:data:`psm.core.process.PREDICTIONS`); None (the default): the process's
+    own. A block that predicts something else than the process is turned into the process's
+    prediction for sampling and likelihood (:class:`psm.core.reparam.Reparameterised`), so every
+    block of a run gives the same kind of field.
+    """
+
+    prediction: Literal["epsilon", "velocity", "x0", "v", "score"] | None = None
+
+    def block_process(self, process: Process) -> Process:
+        """The run's process read with this objective's prediction (``process`` when unset)."""
+        if self.prediction is None or self.prediction == process.prediction:
+            return process
+        return process.with_prediction(self.prediction)
+
+    def objective(self, process: Process, t_lo: float, t_hi: float) -> Objective:
+        """The block's objective on the run's ``process``, with this spec's prediction."""
+        return self.build(self.block_process(process), t_lo, t_hi)
 
     @abstractmethod
     def build(self, process: Process, t_lo: float, t_hi: float) -> Objective:
