@@ -13,6 +13,8 @@ The default member, ``mse`` (:class:`MSEObjective`, ``mse.py``), is the paper's:
 ``t ~ U[t_lo, t_hi]`` (Algorithm 1; K = 1 is SA-DPM), the fixed time of a grid point
 (Algorithm 2), and the plain mean squared error of the process's own prediction (eq. 26 for ε;
 the velocity for flow matching).
+``likelihood`` (:class:`LikelihoodObjective`, ``likelihood.py``) weights the same error by the
+likelihood bound's ``½ λ(t)/q(t)``, times importance-sampled ``∝ λ`` (Song et al. 2021).
 
 The ``train.objective`` section of a config is a member of :data:`OBJECTIVES`, discriminated by
 ``name`` like ``data:`` and ``net:``. A new objective is an :class:`Objective` subclass (usually
@@ -24,11 +26,14 @@ from __future__ import annotations
 
 from ...spec import Registry
 from .base import Batch, Objective, ObjectiveSpec, stack_batches
+from .likelihood import LikelihoodObjective, LikelihoodSpec
 from .mse import MSEObjective, MSESpec
 
 __all__ = [
     "OBJECTIVES",
     "Batch",
+    "LikelihoodObjective",
+    "LikelihoodSpec",
     "MSEObjective",
     "MSESpec",
     "Objective",
@@ -36,5 +41,7 @@ __all__ = [
     "stack_batches",
 ]
 
-OBJECTIVES: Registry[ObjectiveSpec] = Registry("objective", [MSESpec], default="mse")
+OBJECTIVES: Registry[ObjectiveSpec] = Registry(
+    "objective", [MSESpec, LikelihoodSpec], default="mse"
+)
 """The objectives ``train.objective`` can name; ``mse`` when none is given."""
