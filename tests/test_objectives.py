@@ -112,7 +112,7 @@ def test_a_registered_objective_is_what_the_blocks_learn_from(make_run, top, tra
 def test_a_run_of_another_objective_reopens_with_it(make_run, top):
     run = make_run(train={"objective": {"name": "top", "weight": 3.0}})
     saved = yaml.safe_load((run.path / "config.yaml").read_text())
-    assert saved["train"]["objective"] == {"name": "top", "weight": 3.0}
+    assert saved["train"]["objective"] == {"name": "top", "weight": 3.0, "prediction": None}
     problem = BlockProblem.build(run, 2)
     assert isinstance(problem.objective, TopObjective) and problem.objective.weight == 3.0
     assert (problem.objective.t_lo, problem.objective.t_hi) == run.partition.train_range(2)

@@ -143,6 +143,7 @@ def pilot_config(cfg: RunConfig, steps: int) -> RunConfig:
     raw["name"] = f"{cfg.name}-pilot"
     raw["out"] = str(pilot_dir(cfg))
     raw["partition"] = {"kind": "equal", "blocks": 1, "t0": cfg.partition.t0}
+    raw.pop("blocks", None)  # per-block settings belong to the split run, not its pilot
     train = raw["train"]
     train.update(steps=steps, lr_schedule="constant", block_steps=None, block_decay=None,
                  budget=None)  # fmt: skip

@@ -40,10 +40,47 @@ def add(sub: argparse._SubParsersAction) -> None:
         help="the held-out denoising bound (up to a constant) even where the exact score is "
         "known: points x times held-out triples per block, one time per stratum of log t",
     )
+    p.add_argument(
+        "--blocks",
+        help="only these blocks, e.g. 0 or 0,2-3 (they must be done; the others may not be)",
+    )
+    p.add_argument(
+        "--zero",
+        action="store_true",
+        help="beside each block, the same term for a net that outputs ε = 0 on the same "
+        "points (what a block that learned nothing scores; exact score only)",
+    )
     p.add_argument("--device", default="cpu", help="where the nets run (cpu)")
     p.add_argument("--threads", type=int, help="torch CPU threads")
     p.add_argument("--json", action="store_true", help="machine-readable output")
     p.set_defaults(func=cmd_kl)
+
+
+def parse_blocks(text: str, k: int) -> list[int]:
+    """``"0,2-3"`` -> ``[0, 2, 3]``; one-line error for anything else or a block outside 0..k-1."""
+    out: set[int] = set()
+    try:
+        for part in text.split(","):
+            lo, _, hi = part.strip().partition("-")
+            out.update(range(int(lo), int(hi or lo) + 1))
+    except ValueError:
+        raise PSMError(f"--blocks {text!r}: give block ids like 0 or 0,2-3") from None
+    bad = sorted(b for b in out if not 0 <= b < k)
+    if not out or bad:
+        raise PSMError(f"--blocks {text!r}: the run has blocks 0-{k - 1}")
+    return sorted(out)
+
+
+def zero_model(model):
+    """``model`` with every block replaced by one whose ε is 0 (in the process's prediction)."""
+    from ..core.model import BlockModel
+
+    process = model.process
+
+    def zero(x, t):
+        return process.from_epsilon(x.new_zeros(x.shape), x, t)
+
+    return BlockModel(process, model.partition, [zero] * model.num_blocks, shape=model.shape)
 
 
 def cmd_kl(args: argparse.Namespace) -> int:
@@ -68,17 +105,26 @@ def cmd_kl(args: argparse.Namespace) -> int:
     run.check_data()
     data = run.parts.dataset
     exact = isinstance(data, ExactDensity) and not args.estimate
-    model = load_model(run, device=device)
+    blocks = parse_blocks(args.blocks, run.num_blocks) if args.blocks else None
+    if args.zero and not exact:
+        raise PSMError("--zero needs the exact score (2D mixtures, without --estimate)")
+    if blocks is not None and not exact:
+        raise PSMError("--blocks goes with the exact score (2D mixtures, without --estimate)")
     gen = torch.Generator().manual_seed(args.seed)
+    zero_rows = None
     if exact:
-        if device.type != "cpu":
-            model = load_model(run)  # block_kl evaluates on the CPU
-        rows = block_kl(model, data.sample, data.marginal_score, points=args.points,
-                        times=args.times, generator=gen)  # fmt: skip
+        model = load_model(run, blocks=blocks)  # block_kl evaluates on the CPU
+        kw = dict(points=args.points, times=args.times, blocks=blocks)
+        rows = block_kl(model, data.sample, data.marginal_score, generator=gen, **kw)
+        if args.zero:
+            zero = zero_model(model)
+            paired = torch.Generator().manual_seed(args.seed)  # the same draws as the model's
+            zero_rows = block_kl(zero, data.sample, data.marginal_score, generator=paired, **kw)
         n = args.points * args.times
         what = (f"KL bound by block, nats (exact score of {run.config.data.name}; "
                 f"{args.points} points x {args.times} times per block)")  # fmt: skip
     else:
+        model = load_model(run, device=device)
         x0 = data.test_set(args.points * args.times, seed=HELDOUT_SEED + args.seed)
         n = int(x0.shape[0])
         if n < 2:
@@ -95,17 +141,21 @@ def cmd_kl(args: argparse.Namespace) -> int:
             "points": args.points, "times": args.times, "held_out": None if exact else n,
             "seed": args.seed, "total": total, "total_stderr": total_se,
             "blocks": [{"block": r.block, "t_lo": r.t_lo, "t_hi": r.t_hi, "kl": r.kl,
-                        "stderr": r.stderr} for r in rows],
+                        "stderr": r.stderr}
+                       | ({} if zero_rows is None else {"zero_net": z.kl, "zero_stderr": z.stderr})
+                       for r, z in zip(rows, zero_rows or rows)],
         }, indent=1))  # fmt: skip
         return 0
     print(f"run {run.path}: {what}")
     label = "KL" if exact else "KL + C"
-    print(f"{'block':>5}  {'interval':<22} {label:>9} {'± s.e.':>8} {'share':>6}")
-    for r in rows:
+    head = f"{'block':>5}  {'interval':<22} {label:>9} {'± s.e.':>8} {'share':>6}"
+    print(head + (f" {'zero net':>9} {'/ zero':>7}" if zero_rows else ""))
+    for r, z in zip(rows, zero_rows or [None] * len(rows)):
         share = r.kl / total if exact and total > 0 else float("nan")
         span = f"[{r.t_lo:.4g}, {r.t_hi:.4g}]"
         sh = f"{share:6.2f}" if exact else f"{'-':>6}"
-        print(f"{r.block:>5}  {span:<22} {r.kl:9.4f} {r.stderr:8.4f} {sh}")
+        tail = "" if z is None else f" {z.kl:9.4f} {r.kl / z.kl if z.kl > 0 else float('nan'):7.3f}"
+        print(f"{r.block:>5}  {span:<22} {r.kl:9.4f} {r.stderr:8.4f} {sh}{tail}")
     print(f"{'total':>5}  {'':<22} {total:9.4f} {total_se:8.4f}")
     if not exact:
         print(

@@ -120,6 +120,7 @@ def cmd_train(args: argparse.Namespace) -> int:
         cfg = check_config(cfg, parts)  # so does a warm-start source that cannot be used
     if args.dry_run:
         _print_plan(cfg, config_hash(cfg), blocks, executor.describe())
+        _print_cost(cfg, parts, blocks)
         _print_disk(cfg, parts, blocks)
         return 0
     spent = (0, 0.0)
@@ -335,6 +336,51 @@ def _print_plan(cfg, h: str, blocks: list[int], executor: str) -> None:
             state = "other cfg"
         steps = cfg.step_target(b)
         print(f"{b:>5}  {partition.describe(b):<20} {span:<24} {steps:>8}  {state:<10}")
+
+
+def _print_cost(cfg, parts, blocks: list[int]) -> None:
+    """Parameters and FLOPs per net (``--dry-run``; :mod:`psm.runs.cost`), so that runs with
+    per-block nets (``blocks:``) are compared at equal compute."""
+    from ..runs.cost import block_costs, format_count, training_flops
+
+    if not blocks:
+        return
+    try:
+        costs = block_costs(cfg, parts, blocks)
+    except (RuntimeError, NotImplementedError, TypeError):  # a net the meta device cannot run
+        return
+    groups: dict[tuple[int, int], list[int]] = {}
+    for b in blocks:
+        groups.setdefault((costs[b].params, costs[b].forward_flops), []).append(b)
+    for (params, fwd), bs in groups.items():
+        name = cfg.net_for(bs[0]).name
+        which = _ranges(bs)
+        print(f"# net of block(s) {which}: {name}, {format_count(params)} parameters, "
+              f"{format_count(fwd)} FLOPs per sample forward")  # fmt: skip
+    objectives: dict[str, list[int]] = {}
+    for b in blocks:
+        spec = cfg.objective_for(b)
+        pred = spec.block_process(parts.process).prediction
+        extra = {k: v for k, v in spec.model_dump(mode="json").items()
+                 if k not in ("name", "prediction")}  # fmt: skip
+        label = spec.name + "".join(f", {k} {v}" for k, v in extra.items()) + f", predicts {pred}"
+        objectives.setdefault(label, []).append(b)
+    if len(objectives) > 1 or cfg.blocks:
+        for label, bs in objectives.items():
+            print(f"# objective of block(s) {_ranges(bs)}: {label}")
+    total = sum(training_flops(cfg, costs[b], b) for b in blocks)
+    note = " (the budget's plan: at train.steps)" if cfg.train.budget is not None else ""
+    print(f"# training compute: {format_count(total)} FLOPs for {len(blocks)} block(s){note}")
+
+
+def _ranges(blocks: list[int]) -> str:
+    """``0, 2-5, 7`` from sorted block ids."""
+    out, start = [], blocks[0]
+    for prev, b in zip(blocks, [*blocks[1:], None]):
+        if b != prev + 1 if b is not None else True:
+            out.append(str(start) if start == prev else f"{start}-{prev}")
+            start = b
+    return ", ".join(out)
 
 
 def _print_disk(cfg, parts, blocks: list[int]) -> None:

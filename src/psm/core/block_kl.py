@@ -67,6 +67,7 @@ def block_kl(
     times: int = 16,
     generator: torch.Generator | None = None,
     dtype: torch.dtype = torch.float32,
+    blocks: list[int] | None = None,
 ) -> list[BlockKL]:
     """Each block's term of the KL bound (module docstring), by Monte Carlo.
 
@@ -78,9 +79,12 @@ def block_kl(
         times: time nodes per block (midpoints in ``log t``).
         generator: the random source (default: seeded 0).
         dtype: the dtype the nets are evaluated in.
+        blocks: only these blocks (default: all). The draws depend on the selection and the
+            generator, never on the model: two models measured with the same selection and
+            seed see the same points, times and noise (a paired comparison).
 
     Returns:
-        One :class:`BlockKL` per block, in block order.
+        One :class:`BlockKL` per measured block, in block order.
     """
     if points < 2 or times < 1:
         raise ValueError(f"need points >= 2 and times >= 1, got {points} and {times}")
@@ -88,6 +92,8 @@ def block_kl(
     schedule = model.process.schedule
     out = []
     for seg in model.segments():
+        if blocks is not None and seg.block not in blocks:
+            continue
         lo, hi = seg.t_lo, seg.t_hi
         if lo <= 0:
             raise ValueError(f"block {seg.block} starts at t = {lo}: the split needs t0 > 0")

@@ -65,6 +65,9 @@ ACTIVATION_DERIVATIVES: dict[str, Callable[[Tensor], tuple[Tensor, Tensor]]] = {
 closed form (``z`` may be overwritten); an activation missing here makes
 :meth:`PaperMLP.output_and_trace` answer None."""
 
+FOURIER_SEED = 20201218
+"""Seed of the MLP's fixed Fourier frequencies (the same in every block and run)."""
+
 TRACE_CHUNK_ELEMENTS = 1 << 18
 """:meth:`PaperMLP.output_and_trace` works through the batch in chunks of about this many
 values per layer (``rows x (1 + D) x widest layer``: the hidden values and their D tangents), so
@@ -89,6 +92,14 @@ class PaperMLP(BlockNet):
         input_scale: multiplies the first layer's weights on ``x`` at initialisation (1:
             PyTorch's default). Larger values let the MLP resolve sharp features of the score
             sooner (a remedy for the spectral bias of small MLPs, like Fourier features).
+        fourier: add ``2 * fourier`` inputs ``sin(2π x B), cos(2π x B)`` with ``B [D, fourier]``
+            fixed Gaussian frequencies of scale ``fourier_scale`` (Tancik et al. 2020), drawn
+            from a fixed seed so every block of a run has the same B (a buffer, saved with
+            the weights). 0: none (the paper).
+        fourier_scale: the standard deviation of the frequencies.
+        time_input: ``"t"`` (the paper) or ``"log"``: the net sees ``log t``. Within a block
+            near t = 0 (e.g. [1e-4, 0.003]) t itself barely moves the first layer, so a net fed
+            t cannot tell σ(t) = 2e-4 from 7e-3; ``log t`` spans such a block evenly.
     """
 
     def __init__(
@@ -101,6 +112,9 @@ class PaperMLP(BlockNet):
         activation: str = "elu",
         dropout: float = 0.0,
         input_scale: float = 1.0,
+        fourier: int = 0,
+        fourier_scale: float = 1.0,
+        time_input: Literal["t", "log"] = "t",
     ) -> None:
         super().__init__()
         if activation not in ACTIVATIONS:
@@ -111,7 +125,15 @@ class PaperMLP(BlockNet):
         self.dropout = float(dropout)
         self.time_conditioned = time_conditioned
         self.time_repeats = time_repeats if time_conditioned else 0
-        widths = [dim + self.time_repeats, *hidden, dim]
+        if time_input not in ("t", "log"):
+            raise ValueError(f"unknown time_input {time_input!r} (choose from t, log)")
+        self.time_input = time_input
+        self.fourier = int(fourier)
+        if self.fourier:
+            gen = torch.Generator().manual_seed(FOURIER_SEED)
+            freqs = torch.randn(dim, self.fourier, generator=gen) * fourier_scale
+            self.register_buffer("fourier_freqs", 2 * math.pi * freqs)
+        widths = [dim + 2 * self.fourier + self.time_repeats, *hidden, dim]
         layers: list[nn.Module] = []
         for i, (w_in, w_out) in enumerate(itertools.pairwise(widths)):
             layers.append(nn.Linear(w_in, w_out))
@@ -129,14 +151,23 @@ class PaperMLP(BlockNet):
         return self.layers(self._inputs(x, t)).reshape(x.shape)
 
     def _inputs(self, x: Tensor, t: Tensor | None) -> Tensor:
-        """The first layer's input ``[B, D (+ time_repeats)]``: x flattened, t repeated."""
+        """The first layer's input ``[B, D (+ 2 fourier) (+ time_repeats)]``: x flattened,
+        its Fourier features, t repeated."""
         h = x.flatten(1)
+        if self.fourier:
+            proj = h @ self.fourier_freqs.to(h.dtype)
+            h = torch.cat([h, torch.sin(proj), torch.cos(proj)], dim=1)
         if self.time_repeats:
             if t is None:
                 raise ValueError("this net is time-conditioned: pass t")
             t = torch.as_tensor(t, dtype=x.dtype, device=x.device).expand(x.shape[0])
+            t = self._time(t)
             h = torch.cat([h, t[:, None].expand(-1, self.time_repeats)], dim=1)
         return h
+
+    def _time(self, t: Tensor) -> Tensor:
+        """What the net is fed for time ``t`` (any shape): t, or log t (``time_input``)."""
+        return t if self.time_input == "t" else torch.log(t.clamp(min=1e-30))
 
     def output_and_trace(self, x: Tensor, t: Tensor | None = None) -> tuple[Tensor, Tensor] | None:
         """The output and the exact trace of its Jacobian in ``x``, in closed form.
@@ -163,8 +194,8 @@ class PaperMLP(BlockNet):
             mode): the caller then falls back to autograd.
         """
         act = ACTIVATION_DERIVATIVES.get(self.activation)
-        if act is None or (self.training and self.dropout > 0):
-            return None
+        if act is None or (self.training and self.dropout > 0) or self.fourier:
+            return None  # (Fourier features: the first layer is not linear in x)
         h = self._inputs(x, t)
         linears = [m for m in self.layers if isinstance(m, nn.Linear)]
         d = linears[-1].out_features
@@ -199,7 +230,11 @@ class PaperMLP(BlockNet):
             ``[K, B, *shape]``.
         """
         h = x.flatten(2)
+        if self.fourier:  # the same fixed frequencies in every block
+            proj = h @ self.fourier_freqs.to(h.dtype)
+            h = torch.cat([h, torch.sin(proj), torch.cos(proj)], dim=-1)
         if self.time_repeats:
+            t = self._time(t)
             h = torch.cat([h, t[..., None].expand(*t.shape, self.time_repeats)], dim=-1)
         act = STACKED_ACTIVATIONS[self.activation]
         linears = [i for i, m in enumerate(self.layers) if isinstance(m, nn.Linear)]
@@ -255,6 +290,9 @@ class MLPSpec(NetSpec):
     activation: str = "elu"  # elu (paper) | silu | relu | tanh | softplus
     dropout: float = Field(0.0, ge=0.0, lt=1.0)  # after each hidden activation
     input_scale: float = Field(1.0, gt=0.0)  # first-layer x-weights x this at initialisation
+    fourier: int = Field(0, ge=0)  # fixed Fourier features sin/cos(2π x B) of x, B [D, fourier]
+    fourier_scale: float = Field(1.0, gt=0.0)  # std of the frequencies B
+    time_input: Literal["t", "log"] = "t"  # log: the net is fed log t (blocks near t = 0)
 
     @field_validator("activation")
     @classmethod
@@ -275,5 +313,6 @@ class MLPSpec(NetSpec):
     def build(self, shape: tuple[int, ...], *, time_conditioned: bool) -> nn.Module:
         return PaperMLP(
             shape, self.hidden, time_conditioned=time_conditioned, activation=self.activation,
-            dropout=self.dropout, input_scale=self.input_scale,
+            dropout=self.dropout, input_scale=self.input_scale, fourier=self.fourier,
+            fourier_scale=self.fourier_scale, time_input=self.time_input,
         )  # fmt: skip

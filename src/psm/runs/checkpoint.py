@@ -102,7 +102,7 @@ def _meta(run: Run, block: int, step: int) -> dict[str, str]:
         "config_hash": run.hash,
         "block": str(block),
         "step": str(step),
-        "net": run.config.net.name,
+        "net": run.config.net_for(block).name,
         "span": run.partition.describe(block),
     }
 

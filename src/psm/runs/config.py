@@ -49,7 +49,8 @@ class ProcessConfig(Section):
     b_min: float = Field(0.0, ge=0.0)  # VP b(t) = b_min + (b_max - b_min) t
     b_max: float = Field(10.0, gt=0.0)
     sigma_min: float = Field(1e-4, ge=0.0, lt=1.0)  # OT path noise floor
-    prediction: Literal["epsilon", "velocity"] | None = None  # default: the process's own
+    # default: the process's own; x0 (clean point), v (α ε − σ x0), score (−ε/σ): any path
+    prediction: Literal["epsilon", "velocity", "x0", "v", "score"] | None = None
 
     def build(self) -> Process:
         """The :class:`~psm.core.process.Process` this section describes."""
@@ -317,6 +318,48 @@ class EvalConfig(Section):
         return SolverSettings(self.solver, self.steps, self.rtol, self.atol)
 
 
+class BlockOverride(Section):
+    """One entry of ``blocks:``: settings of blocks ``first..last`` that differ from the run's.
+
+    ``net`` and ``objective`` are partial sections merged onto the run's ``net:`` and
+    ``train.objective`` (a different ``name`` replaces the section instead), so a hard block can
+    get a wider net, another input scale, Fourier features or another objective/prediction::
+
+        blocks:
+          - {first: 0, net: {hidden: [256, 256, 256]}, objective: {prediction: x0}}
+          - {first: 3, last: 4, objective: {name: likelihood}}
+
+    Hashed when present (it changes what those blocks learn); no entry, no change to the hash.
+    """
+
+    first: int = Field(ge=0)
+    last: int | None = Field(None, ge=0)  # default: ``first`` (one block)
+    net: dict[str, Any] | None = None
+    objective: dict[str, Any] | None = None
+
+    @model_validator(mode="after")
+    def _valid(self) -> BlockOverride:
+        if self.last is not None and self.last < self.first:
+            raise ValueError(f"last ({self.last}) is below first ({self.first})")
+        if self.net is None and self.objective is None:
+            raise ValueError("an entry of blocks: needs net: or objective: (or both)")
+        return self
+
+    @property
+    def span(self) -> range:
+        """The blocks this entry covers."""
+        return range(self.first, (self.first if self.last is None else self.last) + 1)
+
+
+def _merged(registry: Registry, base: Spec, patch: dict[str, Any] | None) -> Any:
+    """``base`` with the fields of ``patch`` (a whole new member when ``patch`` names another)."""
+    if not patch:
+        return base
+    if patch.get("name", base.name) != base.name:
+        return registry.validate(patch)
+    return registry.validate({**base.model_dump(mode="json"), **patch})
+
+
 class RunConfig(Section):
     """A whole run."""
 
@@ -330,6 +373,8 @@ class RunConfig(Section):
     # a member of psm.executors.EXECUTORS (not hashed: who trains a block changes nothing)
     executor: SerializeAsAny[Spec] = Field(default_factory=lambda: _executors().validate({}))
     eval: EvalConfig = Field(default_factory=EvalConfig)
+    # per-block nets and objectives (BlockOverride); hashed when present
+    blocks: list[BlockOverride] = Field(default_factory=list)
 
     @field_validator("data", mode="before")
     @classmethod
@@ -368,6 +413,56 @@ class RunConfig(Section):
                 "training instead"
             )
         return self
+
+    @model_validator(mode="after")
+    def _blocks_fit(self) -> RunConfig:
+        if not self.blocks:
+            return self
+        k = self.partition.build().num_blocks
+        owner: dict[int, int] = {}
+        for i, o in enumerate(self.blocks):
+            if o.span.stop > k:
+                raise ValueError(
+                    f"blocks[{i}] covers blocks {o.span.start}-{o.span.stop - 1} but the "
+                    f"partition has {k} (0-{k - 1})"
+                )
+            for b in o.span:
+                if b in owner:
+                    raise ValueError(f"blocks[{i}] and blocks[{owner[b]}] both set block {b}")
+                owner[b] = i
+            for what, registry, base, patch in (
+                ("net", NETS, self.net, o.net),
+                ("objective", OBJECTIVES, self.train.objective, o.objective),
+            ):
+                try:
+                    _merged(registry, base, patch)
+                except SpecError as e:
+                    where = f"blocks[{i}].{what}" + (f".{e.loc}" if e.loc else "")
+                    raise ValueError(f"{where}: {e.message}") from None
+        return self
+
+    def override(self, block: int | None) -> BlockOverride | None:
+        """The ``blocks:`` entry that covers ``block`` (None: none does, or ``block`` is None)."""
+        if block is None:
+            return None
+        return next((o for o in self.blocks if block in o.span), None)
+
+    def net_for(self, block: int | None) -> NetSpec:
+        """Block ``block``'s net spec: ``net:`` with its ``blocks:`` entry merged on (None: the
+        run's own)."""
+        o = self.override(block)
+        return self.net if o is None else _merged(NETS, self.net, o.net)
+
+    def objective_for(self, block: int | None) -> ObjectiveSpec:
+        """Block ``block``'s objective spec: ``train.objective`` with its ``blocks:`` entry
+        merged on (None: the run's own)."""
+        o = self.override(block)
+        obj = self.train.objective
+        return obj if o is None else _merged(OBJECTIVES, obj, o.objective)
+
+    def net_key(self, block: int) -> str:
+        """Equal for blocks whose nets have the same spec (and so can train in one stack)."""
+        return json.dumps(self.net_for(block).model_dump(mode="json"), sort_keys=True)
 
     def decay_start(self, block: int) -> int:
         """The step from which block ``block``'s decaying learning rate decays
@@ -424,7 +519,18 @@ def config_hash(cfg: RunConfig) -> str:
     """
     keyed: dict[str, Any] = {k: canonical(getattr(cfg, k)) for k in HASHED_SECTIONS}
     keyed["train"] = hashed_train(cfg.train)
+    if cfg.blocks:  # per-block nets/objectives: only when given, so older hashes stay
+        keyed["blocks"] = hashed_blocks(cfg)
     return _digest(keyed)
+
+
+def hashed_blocks(cfg: RunConfig) -> list[dict[str, Any]]:
+    """The ``blocks:`` entries as the hash sees them (``last`` filled in, empty parts left out)."""
+    return [
+        {"first": o.span.start, "last": o.span.stop - 1}
+        | {k: v for k, v in (("net", o.net), ("objective", o.objective)) if v}
+        for o in cfg.blocks
+    ]
 
 
 def hashed_train(train: TrainConfig) -> dict[str, Any]:
@@ -459,6 +565,8 @@ def legacy_config_hash(cfg: RunConfig) -> str | None:
         return None
     if net.get("input_scale", 1.0) != 1.0 or cfg.partition.kind not in LEGACY_PARTITIONS:
         return None
+    if cfg.blocks:
+        return None
     if set(hashed_train(cfg.train)) != set(HASHED_TRAIN_FIELDS):  # a recipe/objective 0.1 lacked
         return None
     partition = cfg.partition.model_dump(mode="json")
@@ -491,6 +599,8 @@ def hashed_differences(a: RunConfig, b: RunConfig) -> list[str]:
     for sec in (*HASHED_SECTIONS, "train"):
         keys = sorted(set(da[sec]) | set(db[sec]))
         out += [f"{sec}.{k}" for k in keys if da[sec].get(k) != db[sec].get(k)]
+    if hashed_blocks(a) != hashed_blocks(b):
+        out.append("blocks")
     return out
 
 

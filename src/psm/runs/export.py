@@ -158,7 +158,7 @@ def export_run(run: str | Path | Run, out: str | Path) -> Path:
     tensors: dict[str, Tensor] = {}
     blocks = []
     for b in range(r.num_blocks):
-        net = r.parts.new_net()
+        net = r.parts.new_net(b)
         load_weights(r, b, net)  # checked: hash, block id, names and shapes
         for name, value in net.state_dict().items():
             tensors[f"{BLOCK_PREFIX}{b}.{name}"] = value.detach().cpu().contiguous().clone()
@@ -471,7 +471,7 @@ def load_blocks(export: ExportFile) -> list[nn.Module]:
     """
     path = export.path
     k = export.parts.partition.num_blocks
-    nets = [export.parts.new_net() for _ in range(k)]
+    nets = [export.parts.new_net(b) for b in range(k)]
     wanted = [net.state_dict() for net in nets]
     got: list[dict[str, Tensor]] = [{} for _ in range(k)]
     try:

@@ -19,6 +19,20 @@ image data bits/dim in one of two conventions (:data:`CONVENTIONS`):
   per block and a Hutchinson probe redrawn at every function evaluation. The same
   log-Jacobian of psm's scale is added back, so the number is the authors' for their own data
   map whatever ``data.scale`` the run used.
+
+The psm convention dequantizes in one of two ways (:data:`~psm.data.dequantize.DEQUANTIZATIONS`,
+:mod:`psm.data.dequantize`), named in every bits/dim output (``dequantization``):
+
+* ``"uniform"`` (the default; the figures above): ``x = (k + u) / L``.
+* ``"truncated-normal"`` (i-DODE's training-free dequantization, an evaluation option): the
+  level's bin centre plus ``δ = (σ_t0/α_t0) η`` per dimension, ``η`` a standard normal cut to the
+  bin, so the point the ODE starts from at ``t0`` carries the model's own noise at ``t0``; then
+  ``bpd = (NLL + log q(δ)) / (D ln 2)`` per image (``q`` the truncated normal's density in the
+  model's space; its bins have width ``s/L``), also an upper bound on the discrete NLL. As for
+  uniform noise, psm starts the ODE at ``t0`` from the dequantized point itself; i-DODE's code
+  starts from ``α_t0`` times it (``α x + σ η``) and so scores ``α_t0^D p_t0(α_t0 y)``, a
+  different reading of the same model at ``t0`` (VP ``b(t) = 10 t`` at ``t0 = 1e-3``:
+  ``1 - α_t0 = 2.5e-6``).
 """
 
 from __future__ import annotations
@@ -42,10 +56,19 @@ from ..core.likelihood import (
 from ..core.model import BlockModel, GridField
 from ..core.ode import SolverSettings
 from ..core.partition import Partition, PartitionError
+from ..core.reparam import as_prediction
 from ..data.base import Dataset, Quantized
+from ..data.dequantize import (
+    TRUNCATED_NORMAL,
+    UNIFORM,
+    Dequantization,
+    TruncatedNormal,
+    dequantization_name,
+    noise_to_signal,
+)
 from ..data.images import ImageDataset
 from ..data.points import PointsDataset
-from ..errors import PSMError, RunError
+from ..errors import IncompleteRunError, PSMError, RunError
 from ..progress import progress_bar
 from .checkpoint import load_weights
 from .config import RunConfig
@@ -176,23 +199,46 @@ class ModelSource:
         dtype: torch.dtype = torch.float32,
         grid_field: GridField = "constant",
         t0: float | None = None,
+        blocks: list[int] | None = None,
     ) -> BlockModel:
         """Build the nets and load every block's final weights (the EMA ones when the run
-        kept an EMA); see :func:`load_model`."""
+        kept an EMA); see :func:`load_model`. ``blocks``: load only these (of a run; they must
+        be done), the others stand in as :class:`NotLoaded` blocks that refuse to be evaluated
+        (for per-block measurements such as ``psm kl --blocks``)."""
         if self.run is not None:
             r = self.run
-            require_done(r)
+            if blocks is None:
+                require_done(r)
+            else:
+                missing = [b for b in blocks if not 0 <= b < r.num_blocks or not r.ledger.done(b)]
+                if missing:
+                    raise IncompleteRunError(
+                        f"run {r.path}: block(s) {', '.join(map(str, missing))} not done (or "
+                        f"not in its {r.num_blocks} blocks)"
+                    )
             nets = []
             for b in range(r.num_blocks):
-                net = r.parts.new_net()
+                if blocks is not None and b not in blocks:
+                    nets.append(NotLoaded(b))
+                    continue
+                net = r.parts.new_net(b)
                 load_weights(r, b, net)
                 nets.append(net)
+            parts = r.parts
         else:
             assert self.export is not None
             nets = load_blocks(self.export)
+            parts = self.export.parts
         for net in nets:
             net.to(device=device, dtype=dtype).eval()
             net.requires_grad_(False)
+        # a block trained to predict something else than the process is read as the process's
+        nets = [
+            net if isinstance(net, NotLoaded)
+            else as_prediction(net, parts.process.with_prediction(parts.prediction(b)),
+                               self.process)
+            for b, net in enumerate(nets)
+        ]  # fmt: skip
         model = BlockModel(
             self.process, self.partition, nets, grid_field=grid_field, shape=self.shape
         )
@@ -208,7 +254,8 @@ class ModelSource:
           from ``generator``, one draw for the whole input, as ``psm nll`` draws its test
           set's), and float pixels ``x`` in ``[0, 1]`` are taken as they are; then
           ``y = s (x - m)`` with the dequantized convention's ``m`` (the psm convention of
-          ``psm nll``, whatever ``data.dequantize`` the run trained with);
+          ``psm nll``, whatever ``data.dequantize`` the run trained with; truncated-normal
+          noise instead: :meth:`dequantize_truncated_normal`);
         * the user's points (``data: points``): ``y = x - shift`` (the training mean when
           ``data.center``; the raw file's coordinates in);
         * toys and other data: the dataset's own coordinates are the model's (``y = x``).
@@ -250,6 +297,60 @@ class ModelSource:
             return (x.to(torch.float64) - ds.shift.to(x.device)).to(dtype), 0.0
         return x.to(dtype), 0.0
 
+    def truncated_normal(self, t0: float | None = None) -> TruncatedNormal:
+        """The truncated-normal dequantization of this image model at ``t0`` (default: the
+        run's floor): ``δ = (σ_t0/α_t0) η`` cut to half a bin, ``s / (2L)`` (module docstring).
+
+        Raises:
+            PSMError: data without levels.
+        """
+        ds = self.dataset
+        if not isinstance(ds, ImageDataset):
+            raise PSMError(
+                f"truncated-normal dequantization is for image data; {self.config.data.name} "
+                "has no levels"
+            )
+        return truncated_normal_for(self.process, self.partition.t0 if t0 is None else t0, ds)
+
+    def dequantize_truncated_normal(
+        self,
+        k,
+        *,
+        t0: float | None = None,
+        generator: torch.Generator | None = None,
+        dtype: torch.dtype = torch.float32,
+    ) -> tuple[Tensor, Tensor]:
+        """Image levels to the model's space with truncated-normal noise (the evaluation
+        option of :mod:`psm.data.dequantize`), as :meth:`to_model` does with uniform noise.
+
+        Args:
+            k: ``uint8`` levels ``[N, C, H, W]`` (floats have no bins to dequantize in).
+            t0: where the ODE starts (default: the run's floor); the noise is ``σ_t0/α_t0``.
+            generator: the noise (default: a fresh one seeded 0); one draw for the whole input.
+            dtype: the float dtype of ``y``.
+
+        Returns:
+            ``(y [N, C, H, W], log_q [N])``: ``log_q`` float64 is the noise's log-density in the
+            model's space, so ``bpd = (-log p(y) + log_q) / (D ln 2)`` per image.
+
+        Raises:
+            PSMError: data without levels, a shape other than ``[N, *shape]``, not ``uint8``, or
+                levels outside ``0..L-1``.
+        """
+        q = self.truncated_normal(t0)
+        ds = self.dataset
+        assert isinstance(ds, ImageDataset)
+        k = torch.as_tensor(k)
+        if k.ndim != len(self.shape) + 1 or tuple(k.shape[1:]) != self.shape:
+            want = ", ".join(map(str, self.shape))
+            raise PSMError(f"expected images of shape [N, {want}], got {list(k.shape)}")
+        if k.dtype != torch.uint8:
+            raise PSMError(f"truncated-normal dequantization takes uint8 levels, not {k.dtype}")
+        if k.numel() and int(k.max()) >= ds.levels:
+            raise PSMError(f"image levels must lie in 0..{ds.levels - 1}, got up to {int(k.max())}")
+        g = generator or torch.Generator(device=k.device).manual_seed(0)
+        return truncated_normal_levels(ds, q, k, g, dtype)
+
     def from_model(self, y: Tensor) -> Tensor:
         """The inverse of :meth:`to_model`: model-space points to the data's coordinates
         (images: pixels ``x = y / s + m`` clipped to ``[0, 1]``; points: ``y + shift``)."""
@@ -262,6 +363,27 @@ class ModelSource:
 
 
 _INT_DTYPES = (torch.int8, torch.int16, torch.int32, torch.int64, torch.uint8)
+
+
+def truncated_normal_for(process, t0: float, dataset: ImageDataset) -> TruncatedNormal:
+    """The truncated-normal dequantization of ``dataset`` for a model on ``process`` whose ODE
+    starts at ``t0``: noise ``σ_t0/α_t0`` in the model's units, cut to ``s / (2L)``."""
+    return TruncatedNormal(noise_to_signal(process, t0), dataset.half_bin_width)
+
+
+def truncated_normal_levels(
+    dataset: ImageDataset,
+    q: TruncatedNormal,
+    k: Tensor,
+    generator: torch.Generator,
+    dtype: torch.dtype = torch.float32,
+) -> tuple[Tensor, Tensor]:
+    """Levels ``k [N, C, H, W]`` to ``y = c_k + δ`` (bin centres plus ``δ ~ q``, one draw
+    from ``generator`` for the whole set; float64 sums, then ``dtype``) and ``log q(δ) [N]``
+    float64 on the CPU."""
+    delta = q.sample(tuple(k.shape), generator).to(k.device)
+    y = dataset.bin_centres(k).add_(delta)
+    return y.to(dtype), q.log_prob(delta).cpu()
 
 
 def open_source(source: str | Path | Run | ModelSource | OpenedModel) -> ModelSource:
@@ -374,8 +496,10 @@ def load_model(
     dtype: torch.dtype = torch.float32,
     grid_field: GridField = "constant",
     t0: float | None = None,
+    blocks: list[int] | None = None,
 ) -> BlockModel:
-    """Build a run's nets from its config and load every block's final weights.
+    """Build a run's nets from its config and load every block's final weights (``blocks``:
+    only these, see :meth:`ModelSource.load`).
 
     Args:
         run: a run directory, an open :class:`~psm.runs.run.Run`, or an exported
@@ -398,7 +522,20 @@ def load_model(
         CheckpointError: a weights file is unreadable or belongs to another config; an
             exported file that does not match its config.
     """
-    return open_source(run).load(device=device, dtype=dtype, grid_field=grid_field, t0=t0)
+    return open_source(run).load(
+        device=device, dtype=dtype, grid_field=grid_field, t0=t0, blocks=blocks
+    )
+
+
+class NotLoaded(torch.nn.Module):
+    """A block left out of a partial load: evaluating it is an error, never a random net."""
+
+    def __init__(self, block: int) -> None:
+        super().__init__()
+        self.block = block
+
+    def forward(self, x: Tensor, t: Tensor) -> Tensor:
+        raise IncompleteRunError(f"block {self.block} was not loaded (not asked for, or not done)")
 
 
 def with_t0(model: BlockModel, t0: float) -> BlockModel:
@@ -432,6 +569,11 @@ class BitsPerDim:
         log_scale_per_dim: the data map's log-Jacobian per dimension (``log s``), added back.
         convention: ``"psm"`` (dequantized) or ``"authors"``.
         values: per-image bits/dim ``[n]`` (float64, CPU).
+        dequantization: the psm convention's ``"uniform"`` or ``"truncated-normal"`` (None for
+            the authors', not dequantized).
+        noise_scale: truncated-normal: ``σ_t0/α_t0`` in the model's units (None otherwise).
+        log_q: truncated-normal: the noise's log-density per image ``[n]`` (float64, nats, the
+            model's space; ``values = (NLL + log_q) / (D ln 2)``); None otherwise.
     """
 
     bpd: float
@@ -442,6 +584,9 @@ class BitsPerDim:
     log_scale_per_dim: float
     convention: str
     values: Tensor = dataclasses.field(repr=False)
+    dequantization: str | None = UNIFORM
+    noise_scale: float | None = None
+    log_q: Tensor | None = dataclasses.field(default=None, repr=False)
 
 
 def is_image_data(dataset: Dataset) -> bool:
@@ -451,18 +596,34 @@ def is_image_data(dataset: Dataset) -> bool:
 
 
 def bits_per_dim(
-    result: NLLResult, dataset: Quantized, convention: Convention = "psm"
+    result: NLLResult,
+    dataset: Quantized,
+    convention: Convention = "psm",
+    *,
+    log_q: Tensor | None = None,
+    noise_scale: float | None = None,
 ) -> BitsPerDim:
-    """Bits/dim of an NLL result through the dataset's own formula
-    (:meth:`~psm.data.images.ImageDataset.bits_per_dim`), per image, then averaged."""
-    values = dataset.bits_per_dim(result.values)
+    """Bits/dim of an NLL result per image, then averaged: through the dataset's own formula
+    (:meth:`~psm.data.images.ImageDataset.bits_per_dim`, uniform dequantization or the
+    authors' convention), or, given the truncated-normal noise's ``log_q [n]``,
+    ``(NLL + log_q) / (D ln 2)`` (:mod:`psm.data.dequantize`)."""
     dims = math.prod(dataset.shape)
+    if log_q is None:
+        values = dataset.bits_per_dim(result.values)
+        dequantization = UNIFORM if convention == "psm" else None
+    else:
+        if convention != "psm":
+            raise PSMError("truncated-normal dequantization applies to the psm convention")
+        log_q = log_q.to(torch.float64).cpu()
+        values = (result.values + log_q) / (dims * math.log(2))
+        dequantization = TRUNCATED_NORMAL
     n = values.numel()
     se = float(values.std() / math.sqrt(n)) if n > 1 else float("nan")
     return BitsPerDim(
         bpd=float(values.mean()), stderr=se, trivial=math.log2(dataset.levels),
         levels=int(dataset.levels), dims=dims, log_scale_per_dim=dataset.log_scale_per_dim,
-        convention=convention, values=values,
+        convention=convention, values=values, dequantization=dequantization,
+        noise_scale=noise_scale if log_q is not None else None, log_q=log_q,
     )  # fmt: skip
 
 
@@ -487,6 +648,9 @@ class EvalSettings:
         redraw: ``"solve"`` or ``"evaluation"``.
         t0: where the likelihood integral starts.
         dequantize: whether the test images are dequantized (None for data without levels).
+        dequantization: how, when they are: ``"uniform"`` (the default) or
+            ``"truncated-normal"`` (:mod:`psm.data.dequantize`); None for the authors'
+            convention and data without levels.
     """
 
     convention: str | None
@@ -496,6 +660,33 @@ class EvalSettings:
     redraw: ProbeRedraw
     t0: float
     dequantize: bool | None
+    dequantization: str | None = UNIFORM
+
+
+def check_dequantization(
+    run: Run | ModelSource, dequantization: str, convention: str = "psm"
+) -> str | None:
+    """The canonical dequantization for scoring ``run`` in ``convention`` (None where nothing
+    is dequantized: the authors' convention, data without levels).
+
+    Raises:
+        PSMError: an unknown name; truncated-normal with the authors' convention or on data
+            without levels.
+    """
+    name = dequantization_name(dequantization)
+    image = is_image_data(run.dataset)
+    if name == TRUNCATED_NORMAL:
+        if not image:
+            raise PSMError(
+                f"truncated-normal dequantization is for image data; {run.config.data.name} "
+                "has no levels (its NLL is in nats)"
+            )
+        if convention != "psm":
+            raise PSMError(
+                "truncated-normal dequantization applies to the psm convention; the authors' "
+                "convention is not dequantized"
+            )
+    return name if image and convention == "psm" else None
 
 
 def eval_settings(
@@ -506,18 +697,24 @@ def eval_settings(
     trace: TraceMethod | Literal["auto"] | None = None,
     probes: int = 1,
     redraw: ProbeRedraw | None = None,
+    dequantization: Dequantization | str = UNIFORM,
 ) -> EvalSettings:
     """Resolve a run's evaluation settings: given values win, then the convention's, then the
     run's ``eval`` section; ``trace`` ``None``/``"auto"`` is exact up to
-    :data:`~psm.core.likelihood.EXACT_TRACE_MAX_DIM` dimensions, Hutchinson above.
+    :data:`~psm.core.likelihood.EXACT_TRACE_MAX_DIM` dimensions, Hutchinson above;
+    ``dequantization`` (``"uniform"``, ``"truncated-normal"`` or ``"tn"``) applies to the psm
+    convention on image data.
 
     Raises:
-        PSMError: ``convention="authors"`` for data without levels, or an unknown convention.
+        PSMError: ``convention="authors"`` for data without levels, an unknown convention or
+            dequantization, truncated-normal dequantization with the authors' convention or on
+            data without levels.
     """
     if convention not in CONVENTIONS:
         raise PSMError(f"unknown convention {convention!r} (choose from psm, authors)")
     if probes < 1:
         raise PSMError(f"probes must be >= 1, got {probes}")
+    deq = check_dequantization(run, dequantization, convention)
     own = run.config.eval.solver_settings()
     image = is_image_data(run.dataset)
     dims = math.prod(run.shape)
@@ -535,6 +732,7 @@ def eval_settings(
             redraw=redraw or "evaluation",
             t0=AUTHORS_T0,
             dequantize=False,
+            dequantization=None,
         )
     return EvalSettings(
         convention="psm" if image else None,
@@ -544,6 +742,7 @@ def eval_settings(
         redraw=redraw or "solve",
         t0=run.partition.t0,
         dequantize=True if image else None,
+        dequantization=deq,
     )
 
 
@@ -578,11 +777,30 @@ class RunEvaluation:
             line += f" (true entropy, the floor: {self.entropy:.4f})"
         if self.bits is not None:
             b = self.bits
+            how = f"{b.convention} convention"
+            if b.dequantization is not None:
+                how += f", {b.dequantization} dequantization"
             line = (
-                f"{b.bpd:.4f} ± {b.stderr:.4f} bits/dim ({b.convention} convention; trivial "
-                f"bound {b.trivial:.4f}); {line}"
+                f"{b.bpd:.4f} ± {b.stderr:.4f} bits/dim ({how}; trivial bound "
+                f"{b.trivial:.4f}); {line}"
             )
         return line
+
+
+def truncated_normal_test_set(
+    dataset: ImageDataset, process, *, t0: float, n: int, seed: int
+) -> tuple[Tensor, Tensor, TruncatedNormal]:
+    """The first ``min(n, n_test)`` test images dequantized with truncated-normal noise for a
+    model on ``process`` starting at ``t0`` (one draw seeded by ``seed``, as
+    :meth:`~psm.data.images.ImageDataset.test_set` draws uniform noise).
+
+    Returns:
+        ``(y [n, C, H, W] float32, log_q [n] float64, q)``.
+    """
+    q = truncated_normal_for(process, t0, dataset)
+    k = dataset.test_levels(n)
+    y, log_q = truncated_normal_levels(dataset, q, k, torch.Generator().manual_seed(seed))
+    return y, log_q, q
 
 
 def evaluate_model(
@@ -602,7 +820,9 @@ def evaluate_model(
     """Score a model on a dataset's test set under resolved settings (no disk involved).
 
     The model is moved to ``settings.t0`` (:func:`with_t0`); image test sets are drawn in the
-    settings' convention (dequantized or not) and the result carries bits/dim.
+    settings' convention (dequantized or not) and dequantization (uniform, or truncated-normal
+    with the model's ``σ_t0/α_t0``: :func:`truncated_normal_test_set`) and the result carries
+    bits/dim.
 
     Args:
         model: the assembled blocks.
@@ -620,14 +840,25 @@ def evaluate_model(
     """
     model = with_t0(model, settings.t0)
     image = is_image_data(dataset)
-    x = dataset.test_set(n, test_seed, dequantize=settings.dequantize)
+    tn = image and settings.dequantize and settings.dequantization == TRUNCATED_NORMAL
+    if tn:
+        if not isinstance(dataset, ImageDataset):
+            raise PSMError(f"truncated-normal dequantization needs image levels; {dataset.name}")
+        x, log_q, q = truncated_normal_test_set(
+            dataset, model.process, t0=settings.t0, n=n, seed=test_seed
+        )
+    else:
+        x = dataset.test_set(n, test_seed, dequantize=settings.dequantize)
     with progress_bar("NLL", enabled=progress) as bar:
         result = evaluate_nll(
             model, x, batch_size=batch_size, solver=settings.solver, trace=settings.trace,
             probes=settings.probes, redraw=settings.redraw, seed=probe_seed, device=device,
             dtype=dtype, prior_log_prob=prior_log_prob, progress=bar,
         )  # fmt: skip
-    bits = bits_per_dim(result, dataset, settings.convention or "psm") if image else None
+    if tn:
+        bits = bits_per_dim(result, dataset, "psm", log_q=log_q, noise_scale=q.scale)
+    else:
+        bits = bits_per_dim(result, dataset, settings.convention or "psm") if image else None
     return RunEvaluation(
         result, dataset.name, dataset.entropy,
         model.grid_field if model.is_grid else None, bits, settings,
@@ -650,6 +881,7 @@ def evaluate_run(
     dtype: torch.dtype = torch.float32,
     grid_field: GridField = "constant",
     progress: bool = True,
+    dequantization: Dequantization | str = UNIFORM,
 ) -> RunEvaluation:
     """Test NLL of a trained run on its dataset's test set (``data.test_set(n, seed)``), and
     bits/dim for image data.
@@ -677,6 +909,8 @@ def evaluate_run(
         dtype: evaluation dtype.
         grid_field: DPSM field, ``"constant"`` (paper) or ``"linear"``.
         progress: show a progress bar.
+        dequantization: image runs, psm convention: ``"uniform"`` (default) or
+            ``"truncated-normal"`` (``"tn"``; module docstring).
 
     Returns:
         A :class:`RunEvaluation` (NLL ± s.e., the true-entropy floor when the data have one,
@@ -686,14 +920,16 @@ def evaluate_run(
         IncompleteRunError: the run has missing or unfinished blocks.
         DataError: a data file changed since the run was created, or an export's data are not
             here.
-        PSMError: the authors' convention on data without levels.
+        PSMError: the authors' convention on data without levels; truncated-normal
+            dequantization with the authors' convention or on data without levels.
     """
     r = open_source(run)
     dataset = r.test_data()  # a changed or vanished data file, before anything is built
     ev = r.config.eval
     settings = eval_settings(
-        r, convention=convention, solver=solver, trace=trace, probes=probes, redraw=redraw
-    )
+        r, convention=convention, solver=solver, trace=trace, probes=probes, redraw=redraw,
+        dequantization=dequantization,
+    )  # fmt: skip
     model = r.load(device=device, dtype=dtype, grid_field=grid_field, t0=settings.t0)
     return evaluate_model(
         model, dataset, n=n or ev.n_test, test_seed=ev.test_seed if test_seed is None else

@@ -120,14 +120,14 @@ class BlockDisk:
         return self.weights + self.logs
 
 
-def _meta_net(parts: Parts) -> nn.Module:
-    """The run's block net without its memory (meta device; CPU if a net cannot be built so)."""
+def _meta_net(parts: Parts, block: int | None = None) -> nn.Module:
+    """Block ``block``'s net without its memory (meta device; CPU if a net cannot be built so)."""
     _ = parts.shape  # the data's shape first: the data are not built on the meta device
     try:
         with torch.device("meta"):
-            return parts.new_net()
+            return parts.new_net(block)
     except (RuntimeError, NotImplementedError, TypeError):
-        return parts.new_net()
+        return parts.new_net(block)
 
 
 def _rng_bytes(device: str) -> int:
@@ -171,17 +171,24 @@ def predict_disk(config: RunConfig, parts: Parts, blocks: list[int]) -> list[Blo
         parts: its parts (the data's shape and the net builder).
         blocks: the block ids.
     """
-    net = _meta_net(parts)
-    state = {k: (v.dtype, tuple(v.shape)) for k, v in net.state_dict().items()}
-    params = {k: (v.dtype, tuple(v.shape)) for k, v in net.named_parameters()}
     rng = (torch.uint8, (_rng_bytes(config.train.device),))
-    dropout = any(isinstance(m, nn.modules.dropout._DropoutNd) and m.p > 0 for m in net.modules())
     partition = parts.partition
+    nets: dict[str, tuple[dict, dict, bool]] = {}  # by net spec (``blocks:`` may differ)
     out = []
     for b in blocks:
+        key = config.net_key(b)
+        if key not in nets:
+            net = _meta_net(parts, b)
+            nets[key] = (
+                {k: (v.dtype, tuple(v.shape)) for k, v in net.state_dict().items()},
+                {k: (v.dtype, tuple(v.shape)) for k, v in net.named_parameters()},
+                any(isinstance(m, nn.modules.dropout._DropoutNd) and m.p > 0
+                    for m in net.modules()),
+            )  # fmt: skip
+        state, params, dropout = nets[key]
         steps = config.step_target(b)
         meta = {"format": FORMAT, "config_hash": "0" * 16, "block": str(b), "step": str(steps),
-                "net": config.net.name, "span": partition.describe(b)}  # fmt: skip
+                "net": config.net_for(b).name, "span": partition.describe(b)}  # fmt: skip
         resume = {f"net.{k}": v for k, v in state.items()}
         resume |= {f"adam_m.{k}": v for k, v in params.items()}
         resume |= {f"adam_v.{k}": v for k, v in params.items()}

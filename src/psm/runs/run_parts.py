@@ -52,20 +52,30 @@ class Parts:
             self._shape = tuple(self.dataset.shape)
         return self._shape
 
-    def new_net(self) -> nn.Module:
-        """A fresh block net (``net:``), time-conditioned unless the partition is a grid.
+    def new_net(self, block: int | None = None) -> nn.Module:
+        """A fresh net for block ``block`` (``net:`` with the block's ``blocks:`` entry merged
+        on; None: the run's own ``net:``), time-conditioned unless the partition is a grid.
 
         Raises:
             ConfigError: the net cannot take points of this shape (one line).
         """
         tc = self.partition.time_conditioned
+        spec = self.config.net_for(block)
         try:
-            return self.config.net.build(self.shape, time_conditioned=tc)
+            return spec.build(self.shape, time_conditioned=tc)
         except ValueError as e:
-            raise ConfigError(f"net {self.config.net.name}: {e}") from None
+            where = "" if self.config.override(block) is None else f" (block {block})"
+            raise ConfigError(f"net {spec.name}{where}: {e}") from None
+
+    def prediction(self, block: int) -> str:
+        """What block ``block``'s net outputs (its objective's ``prediction``, else the
+        process's)."""
+        return self.config.objective_for(block).block_process(self.process).prediction
 
     def check(self) -> None:
         """Build the data and one net, so that a bad source or a net that cannot take the data
         fails (in one line) before anything is written."""
         _ = self.dataset
         self.new_net()
+        for o in self.config.blocks:  # every overridden net too
+            self.new_net(o.first)

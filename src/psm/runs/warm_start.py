@@ -227,9 +227,21 @@ def source_record(
             f"train.init_from: block(s) {states} of {where} not done; finish training the "
             "source first"
         )
-    want = {n: tuple(t.shape) for n, t in parts.new_net().state_dict().items()}
+    targets = list(range(k) if blocks is None else blocks)
+    wants: dict[str, dict[str, tuple]] = {}  # the target nets' shapes, by net spec
+    for b in targets:
+        key = config.net_key(b)
+        if key not in wants:
+            wants[key] = {n: tuple(t.shape) for n, t in parts.new_net(b).state_dict().items()}
+        mine, theirs = parts.prediction(b), src.parts.prediction(mapping[b])
+        if mine != theirs:
+            raise InitFromError(
+                f"train.init_from: block {b} predicts {mine}, block {mapping[b]} of {where} "
+                f"predicts {theirs}; a warm start needs the same prediction"
+            )
     files: dict[str, Any] = {}
     for sb in used:
+        want_keys = {config.net_key(b) for b in targets if mapping[b] == sb}
         path = src.layout.weights(sb)
         meta, shapes = _header(path, where, sb)
         if meta.get("format") != FORMAT or meta.get("config_hash") != src.hash:
@@ -239,7 +251,8 @@ def source_record(
             )
         if meta.get("block") != str(sb):
             raise InitFromError(f"train.init_from: {path} holds block {meta.get('block')}")
-        bad = _shape_mismatch(shapes, want)
+        bad = next(filter(None, (_shape_mismatch(shapes, wants[w]) for w in sorted(want_keys))),
+                   None)  # fmt: skip
         if bad:
             raise InitFromError(
                 f"train.init_from: the net of {where} does not fit this run's ({bad})"

@@ -105,7 +105,7 @@ class BlockProblem:
         """Block ``block`` of ``run`` on ``device`` (default: the run's ``train.device``)."""
         device = device if device is not None else train_device(run.config.train.device)
         lo, hi = run.partition.train_range(block)
-        objective = run.config.train.objective.build(run.process, lo, hi)
+        objective = run.config.objective_for(block).objective(run.process, lo, hi)
         return cls(run, block, run.dataset, objective, device, run.config.train.batch_size)
 
     def new_net(self) -> nn.Module:
@@ -114,7 +114,7 @@ class BlockProblem:
         (:func:`psm.runs.warm_start.start_block`, which records it in the block's status)."""
         with torch.random.fork_rng(devices=[]):
             torch.manual_seed(block_seed(self.run.config.train.seed, self.block, SEED_INIT))
-            net = self.run.parts.new_net()
+            net = self.run.parts.new_net(self.block)
         net = net.to(self.device)
         warm = self.run.config.train.init_from is not None
         layout = self.run.layout
@@ -340,6 +340,8 @@ class StackTrainer:
                 f"blocks {self.blocks} have different step targets or decay starts: stack them "
                 "apart"
             )
+        if len({run.config.net_key(b) for b in self.blocks}) > 1:
+            raise ValueError(f"blocks {self.blocks} have different nets: stack them apart")
         self.device = train_device(cfg.device)
         self.problems = [BlockProblem.build(run, b, self.device) for b in self.blocks]
         self.objective = self.problems[0].objective  # scores the whole stack (Objective.loss)
@@ -510,8 +512,11 @@ class StackTrainer:
                 )  # fmt: skip
         finally:
             self.stack.train(True)
-        process = self.run.process
-        return {k: heldout_term(process, batches[k], out[k])[0] for k in have}  # type: ignore[arg-type]
+        # each block's output read with its own prediction (objective.process)
+        return {
+            k: heldout_term(self.problems[k].objective.process, batches[k], out[k])[0]  # type: ignore[arg-type]
+            for k in have
+        }
 
     def _eval_forward(self, x: Tensor, t: Tensor) -> Tensor:
         """The stack's forward ``[K, B, *D], [K, B] -> [K, B, *D]`` with inference weights
@@ -814,9 +819,11 @@ def train_block(run_dir: str | Path | Run, block: int) -> BlockOutcome:
 def _step_groups(run: Run, blocks: list[int], max_stack: int | None) -> list[list[int]]:
     """Blocks grouped by their resume step (so Adam's step count is shared) and step target
     (a stack trains to one target), then chunked."""
-    by_step: dict[tuple[int, bool, int, int], list[int]] = defaultdict(list)
-    for b in blocks:  # a pruned block (fresh optimizer) never stacks with one with moments
-        by_step[(resume_step(run, b), has_moments(run, b), *_schedule_key(run, b))].append(b)
+    by_step: dict[tuple[int, bool, int, int, str], list[int]] = defaultdict(list)
+    for b in blocks:  # a pruned block (fresh optimizer) never stacks with one with moments;
+        # blocks with different nets (``blocks:`` overrides) train one stack per net
+        key = (resume_step(run, b), has_moments(run, b), *_schedule_key(run, b))
+        by_step[(*key, run.config.net_key(b))].append(b)
     size = max_stack or len(blocks) or 1
     groups = []
     for step in sorted(by_step):
