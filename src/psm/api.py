@@ -40,6 +40,7 @@ from .core.likelihood import NLLResult, auto_trace, evaluate_nll
 from .core.model import BlockModel, GridField
 from .core.ode import SolverSettings
 from .data import Dataset, Quantized
+from .data.dequantize import TRUNCATED_NORMAL
 from .errors import BlockError, ConfigError, PSMError
 from .progress import progress_bar
 from .runs.config import RunConfig, read_yaml, validate_config
@@ -48,6 +49,7 @@ from .runs.inference import (
     ModelSource,
     OpenedModel,
     RunEvaluation,
+    check_dequantization,
     eval_settings,
     evaluate_model,
     open_model,
@@ -447,6 +449,7 @@ class Model:
         probe_seed: int = 0,
         batch_size: int = 1000,
         progress: bool = False,
+        dequantization: Literal["uniform", "truncated-normal", "tn"] = "uniform",
     ) -> RunEvaluation:
         """The test-set NLL, as ``psm nll`` computes it (same defaults, same test points).
 
@@ -461,6 +464,9 @@ class Model:
             probe_seed: seed of the Hutchinson probes.
             batch_size: points per solve.
             progress: show a progress bar.
+            dequantization: images, psm convention: ``"uniform"`` (``x = (k + u) / L``) or
+                ``"truncated-normal"`` (``"tn"``: i-DODE's, :mod:`psm.data.dequantize`);
+                named in ``.bits.dequantization``.
 
         Returns:
             A :class:`~psm.runs.inference.RunEvaluation`: ``.result.nll`` and ``.result.stderr``
@@ -470,6 +476,8 @@ class Model:
         Raises:
             DataError: an exported model whose data files are not here (``psm score`` scores
                 your own inputs: :meth:`log_prob`).
+            PSMError: truncated-normal dequantization with the authors' convention or on data
+                without levels.
         """
         src = self.source
         dataset = src.test_data()
@@ -477,7 +485,7 @@ class Model:
         own = solver is None and steps is None and convention == "authors"
         settings = eval_settings(
             src, convention=convention, solver=None if own else self._solver(solver, steps),
-            trace=trace, probes=probes,
+            trace=trace, probes=probes, dequantization=dequantization,
         )  # fmt: skip
         return evaluate_model(
             self.blocks, dataset, n=n or ev.n_test,
@@ -487,41 +495,64 @@ class Model:
         )  # fmt: skip
 
     def bits_per_dim(
-        self, x: Tensor | None = None, *, seed: int = 0, trace: str | None = None, **options: Any
+        self,
+        x: Tensor | None = None,
+        *,
+        seed: int = 0,
+        trace: str | None = None,
+        dequantization: Literal["uniform", "truncated-normal", "tn"] = "uniform",
+        **options: Any,
     ) -> Tensor | BitsPerDim:
         """Bits/dim of images, in psm's convention (dequantized, an upper bound on the discrete
-        NLL of the levels): ``(NLL - D log s) / (D ln 2) + log2 L``.
+        NLL of the levels): ``(NLL - D log s) / (D ln 2) + log2 L`` with uniform
+        dequantization, ``(NLL + log q) / (D ln 2)`` with truncated-normal
+        (:mod:`psm.data.dequantize`).
 
         Args:
-            x: images ``[N, C, H, W]`` (``uint8`` levels, dequantized with ``seed``, or pixels
-                in ``[0, 1]``); None: the test set, as ``psm nll``.
+            x: images ``[N, C, H, W]`` (``uint8`` levels, dequantized with ``seed``, or, for
+                uniform dequantization only, pixels in ``[0, 1]``); None: the test set, as
+                ``psm nll``.
             seed: seeds the dequantization and the Hutchinson probes.
             trace: exact up to 16 dimensions, Hutchinson above, unless given.
+            dequantization: ``"uniform"`` (``x = (k + u) / L``, the default) or
+                ``"truncated-normal"`` (``"tn"``: i-DODE's training-free dequantization, the
+                bin centre plus ``σ_t0/α_t0`` noise cut to the bin, at the run's ``t0``).
             options: ``probes``, ``solver``, ``steps``, ``batch_size``, ``progress`` (and with
                 ``x=None`` the other options of :meth:`nll`).
 
         Returns:
             With ``x``: per-image bits/dim ``[N]`` (float64, CPU). Without: the test set's
-            :class:`~psm.runs.inference.BitsPerDim` (mean, s.e., trivial bound ``log2 L``).
+            :class:`~psm.runs.inference.BitsPerDim` (mean, s.e., trivial bound ``log2 L``, its
+            ``dequantization``).
 
         Raises:
-            PSMError: data without levels (not images).
+            PSMError: data without levels (not images); truncated-normal dequantization of
+                float pixels (it needs the levels' bins) or with the authors' convention.
         """
         ds = self.dataset
         if not isinstance(ds, Quantized):
             raise PSMError(f"{self.config.data.name} data have no levels: bits/dim is for images")
         if x is None:
-            ev = self.nll(trace=trace, **options)  # type: ignore[arg-type]
+            opts: dict[str, Any] = {"trace": trace, "dequantization": dequantization, **options}
+            ev = self.nll(**opts)
             assert ev.bits is not None
             return ev.bits
         unknown = sorted(set(options) - {"probes", "solver", "steps", "batch_size", "progress"})
         if unknown:
             raise PSMError(f"bits_per_dim(x): unknown option(s) {', '.join(unknown)}")
+        tn = check_dequantization(self.source, dequantization) == TRUNCATED_NORMAL
         g = torch.Generator().manual_seed(seed)
-        y, _ = self.source.to_model(x, generator=g, dtype=self.dtype)
+        if tn:
+            y, log_q = self.source.dequantize_truncated_normal(
+                x, t0=self.blocks.t0, generator=g, dtype=self.dtype
+            )  # the noise at the t0 the ODE starts from
+        else:
+            y, _ = self.source.to_model(x, generator=g, dtype=self.dtype)
         res = self._nll(
             y, seed=seed, trace=self._trace(trace), probes=options.get("probes", 1),
             solver=self._solver(options.get("solver"), options.get("steps")),
             batch_size=options.get("batch_size", 1000), progress=options.get("progress", False),
         )  # fmt: skip
+        if tn:
+            return (res.values + log_q) / (math.prod(self.event_shape) * math.log(2))
         return ds.bits_per_dim(res.values)  # type: ignore[return-value]

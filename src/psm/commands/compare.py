@@ -1,10 +1,13 @@
 """``psm compare RUN RUN [RUN...]``: runs on the same test points, with paired errors.
 
 Every run is scored on the first run's test points (``--n``, ``--seed``; defaults from the
-first run's ``eval`` section; image runs in ``psm nll``'s ``psm`` convention), or its per-point
-NLLs are read from files written by ``psm nll --values`` (``--values A.npy B.npy ...``, one per
-run, in order, all made with the same ``--n`` and ``--seed``). Runs whose test points differ
-(another data set, data map or split) are refused in one line.
+first run's ``eval`` section; image runs in ``psm nll``'s ``psm`` convention, uniformly
+dequantized or with ``--dequantization truncated-normal``), or its per-point NLLs are read from
+files written by ``psm nll --values`` (``--values A.npy B.npy ...``, one per run, in order, all
+made with the same ``--n``, ``--seed`` and dequantization: a truncated-normal file carries it
+in ``A.npy.json``, a file without one is uniform). Runs whose test points differ (another data
+set, data map or split; for truncated-normal dequantization another noise ``σ_t0/α_t0``) and
+values made under different dequantizations are refused in one line, naming the field.
 
 The table gives each run's NLL in nats (bits/dim for images) ± its standard error, the
 difference against the first run and the **paired** standard error of that difference,
@@ -32,7 +35,7 @@ from .model_flags import (
     resolve_device,
     set_threads,
 )
-from .nll import TRACE_CHOICES, resolve_settings
+from .nll import TRACE_CHOICES, add_dequantization_argument, resolve_settings
 
 if TYPE_CHECKING:  # numpy and torch are imported when the command runs
     import numpy as np
@@ -67,6 +70,9 @@ def add(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--batch-size", type=int, default=1000, help="points per solve")
     p.add_argument("--probe-seed", type=int, default=0, help="seed of the Hutchinson probes")
     p.add_argument("--json", action="store_true", help="machine-readable output on stdout")
+    add_dequantization_argument(
+        p, default=None, extra="; with --values, that of the files (FILE.npy.json), checked"
+    )
     add_model_arguments(p)
     p.set_defaults(func=cmd_compare, convention="psm")
 
@@ -87,6 +93,7 @@ def cmd_compare(args: argparse.Namespace) -> int:
     ev = first.config.eval
     seed = ev.test_seed if args.seed is None else args.seed
     image = _image(first)
+    log_q: list | None = None
     if args.values is not None:
         values = [read_values(Path(v)) for v in args.values]
         lengths = {len(v) for v in values}
@@ -94,19 +101,32 @@ def cmd_compare(args: argparse.Namespace) -> int:
             sizes = ", ".join(f"{f}: {len(v)}" for f, v in zip(args.values, values))
             raise PSMError(f"--values files hold different numbers of points ({sizes})")
         n = len(values[0])
+        dequantization, log_q, scale = values_dequantization(args.values, values,
+                                                             args.dequantization)  # fmt: skip
+        if log_q is not None and not image:
+            raise PSMError(f"--values: truncated-normal values are of images; {args.runs[0]} "
+                           "has no levels")  # fmt: skip
         check_same_points(runs, args.runs, n=n, seed=seed)
         settings = [None] * len(runs)
     else:
+        from ..runs.inference import check_dequantization
+
         n = args.n or ev.n_test
-        x = check_same_points(runs, args.runs, n=n, seed=seed)
-        values, settings = score_runs(args, runs, x)
+        dequantization = check_dequantization(first, args.dequantization or "uniform")
+        args.dequantization = dequantization or "uniform"  # every run's settings take it
+        x, q_first, scale = check_same_points(
+            runs, args.runs, n=n, seed=seed, dequantization=args.dequantization
+        )
+        values, settings = score_runs(args, runs, x, q_first)
+        log_q = None if q_first is None else [q_first.double().numpy()] * len(runs)
         n = len(values[0])
     if n < 2:
         raise PSMError(f"a paired comparison needs at least 2 points, got {n}")
     cached = args.values is not None
     report = comparison(
-        args.runs, runs, values, settings, image=image, n=n, seed=None if cached else seed
-    )
+        args.runs, runs, values, settings, image=image, n=n, seed=None if cached else seed,
+        log_q=log_q, noise_scale=scale,
+    )  # fmt: skip
     if args.json:
         print(json.dumps(report, indent=2, allow_nan=False))
     else:
@@ -146,31 +166,119 @@ def read_values(path: Path) -> np.ndarray:
     return arr.astype(np.float64)
 
 
-def check_same_points(runs: list, names: list[str], *, n: int, seed: int):
+def check_same_points(
+    runs: list, names: list[str], *, n: int, seed: int, dequantization: str = "uniform"
+):
     """The first run's test points ``[n', *shape]`` (model space, ``psm`` convention for
-    images), after checking that every run would score exactly the same points.
+    images, dequantized by ``dequantization``), after checking that every run would score
+    exactly the same points.
+
+    Returns:
+        ``(x, log_q, noise_scale)``: for truncated-normal dequantization ``log_q [n']`` of the
+        noise and its ``σ_t0/α_t0`` (the same for every run), else ``(x, None, None)``.
 
     Raises:
-        PSMError: a run's test points differ (another data set, data map, split or shape),
-            naming the first differing ``data`` field when there is one.
+        PSMError: a run's test points differ (another data set, data map, split or shape, or
+            for truncated-normal dequantization another ``σ_t0/α_t0``: another process or
+            ``t0``), naming the first differing field when there is one.
     """
     import torch
 
-    def points(run):
-        dequantize = True if _image(run) else None
-        return run.test_data().test_set(n, seed, dequantize=dequantize)
+    from ..runs.inference import truncated_normal_test_set
 
-    x = points(runs[0])
+    tn = dequantization == "truncated-normal"
+
+    def points(run):
+        if tn:
+            x, log_q, q = truncated_normal_test_set(
+                run.test_data(), run.process, t0=run.partition.t0, n=n, seed=seed
+            )
+            return x, log_q, q.scale
+        dequantize = True if _image(run) else None
+        return run.test_data().test_set(n, seed, dequantize=dequantize), None, None
+
+    x, log_q, scale = points(runs[0])
     for run, name in zip(runs[1:], names[1:]):
         if tuple(run.shape) != tuple(runs[0].shape):
             raise PSMError(
                 f"{name}: data of shape {list(run.shape)}, {names[0]}'s are "
                 f"{list(runs[0].shape)}; compare runs trained on the same data"
             )
-        y = points(run)
+        y, _, other = points(run)
+        if tn and other != scale:
+            raise PSMError(
+                f"{name}: truncated-normal dequantization noise sigma/alpha at t0 = {other:.6g}, "
+                f"{names[0]}'s is {scale:.6g} (process or t0 differ: t0 {run.partition.t0:g} vs "
+                f"{runs[0].partition.t0:g}), so their test points differ; compare them under "
+                "--dequantization uniform"
+            )
         if y.shape != x.shape or not torch.equal(x, y):
             raise PSMError(f"{name}: {_data_difference(runs[0], run, names[0])}")
-    return x
+    return x, log_q, scale
+
+
+def read_values_settings(path: Path) -> dict[str, Any] | None:
+    """The dequantization ``psm nll --values`` recorded beside a truncated-normal values file
+    (``FILE.npy.json``); None for a file without one (uniform dequantization).
+
+    Raises:
+        PSMError: an unreadable or malformed settings file.
+    """
+    from .nll import values_settings_path
+
+    side = values_settings_path(path)
+    if not side.is_file():
+        return None
+    try:
+        meta = json.loads(side.read_text())
+    except (OSError, ValueError) as e:
+        raise PSMError(f"--values {path}: {side} is not readable JSON ({e})") from None
+    if not isinstance(meta, dict) or not isinstance(meta.get("log_q"), list):
+        raise PSMError(f"--values {path}: {side} holds no dequantization settings (log_q)")
+    return meta
+
+
+def values_dequantization(files: list[str], values: list, flag: str | None):
+    """The one dequantization of ``--values`` files (from their ``FILE.npy.json``; uniform
+    without one), checked alike across the files and against ``--dequantization``.
+
+    Returns:
+        ``(dequantization, log_q, noise_scale)``: for truncated-normal files ``log_q`` is a list
+        of per-point arrays ``[n]`` (one per file) and ``noise_scale`` their ``σ_t0/α_t0``;
+        ``("uniform", None, None)`` otherwise.
+
+    Raises:
+        PSMError: files made under different dequantizations (or noises, or test seeds), or
+            another dequantization than ``--dequantization`` names, naming the field; a
+            ``log_q`` whose length is not the values'.
+    """
+    import numpy as np
+
+    metas = [read_values_settings(Path(f)) for f in files]
+    kinds = [m.get("dequantization", "truncated-normal") if m else "uniform" for m in metas]
+    for field in ("dequantization", "dequantization_scale", "test_seed"):
+        got = [kinds[i] if field == "dequantization" else (m or {}).get(field)
+               for i, m in enumerate(metas)]  # fmt: skip
+        for f, v in zip(files[1:], got[1:]):
+            if v != got[0]:
+                raise PSMError(
+                    f"--values {f} was made under {field} {v}, {files[0]} under {got[0]}; "
+                    "compare values made under the same dequantization"
+                )
+    if flag is not None and flag != kinds[0]:
+        raise PSMError(
+            f"--values files were made under dequantization {kinds[0]}, not {flag} "
+            "(--dequantization)"
+        )
+    if kinds[0] != "truncated-normal":
+        return kinds[0], None, None
+    log_q = []
+    for f, m, v in zip(files, metas, values):
+        q = np.asarray(m["log_q"], dtype=np.float64)
+        if q.shape != v.shape:
+            raise PSMError(f"--values {f}: {len(q)} log q value(s) for {len(v)} points")
+        log_q.append(q)
+    return kinds[0], log_q, metas[0].get("dequantization_scale")
 
 
 def _data_difference(a, b, name_a: str) -> str:
@@ -189,8 +297,11 @@ def _data_difference(a, b, name_a: str) -> str:
     )
 
 
-def score_runs(args: argparse.Namespace, runs: list, x) -> tuple[list[np.ndarray], list]:
-    """Each run's per-point NLLs on ``x`` (nats, float64), under its own settings."""
+def score_runs(
+    args: argparse.Namespace, runs: list, x, log_q=None
+) -> tuple[list[np.ndarray], list]:
+    """Each run's per-point NLLs on ``x`` (nats, float64), under its own settings (``log_q``:
+    the truncated-normal noise's, for the scores' bits/dim)."""
     from ..runs.scoring import load_scoring_model, score_inputs
 
     device = resolve_device(args.device)
@@ -203,7 +314,7 @@ def score_runs(args: argparse.Namespace, runs: list, x) -> tuple[list[np.ndarray
         )
         scores = score_inputs(
             model, x, run.dataset, s, probe_seed=args.probe_seed, batch_size=args.batch_size,
-            device=device, dtype=dtype, progress=not args.no_progress,
+            device=device, dtype=dtype, progress=not args.no_progress, log_q=log_q,
         )  # fmt: skip
         v = scores.result.values.double().numpy()
         bad = int((~scores.result.values.isfinite()).sum())
@@ -216,14 +327,22 @@ def score_runs(args: argparse.Namespace, runs: list, x) -> tuple[list[np.ndarray
 
 def comparison(
     names: list[str], runs: list, values: list[np.ndarray], settings: list, *, image: bool,
-    n: int, seed: int | None,
+    n: int, seed: int | None, log_q: list[np.ndarray] | None = None,
+    noise_scale: float | None = None,
 ) -> dict[str, Any]:  # fmt: skip
     """The report: per run the figure ± s.e., the difference against the first and its paired
-    and unpaired errors (bits/dim for image runs, converted per point by the data's formula)."""
+    and unpaired errors (bits/dim for image runs, converted per point by the data's formula,
+    or under truncated-normal dequantization, ``log_q`` given per run, by
+    ``(nll + log_q) / (D ln 2)``)."""
     from ..runs.scoring import paired_stats
 
     first = runs[0].dataset
-    per_point = [first.bits_per_dim(v) for v in values] if image else values
+    if image and log_q is not None:
+        d_ln2 = math.prod(first.shape) * math.log(2)
+        per_point = [(v + q) / d_ln2 for v, q in zip(values, log_q)]
+    else:
+        per_point = [first.bits_per_dim(v) for v in values] if image else values
+    dequantization = ("truncated-normal" if log_q is not None else "uniform") if image else None
     rows = paired_stats(per_point)
     unit = "bits/dim" if image else "nats"
     report: dict[str, Any] = {
@@ -232,12 +351,15 @@ def comparison(
         "n": n,
         "test_seed": seed,
         "dataset": first.name,
+        "dequantization": dequantization,
         "runs": [],
     }
     if image:
         from ..runs.nll_records import convention_label
 
-        report["convention"] = convention_label("psm", first.levels)
+        report["convention"] = convention_label("psm", first.levels, dequantization, noise_scale)
+        if noise_scale is not None:
+            report["dequantization_scale"] = noise_scale
     for name, row, s in zip(names, rows, settings):
         report["runs"].append(
             {

@@ -10,9 +10,13 @@ probability-flow ODE through the blocks (paper eqs. 4 and 6,
 defaults come from the run's ``eval`` section. Image runs report bits/dim in one of two
 conventions (``--convention``, see :mod:`psm.runs.inference`): ``psm`` (the headline: dequantized
 test images, an upper bound on the discrete NLL) or ``authors`` (what the authors' scripts
-compute; labelled as such wherever it appears). The trace is exact up to 16 dimensions and
-Hutchinson above (``--trace auto``; one warning line says so); ``--trace exact`` above 16
-dimensions is refused unless ``--force``, since it costs D backward passes per evaluation.
+compute; labelled as such wherever it appears). The psm convention dequantizes uniformly
+(``x = (k + u) / L``, the default) or, with ``--dequantization truncated-normal`` (``tn``),
+with i-DODE's training-free truncated-normal noise (:mod:`psm.data.dequantize`); the
+dequantization is named next to the convention in every output. The trace is exact up to 16
+dimensions and Hutchinson above (``--trace auto``; one warning line says so); ``--trace exact``
+above 16 dimensions is refused unless ``--force``, since it costs D backward passes per
+evaluation.
 
 The result is printed and appended (for a run directory), with every setting, as one JSON line to
 ``<run>/nll.jsonl`` (see :func:`nll_record`), and written to TensorBoard (``eval/nll``,
@@ -54,6 +58,23 @@ if TYPE_CHECKING:  # torch is imported when a command runs, not when `psm` parse
 
 TRACE_CHOICES = ("auto", "exact", "hutchinson")
 CONVENTION_CHOICES = ("psm", "authors")  # psm.runs.inference.CONVENTIONS (tested)
+DEQUANTIZATION_CHOICES = ("uniform", "truncated-normal")  # psm.data.dequantize (tested)
+DEQUANTIZATION_ALIASES = {"tn": "truncated-normal"}  # psm.data.dequantize.ALIASES (tested)
+
+
+def add_dequantization_argument(p: argparse.ArgumentParser, default: str | None = "uniform",
+                                extra: str = "") -> None:  # fmt: skip
+    """``--dequantization uniform|truncated-normal`` (``--dequant``; ``tn`` for short)."""
+    p.add_argument(
+        "--dequantization",
+        "--dequant",
+        type=lambda name: DEQUANTIZATION_ALIASES.get(name, name),
+        choices=DEQUANTIZATION_CHOICES,
+        default=default,
+        help="image runs, psm convention: how test levels are dequantized: uniform (x = "
+        "(k+u)/L) or truncated-normal (tn: i-DODE's training-free noise, sigma/alpha at t0 cut "
+        f"to the level's bin; an evaluation option){extra} (default {default or 'uniform'})",
+    )
 
 
 # --------------------------------------------------------------------------- psm nll
@@ -96,6 +117,7 @@ def add(sub: argparse._SubParsersAction) -> None:
         "scripts: k/(L-1) minus the train mean, t0 0.001, RK4 1000//K steps per block, "
         "probe redrawn at every evaluation) (default psm)",
     )
+    add_dequantization_argument(p)
     p.add_argument("--batch-size", type=int, default=1000, help="points per solve (default 1000)")
     p.add_argument("--seed", type=int, help="seed of the test set (default: eval.test_seed)")
     p.add_argument("--probe-seed", type=int, default=0, help="seed of the Hutchinson probes")
@@ -104,7 +126,8 @@ def add(sub: argparse._SubParsersAction) -> None:
         "--values",
         metavar="FILE.npy",
         help="also write each test point's NLL (nats, float64) here, for paired comparisons of "
-        "runs scored on the same points (an existing file is refused)",
+        "runs scored on the same points (an existing file is refused); with truncated-normal "
+        "dequantization also FILE.npy.json (the dequantization and log q per point)",
     )
     add_model_arguments(p)
     p.set_defaults(func=cmd_nll)
@@ -128,8 +151,9 @@ def resolve_settings(args: argparse.Namespace, run) -> EvalSettings:
         solver = None  # the convention's own solver
     trace = None if args.trace == "auto" else args.trace
     settings = eval_settings(
-        run, convention=args.convention, solver=solver, trace=trace, probes=args.probes
-    )
+        run, convention=args.convention, solver=solver, trace=trace, probes=args.probes,
+        dequantization=getattr(args, "dequantization", None) or "uniform",
+    )  # fmt: skip
     dims = math.prod(run.shape)
     if settings.trace == "exact" and args.probes > 1:
         raise PSMError("--probes applies to the Hutchinson trace (the trace is exact)")
@@ -173,6 +197,9 @@ def cmd_nll(args: argparse.Namespace) -> int:
     if args.values and (Path(args.values).exists() or not Path(args.values).parent.is_dir()):
         why = "exists" if Path(args.values).exists() else "is in a folder that does not exist"
         raise PSMError(f"--values {args.values} {why}")
+    tn = settings.dequantization == "truncated-normal"
+    if args.values and tn and Path(values_settings_path(args.values)).exists():
+        raise PSMError(f"--values {args.values}: {values_settings_path(args.values)} exists")
     device = resolve_device(args.device)
     grid_field = grid_field_for(args, run)
     ev = run.config.eval
@@ -184,6 +211,7 @@ def cmd_nll(args: argparse.Namespace) -> int:
         redraw=settings.redraw, convention=args.convention, test_seed=test_seed,
         probe_seed=args.probe_seed, batch_size=args.batch_size, device=device,
         dtype=dtype_of(args.dtype), grid_field=grid_field, progress=not args.no_progress,
+        dequantization=settings.dequantization or "uniform",
     )  # fmt: skip
     memory, memory_kind = peak_memory(device)
     record = nll_record(
@@ -207,6 +235,11 @@ def cmd_nll(args: argparse.Namespace) -> int:
 
         np.save(args.values, res.result.values.detach().double().cpu().numpy())
         print(f"wrote {args.values} (NLL per point, nats)", file=sys.stderr)
+        if tn:
+            side = values_settings_path(args.values)
+            atomic_write_json(side, values_settings(record, res))
+            print(f"wrote {side} (truncated-normal dequantization, log q per point)",
+                  file=sys.stderr)  # fmt: skip
     if not record["finite"]:
         import torch
 
@@ -216,15 +249,39 @@ def cmd_nll(args: argparse.Namespace) -> int:
     return 0
 
 
+def values_settings_path(values: str | Path) -> Path:
+    """Where ``--values FILE.npy`` keeps its truncated-normal dequantization: ``FILE.npy.json``
+    (uniform values, psm's default and the only kind before, have none)."""
+    return Path(f"{values}.json")
+
+
+def values_settings(record: dict[str, Any], res) -> dict[str, Any]:
+    """What ``psm compare --values`` needs of truncated-normal values beside the NLLs: the
+    dequantization, its noise and ``log q`` per point (bits/dim ``(nll + log_q) / (D ln 2)``)."""
+    bits = res.bits
+    return {
+        "values": "NLL per point, nats, of the model-space point (as psm nll's nll)",
+        "dequantization": record["dequantization"],
+        "convention_label": record["convention_label"],
+        "dequantization_scale": record["dequantization_scale"],
+        "t0": record["t0"], "n": record["n"], "test_seed": record["test_seed"],
+        "dims": record["dims"], "config_hash": record["config_hash"],
+        "log_q": [float(v) for v in bits.log_q.tolist()],
+    }  # fmt: skip
+
+
 def log_tensorboard(run, record: dict[str, Any]) -> None:
-    """``eval/nll`` and ``eval/bpd`` (``_authors`` for the authors' convention) at the run's
-    furthest trained step, when TensorBoard is installed."""
+    """``eval/nll`` and ``eval/bpd`` (``_authors`` for the authors' convention, ``_tn`` for
+    truncated-normal dequantization) at the run's furthest trained step, when TensorBoard is
+    installed."""
     from ..runs.tensorboard import add_scalars, summary_writer
 
     writer = summary_writer(run.path)
     if writer is None:
         return
     suffix = "_authors" if record["convention"] == "authors" else ""
+    if record.get("dequantization") == "truncated-normal":
+        suffix = "_tn"
     values = {f"eval/nll{suffix}": record["nll"], f"eval/bpd{suffix}": record.get("bpd")}
     step = max((run.ledger.status(b).step for b in range(run.num_blocks)), default=0)
     add_scalars(writer, {k: v for k, v in values.items() if v is not None}, step)
@@ -286,6 +343,9 @@ def format_nll(rec: dict[str, Any]) -> str:
         f"NLL {num(rec['nll'], 2)} ± {num(rec['stderr'], 2)} nats per image ({rec['dims']} dims)"
     )
     tag = " (authors' convention)" if rec["convention"] == "authors" else ""
+    if rec.get("dequantization") == "truncated-normal":
+        bound += f"; log q(δ) {num(rec['dequantization_log_q'], 2)} nats per image"
+        tag = ", truncated-normal dequantization"
     detail = (
         f"  {rec['n']} test images of {rec['dataset']} (seed {rec['test_seed']}){tag}, {how} "
         f"from t0 = {rec['t0']:g}, {trace}{field}, {rec['dtype']} on {rec['device']}, {cost}"

@@ -7,11 +7,15 @@ training mapped the run's data
 coordinates; for image runs raw uint8 levels (``.npy``), a prepared directory (``--split``)
 or an image folder / PNG / JPEG, dequantized as ``psm nll``'s headline ``psm`` convention with
 noise seeded by ``--seed`` (default ``eval.test_seed``, so the run's own test images give
-``psm nll``'s numbers). Points outside the data's support are scored, not refused.
+``psm nll``'s numbers): uniformly, or with ``--dequantization truncated-normal`` (``tn``) as
+``psm nll --dequantization truncated-normal``. Points outside the data's support are scored, not
+refused.
 
 Output (``--out``): ``FILE.npy`` holds ``log p`` per input (nats, float64 ``[N]``);
-``FILE.npz`` holds ``log_prob`` (the same), for image runs ``bits_per_dim`` (psm convention),
-and ``settings`` (a JSON string: run, input, solver, trace, seeds, convention). The summary
+``FILE.npz`` holds ``log_prob`` (the same), for image runs ``bits_per_dim`` (psm convention;
+``log_q``, the noise's log-density per image, under truncated-normal dequantization), and
+``settings`` (a JSON string: run, input, solver, trace, seeds, convention, dequantization). The
+summary
 (mean ± standard error) is printed either way. Solver flags and defaults are ``psm nll``'s.
 """
 
@@ -38,7 +42,7 @@ from .model_flags import (
     set_threads,
     warn,
 )
-from .nll import TRACE_CHOICES, resolve_settings
+from .nll import TRACE_CHOICES, add_dequantization_argument, resolve_settings
 
 OUT_SUFFIXES = (".npy", ".npz")
 
@@ -82,6 +86,7 @@ def add(sub: argparse._SubParsersAction) -> None:
         type=int,
         help="image runs: seed of the dequantization noise (default: eval.test_seed)",
     )
+    add_dequantization_argument(p)
     p.add_argument("--probe-seed", type=int, default=0, help="seed of the Hutchinson probes")
     add_model_arguments(p)
     p.set_defaults(func=cmd_score, convention="psm")
@@ -103,16 +108,20 @@ def check_out(out: str | None) -> Path | None:
 
 def cmd_score(args: argparse.Namespace) -> int:
     from ..data.prepare import META_FILE
+    from ..runs.inference import check_dequantization
     from ..runs.scoring import load_scoring_model, open_for_scoring, read_input, score_inputs
 
     out = check_out(args.out)
     run = open_for_scoring(args.run)
+    check_dequantization(run, args.dequantization)  # before reading: points refuse it
     set_threads(args)
     check_positive(batch_size=args.batch_size, probes=args.probes)
     seed = run.config.eval.test_seed if args.seed is None else args.seed
     if args.split is not None and not (Path(args.input) / META_FILE).is_file():
         raise PSMError(f"--split applies to a prepared directory; {args.input} is not one")
-    inputs = read_input(run, args.input, seed=seed, split=args.split or "test")
+    inputs = read_input(
+        run, args.input, seed=seed, split=args.split or "test", dequantization=args.dequantization
+    )
     settings = resolve_settings(args, run)  # after the input: its warning is not an error's
     image = settings.convention is not None
     if args.seed is not None and not image:
@@ -124,7 +133,9 @@ def cmd_score(args: argparse.Namespace) -> int:
     scores = score_inputs(
         model, inputs.x, run.dataset, settings, probe_seed=args.probe_seed,
         batch_size=args.batch_size, device=device, dtype=dtype, progress=not args.no_progress,
+        log_q=inputs.log_q,
     )  # fmt: skip
+    bits = scores.bits
     info = {
         "run": str(run.path), "input": str(args.input), "n": inputs.n,
         "split": args.split if image and args.split else None,
@@ -135,6 +146,8 @@ def cmd_score(args: argparse.Namespace) -> int:
         "log_prob": "log-density of the model-space point, nats (psm nll's NLL is its mean, "
         "negated)",
         "bits_per_dim": _label(scores) if image else None,
+        "dequantization": bits.dequantization if bits else None,
+        "dequantization_scale": bits.noise_scale if bits else None,
     }  # fmt: skip
     print(format_scores(scores, info, name=run.config.name))
     if out is not None:
@@ -159,7 +172,8 @@ def _npz(path: Path) -> bool:
 def _label(scores) -> str:
     from ..runs.nll_records import convention_label
 
-    return str(convention_label("psm", scores.bits.levels))
+    b = scores.bits
+    return str(convention_label("psm", b.levels, b.dequantization, b.noise_scale))
 
 
 def write_scores(out: Path, scores, info: dict[str, Any]) -> None:
@@ -175,6 +189,8 @@ def write_scores(out: Path, scores, info: dict[str, Any]) -> None:
         arrays = {"log_prob": logp, "settings": np.array(json.dumps(info))}
         if scores.bits is not None:
             arrays["bits_per_dim"] = scores.bits.values.detach().double().cpu().numpy()
+        if scores.bits is not None and scores.bits.log_q is not None:
+            arrays["log_q"] = scores.bits.log_q.detach().double().cpu().numpy()
         np.savez(buf, **arrays)
     else:
         np.save(buf, logp)
@@ -215,5 +231,6 @@ def format_scores(scores, info: dict[str, Any], *, name: str) -> str:
         f"model space); min {num(lo, 2)}, max {num(hi, 2)}; trivial bound log2 {b.levels} = "
         f"{b.trivial:.4f} bits/dim"
     )
-    seeds = f"  dequantization seed {info['dequantization_seed']}, {how}"
+    deq = "truncated-normal " if info.get("dequantization") == "truncated-normal" else ""
+    seeds = f"  {deq}dequantization seed {info['dequantization_seed']}, {how}"
     return f"{head}\n{detail}\n{seeds}"

@@ -225,6 +225,24 @@ class ImageDataset(Dataset):
         u = torch.rand(k.shape, generator=generator, device=k.device)
         return x.add_(u, alpha=DEQUANT_SPAN).div_(self.levels)
 
+    @property
+    def half_bin_width(self) -> float:
+        """``h = s / (2L)``: half a level's bin ``[k/L, (k+1)/L)`` in the model's space."""
+        return self.scale / (2 * self.levels)
+
+    def bin_centres(self, k: Tensor) -> Tensor:
+        """The centres of the levels' bins in the model's space, ``y = s ((k + 1/2)/L - m)``
+        with the dequantized convention's ``m``: float64, same shape and device as ``k``
+        (where :mod:`psm.data.dequantize`'s truncated-normal noise is added)."""
+        x = (k.to(torch.float64) + 0.5) / self.levels
+        return self.unit_to_model(x, True)
+
+    def test_levels(self, n: int) -> Tensor:
+        """The raw levels of the first ``min(n, n_test)`` test images (those :meth:`test_set`
+        maps), uint8 ``[n, C, H, W]`` on the CPU."""
+        m = max(0, min(n, self.n_test))
+        return torch.from_numpy(np.array(self.arrays.test[:m]))
+
     def unit_to_model(self, x: Tensor, dequantize: bool | None = None) -> Tensor:
         """``y = s (x - m)`` (in place on ``x``); ``x`` is ``[n, C, H, W]``."""
         deq = self.dequantize if dequantize is None else dequantize

@@ -27,13 +27,14 @@ NLL_LOG = "nll.jsonl"
 """The file in a run directory that collects one JSON line per evaluation."""
 
 IDENTITY: tuple[str, ...] = (
-    "config_hash", "train_steps", "t0", "convention", "n", "solver", "steps", "rtol", "atol",
-    "grid", "trace", "probes", "probe_redraw", "grid_field", "batch_size", "test_seed",
-    "probe_seed", "device", "dtype",
+    "config_hash", "train_steps", "t0", "convention", "dequantization", "n", "solver", "steps",
+    "rtol", "atol", "grid", "trace", "probes", "probe_redraw", "grid_field", "batch_size",
+    "test_seed", "probe_seed", "device", "dtype",
 )  # fmt: skip
 """The record fields that fix an evaluation: the problem and step target (``config_hash``,
 ``train_steps``) and every setting of the likelihood. Equal on these, two records hold the same
-number (the trained weights aside: see ``trained_block_steps``)."""
+number (the trained weights aside: see ``trained_block_steps``). A psm-convention record
+written before ``dequantization`` existed reads as ``"uniform"`` (:func:`identity_value`)."""
 
 
 def _finite(x: float | None) -> float | None:
@@ -41,8 +42,14 @@ def _finite(x: float | None) -> float | None:
     return x if x is not None and math.isfinite(x) else None
 
 
-def convention_label(convention: str | None, levels: int | None) -> str | None:
-    """What a bits/dim figure means, in words (printed and recorded with every figure)."""
+def convention_label(
+    convention: str | None,
+    levels: int | None,
+    dequantization: str | None = "uniform",
+    noise_scale: float | None = None,
+) -> str | None:
+    """What a bits/dim figure means, in words (printed and recorded with every figure): the
+    convention and, for psm's, the dequantization (:mod:`psm.data.dequantize`)."""
     if convention is None:
         return None
     if convention == "authors":
@@ -50,9 +57,16 @@ def convention_label(convention: str | None, levels: int | None) -> str | None:
             f"authors' convention: log2 {levels} - log p/(D ln 2) on k/{levels - 1} minus the "
             "training mean, not dequantized (not a bound on the discrete NLL)"
         )
+    if dequantization == "truncated-normal":
+        r = f"{noise_scale:.3g}" if noise_scale is not None else "σ/α at t0"
+        return (
+            f"psm convention, truncated-normal dequantization (i-DODE): y = bin centre of k + "
+            f"δ, δ ~ N(0, r²) cut to the bin, r = σ/α at t0 = {r}; bits/dim = "
+            "(NLL + log q(δ))/(D ln 2)"
+        )
     return (
-        f"psm convention: dequantized x = (k+u)/{levels}, with log2 {levels} and the data "
-        "map's log-Jacobian"
+        f"psm convention: dequantized x = (k+u)/{levels}, uniform dequantization, with "
+        f"log2 {levels} and the data map's log-Jacobian"
     )
 
 
@@ -114,8 +128,12 @@ def nll_record(
         block's training seconds) and every setting (``probes`` and ``probe_redraw`` for
         Hutchinson); for image data ``convention``, ``convention_label``, ``bpd``,
         ``bpd_stderr``, ``bpd_trivial`` (log2 L), ``levels``, ``dims``, ``dequantized``,
-        ``log_scale_per_dim`` (null otherwise). ``steps`` is null for dopri5, ``rtol``/``atol``
-        null for fixed-step solvers. Non-finite numbers are null.
+        ``dequantization`` (psm convention: ``"uniform"`` or ``"truncated-normal"``; null for
+        the authors'), for truncated-normal ``dequantization_scale`` (``σ_t0/α_t0``, model
+        units) and ``dequantization_log_q`` (the mean ``log q`` per image, nats: ``bpd = (nll +
+        dequantization_log_q) / (dims ln 2)``), ``log_scale_per_dim`` (null otherwise).
+        ``steps`` is null for dopri5, ``rtol``/``atol`` null for fixed-step solvers. Non-finite
+        numbers are null.
     """
     from .. import __version__
 
@@ -127,6 +145,11 @@ def nll_record(
     bits = ev.bits
     hutch = trace == "hutchinson"
     block_steps, train_seconds = trained(run)
+    label = log_q = None
+    if bits:
+        label = convention_label(bits.convention, bits.levels, bits.dequantization,
+                                 bits.noise_scale)  # fmt: skip
+        log_q = _finite(float(bits.log_q.mean())) if bits.log_q is not None else None
     return {
         "time": time.strftime("%Y-%m-%dT%H:%M:%S%z"),
         "run": str(run.path),
@@ -142,13 +165,16 @@ def nll_record(
         "t0": s.t0 if s is not None else run.partition.t0,
         "run_t0": run.partition.t0,
         "convention": bits.convention if bits else None,
-        "convention_label": convention_label(bits.convention, bits.levels) if bits else None,
+        "dequantization": bits.dequantization if bits else None,
+        "convention_label": label,
         "bpd": _finite(bits.bpd) if bits else None,
         "bpd_stderr": _finite(bits.stderr) if bits else None,
         "bpd_trivial": bits.trivial if bits else None,
         "levels": bits.levels if bits else None,
         "dims": bits.dims if bits else None,
         "dequantized": s.dequantize if bits and s is not None else None,
+        "dequantization_scale": bits.noise_scale if bits else None,
+        "dequantization_log_q": log_q,
         "log_scale_per_dim": bits.log_scale_per_dim if bits else None,
         "nll": _finite(r.nll),
         "stderr": _finite(r.stderr),
@@ -202,6 +228,7 @@ def evaluation_key(
         "train_steps": _train_steps(run),
         "t0": settings.t0,
         "convention": settings.convention if image else None,
+        "dequantization": settings.dequantization if image and settings.dequantize else None,
         "n": n,
         "solver": solver.method,
         "steps": _steps(solver),
@@ -240,13 +267,21 @@ def read_records(run_path: str | Path) -> list[dict[str, Any]]:
     return out
 
 
+def identity_value(rec: Mapping[str, Any], field: str) -> Any:
+    """A record's :data:`IDENTITY` field; a psm-convention record made before
+    ``dequantization`` was recorded was uniformly dequantized (the only way then)."""
+    if field == "dequantization" and field not in rec and rec.get("convention") == "psm":
+        return "uniform"
+    return rec.get(field)
+
+
 def find_record(
     run_path: str | Path, key: Mapping[str, Any], *, trained_block_steps: int | None = None
 ) -> dict[str, Any] | None:
     """The newest record in ``<run_path>/nll.jsonl`` whose :data:`IDENTITY` fields equal
     ``key``'s (and, if given, scored after ``trained_block_steps`` block-steps), or None."""
     for rec in reversed(read_records(run_path)):
-        same = all(rec.get(k) == key[k] for k in IDENTITY)
+        same = all(identity_value(rec, k) == key[k] for k in IDENTITY)
         if same and trained_block_steps in (None, rec.get("trained_block_steps")):
             return rec
     return None

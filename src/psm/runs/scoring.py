@@ -19,7 +19,11 @@ Inputs (:func:`read_input`), for the run's kind of data:
 ``log p`` is the model's log-density of the model-space point (the quantity whose mean
 ``psm nll`` reports, negated); for images bits/dim is
 :meth:`~psm.data.images.ImageDataset.bits_per_dim` of it (the psm convention: an upper bound
-on the discrete NLL of the levels, dequantization noise fixed by ``seed``).
+on the discrete NLL of the levels, dequantization noise fixed by ``seed``). With
+``dequantization="truncated-normal"`` the levels are dequantized as ``psm nll
+--dequantization truncated-normal`` does (:mod:`psm.data.dequantize`: the bin centre plus
+``σ_t0/α_t0`` noise cut to the bin, the run's ``t0``) and bits/dim is
+``(-log p + log q) / (D ln 2)``.
 
 The model comes from :func:`open_for_scoring`, the one place that turns a source into what
 scoring needs: a run directory or a model written by ``psm export``
@@ -41,6 +45,7 @@ from torch import Tensor
 from ..core.likelihood import NLLResult, evaluate_nll
 from ..core.model import BlockModel, GridField
 from ..data.base import DataError, Dataset
+from ..data.dequantize import TRUNCATED_NORMAL, UNIFORM, dequantization_name
 from ..data.formats import IMAGE_SUFFIXES, list_images, load_image
 from ..data.images import ImageData, ImageDataset, load_prepared
 from ..data.points import load_points
@@ -54,6 +59,7 @@ from .inference import (
     bits_per_dim,
     is_image_data,
     open_source,
+    truncated_normal_for,
     with_t0,
 )
 from .run import Run
@@ -98,10 +104,13 @@ class ScoringInput:
     Attributes:
         x: model-space points ``[N, *shape]`` float32 on the CPU.
         raw: the raw uint8 levels ``[N, C, H, W]`` of image inputs (None for points).
+        log_q: truncated-normal dequantization: the noise's log-density per image ``[N]``
+            (float64, nats, model space); None otherwise.
     """
 
     x: Tensor
     raw: np.ndarray | None = None
+    log_q: Tensor | None = None
 
     @property
     def n(self) -> int:
@@ -110,7 +119,12 @@ class ScoringInput:
 
 
 def read_input(
-    source: ModelSource, path: str | Path, *, seed: int, split: Split = "test"
+    source: ModelSource,
+    path: str | Path,
+    *,
+    seed: int,
+    split: Split = "test",
+    dequantization: str = UNIFORM,
 ) -> ScoringInput:
     """Read a user's input file or folder and map it as the run's training did
     (:meth:`~psm.runs.inference.ModelSource.to_model`).
@@ -120,6 +134,8 @@ def read_input(
         path: see the module docstring for what each kind of run reads.
         seed: image runs: seeds the dequantization noise (one draw for the whole input).
         split: image runs given a prepared directory: which of its splits.
+        dequantization: image runs: ``"uniform"`` or ``"truncated-normal"`` (noise at the
+            run's ``t0``); ignored for points (whose evaluation settings refuse it).
 
     Raises:
         DataError: one line for a missing or unreadable input, a wrong shape, dtype or range,
@@ -139,6 +155,9 @@ def read_input(
         raw = read_images(p, shape=source.shape, levels=dataset.levels, resize=_resize(source),
                           split=split)  # fmt: skip
         g = torch.Generator().manual_seed(seed)  # one draw for the whole input, as psm nll's
+        if dequantization_name(dequantization) == TRUNCATED_NORMAL:
+            x, log_q = source.dequantize_truncated_normal(torch.from_numpy(raw), generator=g)
+            return ScoringInput(x, raw, log_q)
         x, _ = source.to_model(torch.from_numpy(raw), generator=g)
         return ScoringInput(x, raw)
     if p.is_dir():
@@ -318,7 +337,8 @@ class Scores:
 
     Attributes:
         result: the NLL result (``values`` ``[N]``: ``-log p`` in nats, float64).
-        bits: bits/dim per image and its mean (image data only; the psm convention).
+        bits: bits/dim per image and its mean (image data only; the psm convention, its
+            dequantization in ``bits.dequantization``).
     """
 
     result: NLLResult
@@ -341,16 +361,25 @@ def score_inputs(
     device: str | torch.device = "cpu",
     dtype: torch.dtype = torch.float32,
     progress: bool = True,
+    log_q: Tensor | None = None,
 ) -> Scores:
     """``log p`` of model-space inputs ``x [N, *shape]`` under ``settings`` (from
     :func:`~psm.runs.inference.eval_settings`, the psm convention): the computation of
     :func:`~psm.runs.inference.evaluate_model` on the caller's points.
 
+    Args:
+        log_q: with ``settings.dequantization == "truncated-normal"``: the noise's
+            log-density per input ``[N]`` (:attr:`ScoringInput.log_q`), for bits/dim.
+
     Raises:
-        PSMError: no inputs.
+        PSMError: no inputs; truncated-normal settings without ``log_q`` (or one of another
+            length).
     """
     if x.shape[0] < 1:
         raise PSMError("no inputs to score")
+    tn = settings.dequantization == TRUNCATED_NORMAL and is_image_data(dataset)
+    if tn and (log_q is None or log_q.shape != (x.shape[0],)):
+        raise PSMError("truncated-normal bits/dim need log q of each input's noise")
     model = with_t0(model, settings.t0)
     with progress_bar("score", enabled=progress) as bar:
         result = evaluate_nll(
@@ -358,7 +387,11 @@ def score_inputs(
             probes=settings.probes, redraw=settings.redraw, seed=probe_seed, device=device,
             dtype=dtype, progress=bar,
         )  # fmt: skip
-    bits = bits_per_dim(result, dataset, "psm") if is_image_data(dataset) else None
+    if tn:
+        q = truncated_normal_for(model.process, settings.t0, dataset)  # type: ignore[arg-type]
+        bits = bits_per_dim(result, dataset, "psm", log_q=log_q, noise_scale=q.scale)
+    else:
+        bits = bits_per_dim(result, dataset, "psm") if is_image_data(dataset) else None
     return Scores(result, bits)
 
 
