@@ -117,6 +117,11 @@ def test_block_overrides_merge_onto_the_run_and_move_the_hash_only_when_given():
     assert config_hash(validate_config(tiny_config(blocks=[]))) == config_hash(plain)
     assert config_hash(cfg) != config_hash(plain)
     assert cfg.net_key(1) == cfg.net_key(2) != cfg.net_key(0)
+    one = [{"first": 0, "net": {"fourier": 4, "fourier_scale": 2}}]
+    same = [{"first": 0, "last": 0, "net": {"fourier": 4, "fourier_scale": 2.0}}]
+    other = [{"first": 0, "net": {"fourier": 4, "fourier_scale": 2.5}}]
+    hashes = [config_hash(_blocks_config(e)) for e in (one, same, other)]
+    assert hashes[0] == hashes[1] != hashes[2]
 
 
 @pytest.mark.parametrize(

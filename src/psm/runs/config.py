@@ -525,12 +525,32 @@ def config_hash(cfg: RunConfig) -> str:
 
 
 def hashed_blocks(cfg: RunConfig) -> list[dict[str, Any]]:
-    """The ``blocks:`` entries as the hash sees them (``last`` filled in, empty parts left out)."""
-    return [
-        {"first": o.span.start, "last": o.span.stop - 1}
-        | {k: v for k, v in (("net", o.net), ("objective", o.objective)) if v}
-        for o in cfg.blocks
-    ]
+    """The ``blocks:`` entries as the hash sees them: ``last`` filled in, empty parts left out,
+    and each given field at its validated value with integral numbers as integers (so
+    ``fourier_scale: 2`` and ``2.0`` are one problem)."""
+    out = []
+    for o in cfg.blocks:
+        entry: dict[str, Any] = {"first": o.span.start, "last": o.span.stop - 1}
+        for what, patch, spec in (
+            ("net", o.net, cfg.net_for(o.first)),
+            ("objective", o.objective, cfg.objective_for(o.first)),
+        ):
+            if patch:
+                full = spec.model_dump(mode="json")
+                entry[what] = {k: _integral(full.get(k, v)) for k, v in patch.items()}
+        out.append(entry)
+    return out
+
+
+def _integral(value: Any) -> Any:
+    """``value`` with every integral float turned into an int (recursively)."""
+    if isinstance(value, float) and value.is_integer():
+        return int(value)
+    if isinstance(value, list):
+        return [_integral(v) for v in value]
+    if isinstance(value, dict):
+        return {k: _integral(v) for k, v in value.items()}
+    return value
 
 
 def hashed_train(train: TrainConfig) -> dict[str, Any]:
