@@ -56,19 +56,14 @@ def add(sub: argparse._SubParsersAction) -> None:
     p.set_defaults(func=cmd_kl)
 
 
-def parse_blocks(text: str, k: int) -> list[int]:
-    """``"0,2-3"`` -> ``[0, 2, 3]``; one-line error for anything else or a block outside 0..k-1."""
-    out: set[int] = set()
-    try:
-        for part in text.split(","):
-            lo, _, hi = part.strip().partition("-")
-            out.update(range(int(lo), int(hi or lo) + 1))
-    except ValueError:
-        raise PSMError(f"--blocks {text!r}: give block ids like 0 or 0,2-3") from None
-    bad = sorted(b for b in out if not 0 <= b < k)
-    if not out or bad:
+def blocks_of(text: str, k: int) -> list[int]:
+    """``--blocks`` as ids (:func:`psm.runs.run.parse_blocks`), each within the run's 0..k-1."""
+    from ..runs.run import parse_blocks
+
+    out = parse_blocks(text)
+    if any(not 0 <= b < k for b in out):
         raise PSMError(f"--blocks {text!r}: the run has blocks 0-{k - 1}")
-    return sorted(out)
+    return out
 
 
 def zero_model(model):
@@ -105,7 +100,7 @@ def cmd_kl(args: argparse.Namespace) -> int:
     run.check_data()
     data = run.parts.dataset
     exact = isinstance(data, ExactDensity) and not args.estimate
-    blocks = parse_blocks(args.blocks, run.num_blocks) if args.blocks else None
+    blocks = blocks_of(args.blocks, run.num_blocks) if args.blocks else None
     if args.zero and not exact:
         raise PSMError("--zero needs the exact score (2D mixtures, without --estimate)")
     if blocks is not None and not exact:

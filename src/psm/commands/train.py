@@ -377,7 +377,7 @@ def _ranges(blocks: list[int]) -> str:
     """``0, 2-5, 7`` from sorted block ids."""
     out, start = [], blocks[0]
     for prev, b in zip(blocks, [*blocks[1:], None]):
-        if b != prev + 1 if b is not None else True:
+        if b is None or b != prev + 1:
             out.append(str(start) if start == prev else f"{start}-{prev}")
             start = b
     return ", ".join(out)
