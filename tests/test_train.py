@@ -254,3 +254,29 @@ def test_a_decaying_schedule_ties_blocks_to_their_budget(make_run, tmp_path):
     make_run(path=tmp_path / "r", train={"lr_schedule": "cosine", "steps": 20})
     with pytest.raises(RunError, match=r"train\.steps"):
         make_run(path=tmp_path / "r", train={"lr_schedule": "cosine", "steps": 40})
+
+
+def test_a_block_trains_alike_in_any_stack_and_big_groups_are_chunked_on_a_cpu(make_run):
+    """Issue 21 item 2: a big group is trained as stacks of at most CPU_STACK on a CPU (the
+    cache); the stack a block lands in changes its weights and state by float rounding only
+    (batched products of another batch count round differently, as between --workers)."""
+    from psm.training.train import CPU_STACK, _chunks, _step_groups
+
+    sizes = [len(c) for c in _chunks(list(range(200)), 16)]
+    assert len(sizes) == 13 and set(sizes) == {15, 16}
+    assert [b for c in _chunks(list(range(200)), 16) for b in c] == list(range(200))
+    assert _chunks(list(range(5)), None) == [list(range(5))] and _chunks([], 4) == []
+    big = make_run(partition={"kind": "equal", "blocks": 2 * CPU_STACK + 1})
+    sizes = [len(g) for g in _step_groups(big, list(range(2 * CPU_STACK + 1)), None)]
+    assert sizes == [11, 11, 11]
+    assert [len(g) for g in _step_groups(big, list(range(20)), 7)] == [7, 6, 7]
+
+    whole, pairs = (
+        make_run(partition={"kind": "equal", "blocks": 4}),
+        make_run(partition={"kind": "equal", "blocks": 4}),
+    )
+    train_ensemble(whole, max_stack=4)
+    train_ensemble(pairs, max_stack=2)
+    for b in range(4):
+        assert max_diff(weights(whole, b), weights(pairs, b)) < 1e-6
+        assert max_diff(load_file(whole.layout.state(b)), load_file(pairs.layout.state(b))) < 1e-6

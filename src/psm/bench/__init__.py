@@ -6,4 +6,4 @@ Benchmarks are never tests: this machine is shared and noisy, so figures are quo
 measured in the same run.
 """
 
-BENCHMARKS: tuple[str, ...] = ("train", "nll", "executors", "images")
+BENCHMARKS: tuple[str, ...] = ("train", "stacks", "nll", "executors", "images")

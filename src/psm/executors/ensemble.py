@@ -23,7 +23,7 @@ class EnsembleExecutor(Executor):
 
     Args:
         workers: processes, each training an interleaved share of the blocks as one stack.
-        max_stack: most blocks stacked at once (memory bound).
+        max_stack: most blocks stacked at once (None: 16 on a CPU, all on a GPU).
         threads: torch threads per process (default: CPUs / workers).
     """
 

@@ -58,7 +58,12 @@ class Flag:
 
 # flags of more than one executor
 WORKERS = Flag("--workers", "workers", "worker processes", type=int)
-MAX_STACK = Flag("--max-stack", "ensemble_size", "most blocks stacked at once", type=int)
+MAX_STACK = Flag(
+    "--max-stack",
+    "ensemble_size",
+    "most blocks stacked at once (default: 16 on a CPU, all on a GPU)",
+    type=int,
+)
 
 
 def _members(specs: Iterable[type[ExecutorSpec]] | None) -> list[type[ExecutorSpec]]:

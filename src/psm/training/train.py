@@ -27,6 +27,7 @@ from __future__ import annotations
 
 import contextlib
 import functools
+import itertools
 import json
 import math
 import sys
@@ -66,6 +67,12 @@ from .stop import StopRequest
 SEED_INIT, SEED_DATA, SEED_GLOBAL, SEED_HELDOUT = 0, 1, 2, 3
 PROGRESS_SECONDS = 2.0
 """Least seconds between two progress writes of a block's status (besides ``log_every``)."""
+CPU_STACK = 16
+"""Most blocks stacked at once on a CPU unless ``--max-stack`` says otherwise: past a few tens
+of blocks one layer's activations of the paper MLP leave the cache (200 blocks at batch 512:
+about 61 MB), and a stack of 200 trained at 0.64x the block-steps/s of one of 10 (one thread;
+docs/benchmarks.md, "Big stacks"). Stacks of 5-20 ran alike; 16 is a chosen default, not a
+measured optimum. On a GPU a group is stacked whole."""
 
 
 def block_seed(seed: int, block: int, purpose: int, *more: int) -> int:
@@ -818,18 +825,31 @@ def train_block(run_dir: str | Path | Run, block: int) -> BlockOutcome:
 
 def _step_groups(run: Run, blocks: list[int], max_stack: int | None) -> list[list[int]]:
     """Blocks grouped by their resume step (so Adam's step count is shared) and step target
-    (a stack trains to one target), then chunked."""
+    (a stack trains to one target), then chunked into stacks of at most ``max_stack`` (None: at
+    most :data:`CPU_STACK` on a CPU, all of a group on a GPU). Stacks of one group train one
+    after another; a block's result does not depend on the stack it is in (its own generator,
+    per-block arithmetic)."""
     by_step: dict[tuple[int, bool, int, int, str], list[int]] = defaultdict(list)
     for b in blocks:  # a pruned block (fresh optimizer) never stacks with one with moments;
         # blocks with different nets (``blocks:`` overrides) train one stack per net
         key = (resume_step(run, b), has_moments(run, b), *_schedule_key(run, b))
         by_step[(*key, run.config.net_key(b))].append(b)
-    size = max_stack or len(blocks) or 1
+    if max_stack is None and train_device(run.config.train.device).type == "cpu":
+        max_stack = CPU_STACK
     groups = []
     for step in sorted(by_step):
-        bs = by_step[step]
-        groups += [bs[i : i + size] for i in range(0, len(bs), size)]
+        groups += _chunks(by_step[step], max_stack)
     return groups
+
+
+def _chunks(blocks: list[int], size: int | None) -> list[list[int]]:
+    """``blocks`` in consecutive stacks of at most ``size`` (None: one stack), as equal in size
+    as they can be (200 blocks at 16: 13 stacks of 15 or 16, not 12 of 16 and one of 8)."""
+    if not blocks:
+        return []
+    n = -(-len(blocks) // size) if size else 1
+    cuts = [round(i * len(blocks) / n) for i in range(n + 1)]
+    return [blocks[a:b] for a, b in itertools.pairwise(cuts)]
 
 
 def _schedule_key(run: Run, block: int) -> tuple[int, int]:
