@@ -79,6 +79,40 @@ def test_same_k_source_maps_block_to_block(make_run, k3):
     assert not same(nets[0], final(k3, 1))
 
 
+def test_time_match_gives_each_block_its_neighbour_in_time(make_run, k3, tmp_path):
+    """``RUN:time``: a 5-block run over other splits starts each block from the source block
+    that owns the middle of its range; the hash covers the match; mixing it with a block is
+    refused."""
+    from psm.core.partition import Partition
+    from psm.runs.config import InitFrom
+    from psm.runs.warm_start import block_map
+
+    # k3 is 3 equal blocks {0, 1/3, 2/3, 1}; these middles: 0.05, 0.25, 0.4, 0.65, 0.85
+    splits = {"kind": "splits", "splits": [0, 0.1, 0.3, 0.5, 0.8, 1.0]}
+    warm = make_run(partition=splits, train={"init_from": f"{k3.path}:time"})
+    assert read_record(warm.path)["map"] == [0, 0, 1, 1, 2]
+    nets = step0(warm)
+    for b, sb in enumerate([0, 0, 1, 1, 2]):
+        assert same(nets[b], final(k3, sb))
+    plain = make_run(partition=splits)
+    assert warm.hash != plain.hash
+    assert (
+        yaml.safe_load((warm.path / "config.yaml").read_text())["train"]["init_from"]["match"]
+        == "time"
+    )
+    # a DPSM grid target: each block from the source block owning its time point (floored at t0)
+    spec = InitFrom.model_validate(f"{k3.path}:time")
+    grid = Partition((0.0, 0.2, 0.5, 0.9, 1.0), kind="grid", t0=0.01)
+    assert block_map(spec, k3.partition, grid) == [0, 1, 2, 2]
+    assert block_map(spec, grid, k3.partition) == [0, 1, 2]  # any partition as the source
+    with pytest.raises(ValueError, match="not both"):
+        InitFrom.model_validate({"run": str(k3.path), "block": 1, "match": "time"})
+    # the same problem under another source mapping is another hash
+    same_k = make_run(train={"init_from": f"{k3.path}:time"})
+    assert same_k.hash != make_run(train={"init_from": str(k3.path)}).hash
+    assert read_record(same_k.path)["map"] == [0, 1, 2]
+
+
 def test_run_block_gives_every_block_that_block(make_run, k3):
     warm = make_run(partition={"blocks": 2}, train={"init_from": f"{k3.path}:1"})
     assert warm.config.train.init_from.block == 1
@@ -255,7 +289,9 @@ def test_cli_trains_and_reports_a_warm_start(capsys, tmp_path, sa):
     assert code == 0, err
     assert (out / INIT_FILE).is_file()
     stored = yaml.safe_load((out / "config.yaml").read_text())
-    assert stored["train"]["init_from"] == {"run": str(sa.path), "block": None, "hash": sa.hash}
+    assert stored["train"]["init_from"] == {
+        "run": str(sa.path), "block": None, "match": None, "hash": sa.hash
+    }  # fmt: skip
     code, _, err = run_cli(capsys, *argv, "--steps", "30")  # extend: the same run
     assert code == 0, err
     code, text, _ = run_cli(capsys, "status", out)

@@ -208,37 +208,50 @@ class InitFrom(Section):
     """``train.init_from``: a warm start. Every block of a new run starts (at step 0) from a
     trained run's final weights instead of its random init (:mod:`psm.runs.warm_start`).
 
-    Written ``RUN`` or ``RUN:BLOCK``: a source with one block (SA-DPM) gives every block its
-    net, one with as many blocks as this run gives block b its block b, and ``RUN:BLOCK`` gives
-    every block that block. ``hash`` is the source's config hash, filled in when the run is
-    created; the config hash covers it and ``block``, not the path (a moved source is fine).
+    Written ``RUN``, ``RUN:BLOCK`` or ``RUN:time``: a source with one block (SA-DPM) gives
+    every block its net, one with as many blocks as this run gives block b its block b,
+    ``RUN:BLOCK`` gives every block that block, and ``RUN:time`` gives each block the source
+    block that owns the middle of its time range (its neighbour in time: a source with other
+    splits or another number of blocks, e.g. a 5-block run refined into 10). ``hash`` is the
+    source's config hash, filled in when the run is created; the config hash covers it,
+    ``block`` and ``match``, not the path (a moved source is fine).
     """
 
     run: str  # the source run directory
     block: int | None = Field(None, ge=0)  # RUN:BLOCK: every block from this source block
+    match: Literal["time"] | None = None  # RUN:time: each block from its neighbour in time
     hash: str | None = None  # the source's config hash (resolved by Run.create)
 
     @model_validator(mode="before")
     @classmethod
     def _from_text(cls, v: Any) -> Any:
-        """``"RUN"`` or ``"RUN:BLOCK"`` as the mapping; a mapping passes unchanged."""
+        """``"RUN"``, ``"RUN:BLOCK"`` or ``"RUN:time"`` as the mapping; a mapping passes
+        unchanged."""
         if isinstance(v, Path):
             v = str(v)
         if isinstance(v, dict | InitFrom):
             return v
         if not isinstance(v, str):
-            raise ValueError("expected a run directory: RUN or RUN:BLOCK")
+            raise ValueError("expected a run directory: RUN, RUN:BLOCK or RUN:time")
         text = v.strip()
         head, sep, tail = text.rpartition(":")
         if sep and head and tail.isdigit():
             return {"run": head, "block": int(tail)}
+        if sep and head and tail == "time":
+            return {"run": head, "match": "time"}
         return {"run": text}
+
+    @model_validator(mode="after")
+    def _one_map(self) -> InitFrom:
+        if self.block is not None and self.match is not None:
+            raise ValueError("give a source block or match: time, not both")
+        return self
 
     @field_validator("run")
     @classmethod
     def _nonempty(cls, v: str) -> str:
         if not v.strip():
-            raise ValueError("give the source run directory (RUN or RUN:BLOCK)")
+            raise ValueError("give the source run directory (RUN, RUN:BLOCK or RUN:time)")
         return v
 
 
@@ -573,6 +586,8 @@ def hashed_train(train: TrainConfig) -> dict[str, Any]:
         out["objective"] = objective
     if train.init_from is not None:  # the source's config hash and the block map, not its path
         out["init_from"] = {"hash": train.init_from.hash, "block": train.init_from.block}
+        if train.init_from.match is not None:  # hashed only when set: older hashes stay
+            out["init_from"]["match"] = train.init_from.match
     return out
 
 

@@ -3,8 +3,10 @@ final weights instead of its random init.
 
 * **Which source block.** A source with one block (an SA-DPM run) gives every block its net
   (eDiff-I builds its experts from one shared model); a source with as many blocks as the run
-  gives block b its block b; ``RUN:BLOCK`` gives every block that source block. Anything else
-  (another number of blocks without ``:BLOCK``, nets whose parameter names or shapes differ —
+  gives block b its block b; ``RUN:BLOCK`` gives every block that source block; ``RUN:time``
+  gives each block its neighbour in time, the source block owning the middle of its range
+  (refining a run into more or other blocks). Anything else (another number of blocks
+  without ``:BLOCK`` or ``:time``, nets whose parameter names or shapes differ —
   a time-free DPSM net and a time-conditioned one —, a source block not done) is refused in one
   line (:class:`InitFromError`) before anything is written; a block never silently starts
   from a random net it was not meant to.
@@ -32,6 +34,7 @@ import json
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
+import torch
 from safetensors import SafetensorError, safe_open
 from safetensors.torch import load as st_load
 from torch import nn
@@ -44,6 +47,7 @@ from .data_guard import file_digest
 from .layout import CONFIG_FILE, RunLayout
 
 if TYPE_CHECKING:
+    from ..core.partition import Partition
     from .run import Run
     from .run_parts import Parts
 
@@ -125,15 +129,28 @@ def resolve(
     if spec is None or spec.hash is not None:
         return config
     old = recorded.train.init_from if recorded is not None else None
-    if old is not None and old.hash and (old.run, old.block) == (spec.run, spec.block):
+    if (
+        old is not None
+        and old.hash
+        and old.model_dump(exclude={"hash"}) == spec.model_dump(exclude={"hash"})
+    ):  # the same source, block and match: its hash is known
         h = old.hash
     else:
         h = open_source(spec, target).hash
     return _with_spec(config, spec.model_copy(update={"hash": h}))
 
 
-def block_map(spec: InitFrom, source_blocks: int, blocks: int) -> list[int]:
-    """The source block each of ``blocks`` blocks starts from, or a one-line error."""
+def block_map(spec: InitFrom, source: Partition, target: Partition) -> list[int]:
+    """The source block each block of ``target`` starts from, or a one-line error.
+
+    ``match: time`` (``RUN:time``): block b takes the source block that owns the middle of b's
+    training range (:meth:`~psm.core.partition.Partition.train_range`; a DPSM block's time
+    point), on the source's own partition — for any two partitions of [0, 1].
+    """
+    source_blocks, blocks = source.num_blocks, target.num_blocks
+    if spec.match == "time":
+        mids = [sum(target.train_range(b)) / 2 for b in range(blocks)]
+        return [int(s) for s in source.block_of(torch.tensor(mids, dtype=torch.float64))]
     if spec.block is not None:
         if spec.block >= source_blocks:
             raise InitFromError(
@@ -147,7 +164,8 @@ def block_map(spec: InitFrom, source_blocks: int, blocks: int) -> list[int]:
         return list(range(blocks))
     raise InitFromError(
         f"train.init_from: {spec.run} has {source_blocks} blocks and this run {blocks}; start "
-        f"from a one-block run, one with {blocks} blocks, or name a block ({spec.run}:BLOCK)"
+        f"from a one-block run, one with {blocks} blocks, name a block ({spec.run}:BLOCK), or "
+        f"map blocks by time ({spec.run}:time)"
     )
 
 
@@ -218,7 +236,7 @@ def source_record(
             f"made from {spec.hash}; restore it, or start a new run (another --out)"
         )
     k = parts.partition.num_blocks
-    mapping = block_map(spec, src.num_blocks, k)
+    mapping = block_map(spec, src.parts.partition, parts.partition)
     used = sorted({mapping[b] for b in (range(k) if blocks is None else blocks)})
     not_done = [sb for sb in used if not src.ledger.done(sb)]
     if not_done:
