@@ -70,9 +70,9 @@ PROGRESS_SECONDS = 2.0
 CPU_STACK = 16
 """Most blocks stacked at once on a CPU unless ``--max-stack`` says otherwise: past a few tens
 of blocks one layer's activations of the paper MLP leave the cache (200 blocks at batch 512:
-about 61 MB), and a stack of 200 trained at 0.64x the block-steps/s of one of 10 (one thread;
-docs/benchmarks.md, "Big stacks"). Stacks of 5-20 ran alike; 16 is a chosen default, not a
-measured optimum. On a GPU a group is stacked whole."""
+about 61 MB): stacked whole, 200 blocks trained at 0.77x the block-steps/s of 10, in stacks of
+16 at 1.12x (one thread; ``psm bench stacks``, docs/benchmarks.md). Stacks of 5-20 ran alike;
+16 is a chosen default, not a tuned optimum. On a GPU a group is stacked whole."""
 
 
 def block_seed(seed: int, block: int, purpose: int, *more: int) -> int:
