@@ -260,12 +260,12 @@ def test_a_block_trains_alike_in_any_stack_and_big_groups_are_chunked_on_a_cpu(m
     """Issue 21 item 2: a big group is trained as stacks of at most CPU_STACK on a CPU (the
     cache); the stack a block lands in changes its weights and state by float rounding only
     (batched products of another batch count round differently, as between --workers)."""
-    from psm.training.train import CPU_STACK, _chunks, _step_groups
+    from psm.training.train import CPU_STACK, _step_groups, stack_chunks
 
-    sizes = [len(c) for c in _chunks(list(range(200)), 16)]
+    sizes = [len(c) for c in stack_chunks(list(range(200)), 16)]
     assert len(sizes) == 13 and set(sizes) == {15, 16}
-    assert [b for c in _chunks(list(range(200)), 16) for b in c] == list(range(200))
-    assert _chunks(list(range(5)), None) == [list(range(5))] and _chunks([], 4) == []
+    assert [b for c in stack_chunks(list(range(200)), 16) for b in c] == list(range(200))
+    assert stack_chunks(list(range(5)), None) == [list(range(5))] and stack_chunks([], 4) == []
     big = make_run(partition={"kind": "equal", "blocks": 2 * CPU_STACK + 1})
     sizes = [len(g) for g in _step_groups(big, list(range(2 * CPU_STACK + 1)), None)]
     assert sizes == [11, 11, 11]

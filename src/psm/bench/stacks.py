@@ -22,7 +22,7 @@ from typing import Any
 import torch
 
 from ..errors import PSMError
-from ..training.train import CPU_STACK, StackTrainer, _chunks
+from ..training.train import CPU_STACK, StackTrainer, stack_chunks
 from .report import markdown_table, toy_run
 
 
@@ -73,7 +73,7 @@ def measure(root: Path, k: int, stack: int, block_steps: int, rounds: int, batch
     with the start-up and final-write seconds of each."""
     steps = max(2, block_steps // k)
     out: dict[str, Any] = {"K": k, "steps_per_round": steps, "stack": stack}
-    variants = {"whole": [list(range(k))], "now": _chunks(list(range(k)), stack)}
+    variants = {"whole": [list(range(k))], "now": stack_chunks(list(range(k)), stack)}
     trainers = {}
     for name, chunks in variants.items():
         run = toy_run(root, f"{name}{k}", k, 10**6, batch)

@@ -838,11 +838,11 @@ def _step_groups(run: Run, blocks: list[int], max_stack: int | None) -> list[lis
         max_stack = CPU_STACK
     groups = []
     for step in sorted(by_step):
-        groups += _chunks(by_step[step], max_stack)
+        groups += stack_chunks(by_step[step], max_stack)
     return groups
 
 
-def _chunks(blocks: list[int], size: int | None) -> list[list[int]]:
+def stack_chunks(blocks: list[int], size: int | None) -> list[list[int]]:
     """``blocks`` in consecutive stacks of at most ``size`` (None: one stack), as equal in size
     as they can be (200 blocks at 16: 13 stacks of 15 or 16, not 12 of 16 and one of 8)."""
     if not blocks:
