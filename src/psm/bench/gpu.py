@@ -53,7 +53,7 @@ import torch
 from ..errors import PSMError
 from ..runs.atomic import atomic_write_text
 from .images import image_run, synthetic_prepared
-from .report import machine_info, markdown_table, toy_run
+from .report import machine_info, markdown_table, positive_ints, toy_run
 
 CIFAR_NET: dict[str, Any] = {
     "name": "ddpm_unet", "base": 64, "mults": [1, 2, 4, 8], "res_blocks": 2, "dropout": 0.1,
@@ -149,12 +149,7 @@ def sizes_from(args: argparse.Namespace) -> Sizes:
     if args.warmup is not None:
         over["warmup"] = args.warmup
     if args.mlp_blocks is not None:
-        try:
-            over["mlp_blocks"] = tuple(int(k) for k in args.mlp_blocks.split(",") if k.strip())
-        except ValueError:
-            raise PSMError(f"--mlp-blocks: {args.mlp_blocks!r} is not a list of integers") from None
-        if not over["mlp_blocks"] or min(over["mlp_blocks"]) < 1:
-            raise PSMError("--mlp-blocks: give positive block counts, e.g. 1,10,200")
+        over["mlp_blocks"] = positive_ints(args.mlp_blocks, "--mlp-blocks")
     s = replace(s, **over)
     if s.cap <= 0 or s.budget <= 0 or s.warmup < 1:
         raise PSMError("--cap and --budget must be positive and --warmup at least 1")

@@ -12,6 +12,7 @@ from typing import Any
 
 import torch
 
+from ..errors import PSMError
 from ..runs.atomic import atomic_write_text
 
 
@@ -34,6 +35,18 @@ def toy_run(root: Path, name: str, blocks: int, steps: int, batch: int, **train:
         n += 1
         path = root / f"{name}-{n}"
     return Run.create(validate_config(raw), path)
+
+
+def positive_ints(text: str, flag: str) -> tuple[int, ...]:
+    """``"1,10,200"`` -> ``(1, 10, 200)``; a one-line error naming ``flag`` for anything else
+    (a non-integer, a value below 1, an empty list)."""
+    try:
+        values = tuple(int(k) for k in text.split(",") if k.strip())
+    except ValueError:
+        values = ()
+    if not values or min(values) < 1:
+        raise PSMError(f"{flag}: expected positive integers separated by commas, got {text!r}")
+    return values
 
 
 def machine_info() -> dict[str, Any]:

@@ -23,7 +23,7 @@ import torch
 
 from ..errors import PSMError
 from ..training.train import CPU_STACK, StackTrainer, stack_chunks
-from .report import markdown_table, toy_run
+from .report import markdown_table, positive_ints, toy_run
 
 
 def add_arguments(p: argparse.ArgumentParser) -> None:
@@ -34,16 +34,6 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     )
     p.add_argument("--rounds", type=int, default=5, help="alternating rounds (medians count)")
     p.add_argument("--batch-size", type=int, default=512)
-
-
-def _ks(text: str) -> list[int]:
-    try:
-        ks = [int(k) for k in text.split(",") if k.strip()]
-    except ValueError:
-        ks = []
-    if not ks or min(ks) < 1:
-        raise PSMError(f"--blocks: expected positive integers separated by commas, got {text!r}")
-    return ks
 
 
 def _build(run, chunks: list[list[int]]) -> tuple[list[StackTrainer], float]:
@@ -94,7 +84,7 @@ def measure(root: Path, k: int, stack: int, block_steps: int, rounds: int, batch
 
 
 def run(args: argparse.Namespace) -> tuple[dict[str, Any], str]:
-    ks = _ks(args.blocks)
+    ks = positive_ints(args.blocks, "--blocks")
     if args.stack < 1 or args.rounds < 1 or args.block_steps < 1:
         raise PSMError("--stack, --rounds and --block-steps must be positive")
     threads = torch.get_num_threads()
