@@ -35,3 +35,4 @@ def test_bench_stacks_refuses_bad_block_lists(capsys):
     one_line_error(capsys, "bench", "stacks", "--blocks", "10,x", match="--blocks")
     one_line_error(capsys, "bench", "stacks", "--blocks", "0", match="--blocks")
     one_line_error(capsys, "bench", "stacks", "--stack", "0", match="--stack")
+    one_line_error(capsys, "bench", "train", "--blocks", "1,x", match="--blocks")  # same parser

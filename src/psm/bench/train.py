@@ -21,7 +21,7 @@ from torch import Tensor
 
 from ..core.objective import stack_batches
 from ..training.train import StackTrainer, train_block, train_ensemble
-from .report import markdown_table, toy_run
+from .report import markdown_table, positive_ints, toy_run
 
 
 def add_arguments(p: argparse.ArgumentParser) -> None:
@@ -169,7 +169,7 @@ def time_step_rate(root: Path, batch: int, rounds: int = 7, steps: int = 100) ->
 
 def run(args: argparse.Namespace) -> tuple[dict[str, Any], str]:
     torch.set_num_threads(args.threads)
-    ks = [int(k) for k in args.blocks.split(",") if k.strip()]
+    ks = list(positive_ints(args.blocks, "--blocks"))
     rows, results = [], []
     with tempfile.TemporaryDirectory(prefix="psm-bench-") as tmp:
         root = Path(tmp)
