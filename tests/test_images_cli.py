@@ -408,3 +408,36 @@ def test_the_mnist_config_trains_on_a_prepared_directory(capsys, tmp_path):
     )
     assert code == 0, err
     assert "trivial bound log2 256 = 8.0000 bits/dim" in out and "(784 dims)" in out
+
+
+def test_a_fourier_block_zero_trains_loads_and_scores_beside_a_plain_block(tmp_path):
+    # issue 19: Fourier-feature inputs on the block nearest t0 only, on uncentred data (every
+    # pixel's grey levels at the same x); the two blocks have different nets, so they train
+    # one by one, and each block's file holds its own input width
+    from safetensors import safe_open
+
+    from psm.errors import PSMError
+    from psm.runs.checkpoint import load_weights
+    from psm.runs.config import config_hash
+
+    cfg = digits_config("digits_ff", {"kind": "splits", "splits": [0, 0.1, 1], "t0": 1e-3},
+                        TINY_UNET)  # fmt: skip
+    cfg["data"] = {"name": "digits", "center": False}
+    plain = validate_config(cfg)
+    assert config_hash(plain) == config_hash(
+        validate_config({**cfg, "net": {**TINY_UNET, "fourier_freqs": []}})
+    )  # the default adds nothing to the hash
+    cfg["blocks"] = [{"first": 0, "net": {"fourier_freqs": [4.25, 8.5]}}]
+    run = Run.create(validate_config(cfg), tmp_path / "ff")
+    assert config_hash(run.config) != config_hash(plain)
+    assert [o.state for o in train_ensemble(run)] == ["done"] * 2
+    widths = []
+    for b in range(2):
+        with safe_open(str(run.layout.weights(b)), framework="pt") as f:
+            widths.append(f.get_tensor("conv_in.weight").shape[1])
+    assert widths == [5, 1]
+    with pytest.raises(PSMError):
+        load_weights(run, 1, run.parts.new_net(0))  # a plain block's file for a Fourier net
+    res = evaluate_run(run.path, n=4, solver=SolverSettings("rk4", 4))
+    assert res.bits is not None and 0 < res.bits.bpd < 20
+    assert torch.isfinite(res.result.values).all()

@@ -36,6 +36,7 @@ NETS: dict[str, Callable[[], nn.Module]] = {
     "ddpm": tiny_ddpm,
     "classic-group": tiny_classic,
     "classic-batch": lambda: tiny_classic(norm="batch"),
+    "ddpm-fourier": lambda: tiny_ddpm(fourier_freqs=(4.25, 8.5)),
 }
 
 
@@ -143,7 +144,7 @@ def stacked(nets: list[nn.Module]):
     return vmap(call, randomness="different"), params, buffers
 
 
-@pytest.mark.parametrize("name", ["ddpm", "classic-group"])
+@pytest.mark.parametrize("name", ["ddpm", "ddpm-fourier", "classic-group"])
 def test_stacked_vmap_equals_the_loop_forward_and_backward(name):
     torch.manual_seed(0)
     k = 3
@@ -236,3 +237,43 @@ def test_backward_through_a_tiny_net():
         for name, p in net.named_parameters():
             assert p.grad is not None and torch.isfinite(p.grad).all(), name
             assert p.grad.abs().sum() > 0, name
+
+
+# ------------------------------------------------------------ Fourier-feature inputs (VDM)
+def test_fourier_input_is_x_then_sin_then_cos_of_each_frequency():
+    net = tiny_ddpm(fourier_freqs=(4.25, 8.5)).double()
+    x = images(2).double()
+    feats = net.fourier_input(x)
+    assert feats.shape == (2, 5, 8, 8) and net.conv_in.in_channels == 5
+    torch.testing.assert_close(feats[:, 0], x[:, 0])
+    for i, f in enumerate((4.25, 8.5)):
+        torch.testing.assert_close(feats[:, 1 + i], torch.sin(2 * torch.pi * f * x[:, 0]))
+        torch.testing.assert_close(feats[:, 3 + i], torch.cos(2 * torch.pi * f * x[:, 0]))
+    assert "fourier_freqs" in net.state_dict()  # saved with the weights, checked on load
+    assert "fourier_freqs" not in tiny_ddpm().state_dict() and tiny_ddpm().conv_in.in_channels == 1
+
+
+def test_a_fourier_net_without_its_x_channel_sees_x_only_modulo_the_period():
+    # one cycle per grey level: with the raw-x input weights zeroed the net is exactly periodic
+    # in x with period 1 / 4.25 (two levels of 17 over [-1, 1]), i.e. it sees where in its bin
+    # each pixel sits; a shift by half a period changes the output
+    torch.manual_seed(0)
+    net = tiny_ddpm(fourier_freqs=(4.25, 8.5)).double().eval()
+    with torch.no_grad():
+        net.conv_in.weight[:, 0] = 0.0
+    x, t = images(3).double(), torch.full((3,), 0.01, dtype=torch.float64)
+    gen = torch.Generator().manual_seed(1)
+    shift = torch.randint(-3, 4, x.shape, generator=gen).double() / 4.25
+    torch.testing.assert_close(net(x + shift, t), net(x, t), rtol=1e-7, atol=1e-9)
+    assert not torch.allclose(net(x + 0.5 / 4.25, t), net(x, t))
+
+
+def test_bad_fourier_frequencies_are_refused():
+    with pytest.raises(ValueError, match="fourier_freqs must be positive"):
+        tiny_ddpm(fourier_freqs=(4.25, 0.0))
+    from pydantic import ValidationError
+
+    from psm.nets.ddpm_unet import DDPMUNetSpec
+
+    with pytest.raises(ValidationError):
+        DDPMUNetSpec(fourier_freqs=[-1.0])

@@ -66,7 +66,7 @@ from typing import Literal
 
 import torch
 import torch.nn.functional as F
-from pydantic import Field
+from pydantic import Field, PositiveFloat
 from torch import Tensor, nn
 
 from .base import BlockNet, NetSpec
@@ -212,6 +212,9 @@ class DDPMUNet(BlockNet):
         activation: name in :data:`ACTIVATIONS` (the paper: ELU).
         time_input: ``"t"`` embeds ``1000 t``; ``"integral"`` embeds ``1000 * 5 t²``.
         zero_init_output: zero the output convolution (a fresh net predicts 0).
+        fourier_freqs: frequencies ``f`` (cycles per unit of x) of extra input channels
+            ``sin(2π f x), cos(2π f x)`` of every channel (Kingma et al. 2021, VDM, appendix C:
+            fine-scale features of the input, for likelihood). Empty: none (Ho et al.'s net).
     """
 
     def __init__(
@@ -227,6 +230,7 @@ class DDPMUNet(BlockNet):
         activation: str = "elu",
         time_input: Literal["t", "integral"] = "t",
         zero_init_output: bool = True,
+        fourier_freqs: Sequence[float] = (),
     ) -> None:
         super().__init__()
         mults = tuple(int(m) for m in mults)
@@ -244,6 +248,9 @@ class DDPMUNet(BlockNet):
         if not attention <= set(levels):
             raise ValueError(f"attention_levels {sorted(attention)} not in 0..{len(mults) - 1}")
         _activation(activation)  # fail early on a bad name
+        freqs = [float(f) for f in fourier_freqs]
+        if any(not math.isfinite(f) or f <= 0 for f in freqs):
+            raise ValueError(f"fourier_freqs must be positive, not {freqs}")
 
         self.channels = channels
         self.time_input = time_input
@@ -260,7 +267,10 @@ class DDPMUNet(BlockNet):
         self.time_mlp = nn.Sequential(
             nn.Linear(base, temb_dim), _activation(activation), nn.Linear(temb_dim, temb_dim)
         )
-        self.conv_in = nn.Conv2d(channels, base, 3, padding=1)
+        if freqs:  # f, one per feature pair (saved with the weights)
+            self.register_buffer("fourier_freqs", torch.tensor(freqs))
+        self.fourier = len(freqs)
+        self.conv_in = nn.Conv2d(channels * (1 + 2 * self.fourier), base, 3, padding=1)
 
         # down path: remember the width of every activation pushed for a skip connection
         skips = [base]
@@ -312,6 +322,15 @@ class DDPMUNet(BlockNet):
         s = INTEGRAL_COEFF * t.square() if self.time_input == "integral" else t
         return self.time_mlp(sinusoidal_embedding(TIME_SCALE * s, self.base))
 
+    def fourier_input(self, x: Tensor) -> Tensor:
+        """``x [B, C, H, W]`` → ``[B, C (1 + 2F), H, W]``: x, then ``sin(2π f x)`` for each of
+        the F frequencies, then ``cos(2π f x)`` (x alone when there are none)."""
+        if not self.fourier:
+            return x
+        w = 2 * math.pi * self.fourier_freqs.to(x.dtype)
+        proj = (x[:, None] * w[None, :, None, None, None]).flatten(1, 2)  # [B, F C, H, W]
+        return torch.cat([x, torch.sin(proj), torch.cos(proj)], dim=1)
+
     def forward(self, x: Tensor, t: Tensor | float) -> Tensor:
         """Predict ε (or a velocity) for ``x [B, C, H, W]`` at times ``t [B]`` → ``[B, C, H, W]``.
 
@@ -325,7 +344,7 @@ class DDPMUNet(BlockNet):
             t = t.expand(x.shape[0])
         temb = self.embed_time(t)
 
-        h = self.conv_in(x)
+        h = self.conv_in(self.fourier_input(x))
         skips = [h]
         for level, stage in enumerate(self.down):
             for blk, attn in zip(stage.blocks, stage.attentions):
@@ -372,6 +391,10 @@ class DDPMUNetSpec(NetSpec):
     groups: int = Field(32, ge=1)  # GroupNorm groups (must divide every width)
     activation: Literal["elu", "silu"] = "elu"
     time_input: Literal["t", "integral"] = "t"  # embed 1000 t, or 1000 * 5t² (authors' scripts)
+    # input channels sin/cos(2π f x) for each f (cycles per unit of x); one cycle per grey level
+    # of L levels spanning [-1, 1] is f = L / 2, with data.center: false so that every pixel's
+    # levels sit at the same x (VDM's fine-scale features); empty: none
+    fourier_freqs: list[PositiveFloat] = Field(default_factory=list)
 
     def build(self, shape: tuple[int, ...], *, time_conditioned: bool) -> nn.Module:
         if len(shape) != 3:
@@ -380,6 +403,7 @@ class DDPMUNetSpec(NetSpec):
             channels=shape[0], base=self.base, mults=self.mults, res_blocks=self.res_blocks,
             attention_levels=self.attention_levels, dropout=self.dropout, groups=self.groups,
             activation=self.activation, time_input=self.time_input,
+            fourier_freqs=self.fourier_freqs,
         )  # fmt: skip
         factor = 2 ** (len(self.mults) - 1)
         if shape[1] % factor or shape[2] % factor:
