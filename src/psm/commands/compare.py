@@ -6,8 +6,11 @@ dequantized or with ``--dequantization truncated-normal``), or its per-point NLL
 files written by ``psm nll --values`` (``--values A.npy B.npy ...``, one per run, in order, all
 made with the same ``--n``, ``--seed`` and dequantization: a truncated-normal file carries it
 in ``A.npy.json``, a file without one is uniform). Runs whose test points differ (another data
-set, data map or split; for truncated-normal dequantization another noise ``σ_t0/α_t0``) and
-values made under different dequantizations are refused in one line, naming the field.
+set or split; for truncated-normal dequantization also another data map or noise ``σ_t0/α_t0``)
+and values made under different dequantizations are refused in one line, naming the field.
+Uniformly dequantized image runs with different data maps (``data.center``, ``data.scale``)
+compare: they score the same images with the same noise, each through its own map, and bits/dim
+count the map's log-Jacobian, so the figures are of one discrete distribution, paired per image.
 
 The table gives each run's NLL in nats (bits/dim for images) ± its standard error, the
 difference against the first run and the **paired** standard error of that difference,
@@ -114,10 +117,10 @@ def cmd_compare(args: argparse.Namespace) -> int:
         n = args.n or ev.n_test
         dequantization = check_dequantization(first, args.dequantization or "uniform")
         args.dequantization = dequantization or "uniform"  # every run's settings take it
-        x, q_first, scale = check_same_points(
+        xs, q_first, scale = check_same_points(
             runs, args.runs, n=n, seed=seed, dequantization=args.dequantization
         )
-        values, settings = score_runs(args, runs, x, q_first)
+        values, settings = score_runs(args, runs, xs, q_first)
         log_q = None if q_first is None else [q_first.double().numpy()] * len(runs)
         n = len(values[0])
     if n < 2:
@@ -169,18 +172,21 @@ def read_values(path: Path) -> np.ndarray:
 def check_same_points(
     runs: list, names: list[str], *, n: int, seed: int, dequantization: str = "uniform"
 ):
-    """The first run's test points ``[n', *shape]`` (model space, ``psm`` convention for
-    images, dequantized by ``dequantization``), after checking that every run would score
-    exactly the same points.
+    """Each run's test points ``[n', *shape]`` (model space, ``psm`` convention for images,
+    dequantized by ``dequantization``), after checking that every run would score exactly the
+    same points — for uniformly dequantized images, the same dequantized images ``(k + u)/L``
+    before each run's own data map (``data.center``, ``data.scale`` may differ).
 
     Returns:
-        ``(x, log_q, noise_scale)``: for truncated-normal dequantization ``log_q [n']`` of the
-        noise and its ``σ_t0/α_t0`` (the same for every run), else ``(x, None, None)``.
+        ``(xs, log_q, noise_scale)``: ``xs`` one tensor per run; for truncated-normal
+        dequantization ``log_q [n']`` of the noise and its ``σ_t0/α_t0`` (the same for every
+        run), else ``(xs, None, None)``.
 
     Raises:
-        PSMError: a run's test points differ (another data set, data map, split or shape, or
-            for truncated-normal dequantization another ``σ_t0/α_t0``: another process or
-            ``t0``), naming the first differing field when there is one.
+        PSMError: a run's test points differ (another data set, split or shape, a data map
+            outside uniformly dequantized images, or for truncated-normal dequantization
+            another ``σ_t0/α_t0``: another process or ``t0``), naming the first differing
+            field when there is one.
     """
     import torch
 
@@ -197,7 +203,19 @@ def check_same_points(
         dequantize = True if _image(run) else None
         return run.test_data().test_set(n, seed, dequantize=dequantize), None, None
 
+    def same_images(a, b) -> bool:  # uniform: the same (k + u) / L before each run's map
+        if tn or not (_image(a) and _image(b)):
+            return False
+        da, db = a.test_data(), b.test_data()
+        ka, kb = da.test_levels(n), db.test_levels(n)
+        if da.levels != db.levels or ka.shape != kb.shape or not torch.equal(ka, kb):
+            return False
+        ua = da.levels_to_unit(ka, torch.Generator().manual_seed(seed))
+        ub = db.levels_to_unit(kb, torch.Generator().manual_seed(seed))
+        return torch.equal(ua, ub)
+
     x, log_q, scale = points(runs[0])
+    xs = [x]
     for run, name in zip(runs[1:], names[1:]):
         if tuple(run.shape) != tuple(runs[0].shape):
             raise PSMError(
@@ -212,9 +230,10 @@ def check_same_points(
                 f"{runs[0].partition.t0:g}), so their test points differ; compare them under "
                 "--dequantization uniform"
             )
-        if y.shape != x.shape or not torch.equal(x, y):
+        if (y.shape != x.shape or not torch.equal(x, y)) and not same_images(runs[0], run):
             raise PSMError(f"{name}: {_data_difference(runs[0], run, names[0])}")
-    return x, log_q, scale
+        xs.append(y)
+    return xs, log_q, scale
 
 
 def read_values_settings(path: Path) -> dict[str, Any] | None:
@@ -298,17 +317,17 @@ def _data_difference(a, b, name_a: str) -> str:
 
 
 def score_runs(
-    args: argparse.Namespace, runs: list, x, log_q=None
+    args: argparse.Namespace, runs: list, xs: list, log_q=None
 ) -> tuple[list[np.ndarray], list]:
-    """Each run's per-point NLLs on ``x`` (nats, float64), under its own settings (``log_q``:
-    the truncated-normal noise's, for the scores' bits/dim)."""
+    """Each run's per-point NLLs on its test points ``xs[i]`` (nats, float64), under its own
+    settings (``log_q``: the truncated-normal noise's, for the scores' bits/dim)."""
     from ..runs.scoring import load_scoring_model, score_inputs
 
     device = resolve_device(args.device)
     dtype = dtype_of(args.dtype)
     settings = [resolve_settings(args, run) for run in runs]  # every flag checked first
     values = []
-    for run, s in zip(runs, settings):
+    for run, s, x in zip(runs, settings, xs):
         model = load_scoring_model(
             run, device=device, dtype=dtype, grid_field=grid_field_for(args, run)
         )
@@ -341,7 +360,8 @@ def comparison(
         d_ln2 = math.prod(first.shape) * math.log(2)
         per_point = [(v + q) / d_ln2 for v, q in zip(values, log_q)]
     else:
-        per_point = [first.bits_per_dim(v) for v in values] if image else values
+        # each run through its own data map's log-Jacobian (data.scale may differ)
+        per_point = [r.dataset.bits_per_dim(v) for r, v in zip(runs, values)] if image else values
     dequantization = ("truncated-normal" if log_q is not None else "uniform") if image else None
     rows = paired_stats(per_point)
     unit = "bits/dim" if image else "nats"
