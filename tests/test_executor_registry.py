@@ -309,6 +309,7 @@ CONFIG_HASHES = {
     "configs/images/mnist_tpsm0.yaml": ("6482b9d69fe17e3f", None),
     "configs/images/mnist_tpsm1.yaml": ("18206a9c9eafabbd", None),
     "configs/images/mnist_tpsm2.yaml": ("90150f9aa04bfe6e", None),
+    "configs/recipe/digits_tpsm0.yaml": ("53b56525e0a8dcbd", None),
     "configs/recipe/hg_best.yaml": ("dd9c31336c95c88b", None),
     "configs/recipe/hg_hour.yaml": ("59d45559c3617bba", None),
     "configs/recipe/hg_hour_b0.yaml": ("dd66761853d845ee", None),

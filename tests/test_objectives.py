@@ -268,6 +268,7 @@ PINNED_HASHES = {
     "images/mnist_tpsm0.yaml": ("6482b9d69fe17e3f", None),
     "images/mnist_tpsm1.yaml": ("18206a9c9eafabbd", None),
     "images/mnist_tpsm2.yaml": ("90150f9aa04bfe6e", None),
+    "recipe/digits_tpsm0.yaml": ("53b56525e0a8dcbd", None),
     "recipe/hg_best.yaml": ("dd9c31336c95c88b", None),
     "recipe/hg_hour.yaml": ("59d45559c3617bba", None),
     "recipe/hg_hour_b0.yaml": ("dd66761853d845ee", None),
