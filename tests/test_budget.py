@@ -4,12 +4,22 @@ from __future__ import annotations
 
 import json
 import math
+import random
 
 import pytest
 import torch
 
 from helpers import run_cli
-from psm.auto.budget import Plan, Round, fall_rate, next_round, read_plan, train_budget
+from psm.auto.budget import (
+    Plan,
+    Round,
+    fall_per_doubling,
+    fall_rate,
+    next_round,
+    read_plan,
+    train_budget,
+    trend_gain,
+)
 from psm.runs.config import BudgetConfig, config_hash, parse_budget, validate_config
 from psm.runs.run import Run
 from psm.training.train import BlockOutcome, Recipe
@@ -40,6 +50,9 @@ def test_the_budget_rule_is_hashed_and_the_plans_targets_are_not():
     c = validate_config({"train": {**base["train"], "budget": {"total": 6000}}})
     assert config_hash(a) == config_hash(b) != plain  # one spelling; targets are the plan's
     assert config_hash(c) != config_hash(a)
+    rule = {r: validate_config({"train": {**base["train"], "budget": {"total": 5000, "rule": r}}})
+            for r in ("rate", "trend")}  # fmt: skip
+    assert config_hash(rule["rate"]) == config_hash(a) != config_hash(rule["trend"])
     # without a budget a decay start changes what a decaying block learns: hashed
     d = validate_config({"train": {**base["train"], "block_decay": [500]}})
     assert config_hash(d) != plain
@@ -148,6 +161,77 @@ def test_a_block_made_hard_gets_most_of_the_steps_and_the_budget_is_spent_exactl
     assert min(steps) >= 0.1 * 100_000 / 5  # the pilot, and exploration, keep every block going
 
 
+# ------------------------------------------------------------------ the trend rule
+def _simulate_series(curves, spec, every, noise=0.0, seed=0):
+    """The rule against synthetic curves measured every ``every`` steps (and at each round's
+    end) with independent Gaussian noise of sd ``noise``: what a block's metrics hold."""
+    rng = random.Random(seed)
+    plan = Plan(blocks=len(curves), width=1, decays=spec.cooldown > 0, total=spec.total)
+    obs: dict[int, list] = {}
+    series: dict[int, list] = {b: [] for b in range(len(curves))}
+    measured: dict[tuple[int, int], float] = {}
+
+    def measure(b: int, s: int) -> float:
+        if (b, s) not in measured:
+            measured[b, s] = curves[b](s) + rng.gauss(0.0, noise)
+        return measured[b, s]
+
+    while (r := next_round(spec, plan, obs, series)) is not None:
+        before = plan.targets()
+        plan.rounds.append(r)
+        for b, t in r.targets.items():
+            series[b] += [(s, measure(b, s)) for s in range(before[b] + every, t, every)]
+            series[b].append((t, measure(b, t)))
+            obs.setdefault(b, []).append((t, measure(b, t)))
+    return plan
+
+
+def test_the_fall_per_doubling_is_the_slope_against_log_steps_over_the_last_doubling():
+    line = [(s, 3.0 - 0.2 * math.log(s)) for s in range(100, 2001, 100)]
+    assert fall_per_doubling(line) == pytest.approx(0.2)
+    # only the last doubling counts: an early steep fall does not inflate the trend
+    bent = [(s, 5.0 - 2.0 * math.log(s)) for s in (100, 200, 400)] + line[9:]
+    assert fall_per_doubling(bent) == pytest.approx(0.2)
+    assert fall_per_doubling([(100, 1.0), (400, 0.5)]) == pytest.approx(0.5 / math.log(4))
+    assert fall_per_doubling([(100, 1.0)]) is None and fall_per_doubling([]) is None
+    # the next chunk's predicted fall per step: c ln((n + m)/n) / m
+    assert trend_gain(line, 2000, 500) == pytest.approx(0.2 * math.log(2500 / 2000) / 500)
+    assert trend_gain([(100, 1.0), (200, 1.5)], 200, 50) < 0  # a rising term ranks last
+
+
+def test_the_trend_rule_gives_log_curves_steps_in_proportion_to_their_fall_per_doubling():
+    # h_b(s) = 1 - c_b ln s: the best split of N steps minimises sum_b h_b(n_b) subject to
+    # sum_b n_b = N, i.e. c_b / n_b equal for all b: n_b = N c_b / sum(c)
+    c = [0.01, 0.02, 0.08, 0.03, 0.005]
+    curves = [lambda s, c=c: 1.0 - c * math.log(s) for c in c]
+    spec = _spec(total=200_000, cooldown=0.0, explore_every=0, rule="trend")
+    steps = _simulate_series(curves, spec, every=1000).targets()
+    assert sum(steps) == 200_000
+    chunk = spec.chunk * spec.total
+    for b, n in enumerate(steps):  # within one chunk of the optimum (the pilot floors block 4)
+        want = max(200_000 * c[b] / sum(c), spec.pilot * spec.total / len(c))
+        assert abs(n - want) <= chunk, (b, n, want)
+
+
+def test_with_noisy_measurements_the_trend_rule_loses_less_than_the_rate_rule():
+    # power-law curves whose chunk-to-chunk falls are below a measurement noise of 0.01 late
+    # in the budget (the 2D runs' situation): one chunk's difference ranks by noise, a fit
+    # over the last doubling averages it out
+    height, scale = [0.3, 0.6, 1.0, 0.4, 0.2], [2000, 50000, 20000, 5000, 1000]
+    curves = [lambda s, d=d, t=t: d * (1 + s / t) ** -0.5 for d, t in zip(height, scale)]
+
+    def final(rule: str, noise: float, seed: int) -> float:
+        spec = _spec(total=400_000, cooldown=0.0, rule=rule)
+        plan = _simulate_series(curves, spec, every=1000, noise=noise, seed=seed)
+        return sum(curves[b](n) for b, n in enumerate(plan.targets()))
+
+    clean = final("trend", 0.0, 0)
+    rate = [final("rate", 0.01, s) for s in range(8)]
+    trend = [final("trend", 0.01, s) for s in range(8)]
+    assert sum(trend) / 8 - clean < 0.25 * (sum(rate) / 8 - clean)
+    assert sum(t < r for t, r in zip(trend, rate)) >= 7
+
+
 # ------------------------------------------------------------------ the driver
 class FakeExecutor:
     """Trains nothing: marks each block done at its target and logs a held-out term from a
@@ -171,11 +255,30 @@ class FakeExecutor:
         return outs
 
 
-def _budget_cfg(tmp_path, name, total=6000, **train):
+class SeriesExecutor(FakeExecutor):
+    """As :class:`FakeExecutor`, with a held-out term every ``every`` steps on the way to the
+    target, as the trainer's ``train.heldout_every`` writes them."""
+
+    def __init__(self, curves, every: int, stop_at_call: int | None = None):
+        super().__init__(curves, stop_at_call)
+        self.every = every
+
+    def run(self, run: Run, blocks):
+        for b in blocks:
+            done = int((run.ledger.read(b) or {}).get("step") or 0)
+            target = run.config.step_target(b)
+            with run.layout.metrics(b).open("a") as f:
+                for s in range((done // self.every + 1) * self.every, target, self.every):
+                    f.write(json.dumps({"step": s, "heldout": self.curves[b](s)}) + "\n")
+        return super().run(run, blocks)
+
+
+def _budget_cfg(tmp_path, name, total=6000, rule="rate", **train):
     raw = {
         "name": name, "out": str(tmp_path / name), "data": {"name": "ty"},
         "partition": {"kind": "equal", "blocks": 3}, "net": {"name": "mlp", "hidden": [8]},
-        "train": {"budget": {"total": total, "chunk": 0.05}, "lr_schedule": "cosine", **train},
+        "train": {"budget": {"total": total, "chunk": 0.05, "rule": rule},
+                  "lr_schedule": "cosine", **train},
         "executor": {"name": "local", "workers": 2},
     }  # fmt: skip
     return validate_config(raw)
@@ -219,6 +322,28 @@ def test_a_stopped_budget_run_resumed_gives_the_same_plan_as_an_unstopped_one(tm
     fake = FakeExecutor(CURVES)
     train_budget(cfg, fake, log=lambda line: None)
     assert fake.calls == 0
+
+
+def test_the_trend_rule_reads_every_measurement_and_resumes_to_the_same_plan(tmp_path):
+    curves = [lambda s: 1.0 - 0.02 * math.log(s), lambda s: 1.0 - 0.10 * math.log(s),
+              lambda s: 1.0 - 0.04 * math.log(s)]  # fmt: skip
+    lines: list[str] = []
+    whole, _ = train_budget(_budget_cfg(tmp_path, "whole", rule="trend"),
+                            SeriesExecutor(curves, every=50), log=lines.append)  # fmt: skip
+    plan = read_plan(whole.path)
+    assert plan.rule == "trend" and plan.spent() == 6000
+    chunks = [r for r in plan.rounds if r.kind == "chunk"]
+    first = chunks[0]  # after the pilot (200 steps each), chunks of 300: c_b ln(500/200)/300
+    gain = math.log(500 / 200) / 300
+    assert first.rates == pytest.approx({1: 0.10 * gain, 2: 0.04 * gain})
+    assert any("would fall" in line for line in lines)
+    steps = plan.targets()
+    assert steps[1] == max(steps) and steps[0] == min(steps)
+    cfg = _budget_cfg(tmp_path, "stopped", rule="trend")
+    run, _ = train_budget(cfg, SeriesExecutor(curves, 50, stop_at_call=6), log=lambda line: None)
+    run, _ = train_budget(cfg, SeriesExecutor(curves, 50), log=lambda line: None)
+    strip = lambda p: [(r.kind, r.targets, r.decay, r.rates) for r in p.rounds]  # noqa: E731
+    assert strip(read_plan(run.path)) == strip(plan)
 
 
 def test_a_time_budget_turns_seconds_into_block_steps_with_the_probes_rate(tmp_path, monkeypatch):

@@ -13,6 +13,7 @@ import pytest
 import yaml
 
 from helpers import one_line_error, run_cli, tiny_config
+from pinned_hashes import PINNED_HASHES
 from psm.core.partition import equal
 from psm.core.process import PROCESSES, Process, VPSchedule, make_process
 from psm.errors import CheckpointError, ConfigError, PSMError
@@ -281,67 +282,12 @@ def test_a_registered_process_builds():
         make_process("vp_steep")
 
 
-# psm's configs and their hashes (config_hash, legacy_config_hash) before the registries: the
-# hash ties every checkpoint to its problem, so no refactoring may change one
-CONFIG_HASHES = {
-    "configs/images/celeba64_dpsm.yaml": ("a6c8905308591f16", None),
-    "configs/images/celeba64_sa.yaml": ("fbcb95af4fa83319", None),
-    "configs/images/celeba64_tpsm0.yaml": ("0ab0d2125be5f42c", None),
-    "configs/images/celeba64_tpsm1.yaml": ("564239cb0e53dc52", None),
-    "configs/images/celeba64_tpsm2.yaml": ("3f1f4b6d3f3100ae", None),
-    "configs/images/cifar10_dpsm.yaml": ("67694f1e48a4c908", None),
-    "configs/images/cifar10_sa.yaml": ("78e79c74fd3288d2", None),
-    "configs/images/cifar10_tpsm0.yaml": ("98195327e7440acf", None),
-    "configs/images/cifar10_tpsm1.yaml": ("51319e8e1ee883f2", None),
-    "configs/images/cifar10_tpsm2.yaml": ("b9facd584a2a843e", None),
-    "configs/images/digits_dpsm.yaml": ("dceb7ea2fb1885c8", None),
-    "configs/images/digits_sa.yaml": ("e4ea96a53b236b2e", None),
-    "configs/images/digits_tpsm0.yaml": ("b3286ed903ea1569", None),
-    "configs/images/digits_tpsm1.yaml": ("9d76fc453837f3de", None),
-    "configs/images/digits_tpsm2.yaml": ("57e6595ba602570b", None),
-    "configs/images/imagenet64_dpsm.yaml": ("b1906daa963ed319", None),
-    "configs/images/imagenet64_sa.yaml": ("e3b6c2314c251cb5", None),
-    "configs/images/imagenet64_tpsm0.yaml": ("5d76dde0cd5a4f14", None),
-    "configs/images/imagenet64_tpsm1.yaml": ("ba27578a06724b2c", None),
-    "configs/images/imagenet64_tpsm2.yaml": ("f7d43b7a9e0b7359", None),
-    "configs/images/mnist_dpsm.yaml": ("e4dc6ad692dc75b0", None),
-    "configs/images/mnist_sa.yaml": ("eea5d724e8f31dbf", None),
-    "configs/images/mnist_tpsm0.yaml": ("6482b9d69fe17e3f", None),
-    "configs/images/mnist_tpsm1.yaml": ("18206a9c9eafabbd", None),
-    "configs/images/mnist_tpsm2.yaml": ("90150f9aa04bfe6e", None),
-    "configs/recipe/digits_tpsm0.yaml": ("53b56525e0a8dcbd", None),
-    "configs/recipe/hg_best.yaml": ("dd9c31336c95c88b", None),
-    "configs/recipe/hg_hour.yaml": ("59d45559c3617bba", None),
-    "configs/recipe/hg_hour_b0.yaml": ("dd66761853d845ee", None),
-    "configs/recipe/ty_best.yaml": ("99d81aa6a27e4951", None),
-    "configs/recipe/ty_hour.yaml": ("b6aa9df52c5b6ef1", None),
-    "configs/recipe/ty_hour_b0.yaml": ("57ee982a17f4632d", None),
-    "configs/toy/hg_dpsm.yaml": ("67d29c67aa7293c0", "4b5d278647123641"),
-    "configs/toy/hg_fm_sa.yaml": ("625e222875c5e17a", "b33e2075e79e3d16"),
-    "configs/toy/hg_fm_tpsm10.yaml": ("e00fc5b2bebe6323", "cdffddfbcd2b990e"),
-    "configs/toy/hg_sa.yaml": ("00fd9a08d8c37435", "2596550f3cee61ae"),
-    "configs/toy/hg_sa_authors.yaml": ("eef7e113b70b4e27", "749ee9ed74f95fd8"),
-    "configs/toy/hg_tpsm10.yaml": ("f4e12d37e7a5187f", "4d5095ac5808b977"),
-    "configs/toy/hg_tpsm_a.yaml": ("c38faaf8bbf3e3a9", "1014ebc13319c7ae"),
-    "configs/toy/hg_tpsm_b.yaml": ("600820674de04289", "d62d6dc298dc7ca0"),
-    "configs/toy/hg_tpsm_c.yaml": ("9ef87f90613b3697", "219542957e7e5936"),
-    "configs/toy/ty_dpsm.yaml": ("2587028bd0f407b8", "c043a1644232721a"),
-    "configs/toy/ty_fm_sa.yaml": ("f5b6bd8d62254bcc", "3c9f56e34558b2ec"),
-    "configs/toy/ty_fm_tpsm10.yaml": ("bc4616c4f18996c5", "d8df7d966f84d995"),
-    "configs/toy/ty_sa.yaml": ("26787121c6fa7479", "e4d3d8d042a6cbda"),
-    "configs/toy/ty_sa_authors.yaml": ("1a1dfab8d0385e12", "fa5fc7016dd65c19"),
-    "configs/toy/ty_tpsm10.yaml": ("a98546469a1703df", "0280e0f389b9413d"),
-    "configs/toy/ty_tpsm_a.yaml": ("daddff2a77942dc8", "8d09c08351e48386"),
-    "configs/toy/ty_tpsm_b.yaml": ("51117aab649f50eb", "2b740f9a312d7907"),
-    "configs/toy/ty_tpsm_c.yaml": ("eef7c37a474264ab", "4d42f19cd3b8bf43"),
-}
-
-
 def test_every_config_keeps_its_hash():
-    found = sorted(str(p.relative_to(ROOT)) for p in (ROOT / "configs").rglob("*.yaml"))
-    assert found == sorted(CONFIG_HASHES), "a config was added or removed: pin its hash here"
-    for name, (h, legacy) in CONFIG_HASHES.items():
-        cfg = load_config(ROOT / name)
+    configs = ROOT / "configs"
+    found = sorted(str(p.relative_to(configs)) for p in configs.rglob("*.yaml"))
+    assert found == sorted(PINNED_HASHES), "a config was added or removed: pin its hash"
+    for name, (h, legacy) in PINNED_HASHES.items():
+        cfg = load_config(configs / name)
         assert (config_hash(cfg), legacy_config_hash(cfg)) == (h, legacy), name
 
 

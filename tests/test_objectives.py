@@ -18,6 +18,7 @@ import yaml
 from pydantic import Field
 
 from helpers import one_line_error, tiny_config
+from pinned_hashes import PINNED_HASHES
 from psm.core.objective import (
     OBJECTIVES,
     MSEObjective,
@@ -240,70 +241,14 @@ def test_a_bad_objective_on_the_command_line_writes_nothing(tmp_path, capsys):
     assert not out.exists()
 
 
-# The hashes (and psm 0.1 hashes) of every shipped config, computed before train.objective
-# existed: a regression pin — runs trained from these configs must keep their checkpoints.
-PINNED_HASHES = {
-    "images/celeba64_dpsm.yaml": ("a6c8905308591f16", None),
-    "images/celeba64_sa.yaml": ("fbcb95af4fa83319", None),
-    "images/celeba64_tpsm0.yaml": ("0ab0d2125be5f42c", None),
-    "images/celeba64_tpsm1.yaml": ("564239cb0e53dc52", None),
-    "images/celeba64_tpsm2.yaml": ("3f1f4b6d3f3100ae", None),
-    "images/cifar10_dpsm.yaml": ("67694f1e48a4c908", None),
-    "images/cifar10_sa.yaml": ("78e79c74fd3288d2", None),
-    "images/cifar10_tpsm0.yaml": ("98195327e7440acf", None),
-    "images/cifar10_tpsm1.yaml": ("51319e8e1ee883f2", None),
-    "images/cifar10_tpsm2.yaml": ("b9facd584a2a843e", None),
-    "images/digits_dpsm.yaml": ("dceb7ea2fb1885c8", None),
-    "images/digits_sa.yaml": ("e4ea96a53b236b2e", None),
-    "images/digits_tpsm0.yaml": ("b3286ed903ea1569", None),
-    "images/digits_tpsm1.yaml": ("9d76fc453837f3de", None),
-    "images/digits_tpsm2.yaml": ("57e6595ba602570b", None),
-    "images/imagenet64_dpsm.yaml": ("b1906daa963ed319", None),
-    "images/imagenet64_sa.yaml": ("e3b6c2314c251cb5", None),
-    "images/imagenet64_tpsm0.yaml": ("5d76dde0cd5a4f14", None),
-    "images/imagenet64_tpsm1.yaml": ("ba27578a06724b2c", None),
-    "images/imagenet64_tpsm2.yaml": ("f7d43b7a9e0b7359", None),
-    "images/mnist_dpsm.yaml": ("e4dc6ad692dc75b0", None),
-    "images/mnist_sa.yaml": ("eea5d724e8f31dbf", None),
-    "images/mnist_tpsm0.yaml": ("6482b9d69fe17e3f", None),
-    "images/mnist_tpsm1.yaml": ("18206a9c9eafabbd", None),
-    "images/mnist_tpsm2.yaml": ("90150f9aa04bfe6e", None),
-    "recipe/digits_tpsm0.yaml": ("53b56525e0a8dcbd", None),
-    "recipe/hg_best.yaml": ("dd9c31336c95c88b", None),
-    "recipe/hg_hour.yaml": ("59d45559c3617bba", None),
-    "recipe/hg_hour_b0.yaml": ("dd66761853d845ee", None),
-    "recipe/ty_best.yaml": ("99d81aa6a27e4951", None),
-    "recipe/ty_hour.yaml": ("b6aa9df52c5b6ef1", None),
-    "recipe/ty_hour_b0.yaml": ("57ee982a17f4632d", None),
-    "toy/hg_dpsm.yaml": ("67d29c67aa7293c0", "4b5d278647123641"),
-    "toy/hg_fm_sa.yaml": ("625e222875c5e17a", "b33e2075e79e3d16"),
-    "toy/hg_fm_tpsm10.yaml": ("e00fc5b2bebe6323", "cdffddfbcd2b990e"),
-    "toy/hg_sa.yaml": ("00fd9a08d8c37435", "2596550f3cee61ae"),
-    "toy/hg_sa_authors.yaml": ("eef7e113b70b4e27", "749ee9ed74f95fd8"),
-    "toy/hg_tpsm10.yaml": ("f4e12d37e7a5187f", "4d5095ac5808b977"),
-    "toy/hg_tpsm_a.yaml": ("c38faaf8bbf3e3a9", "1014ebc13319c7ae"),
-    "toy/hg_tpsm_b.yaml": ("600820674de04289", "d62d6dc298dc7ca0"),
-    "toy/hg_tpsm_c.yaml": ("9ef87f90613b3697", "219542957e7e5936"),
-    "toy/ty_dpsm.yaml": ("2587028bd0f407b8", "c043a1644232721a"),
-    "toy/ty_fm_sa.yaml": ("f5b6bd8d62254bcc", "3c9f56e34558b2ec"),
-    "toy/ty_fm_tpsm10.yaml": ("bc4616c4f18996c5", "d8df7d966f84d995"),
-    "toy/ty_sa.yaml": ("26787121c6fa7479", "e4d3d8d042a6cbda"),
-    "toy/ty_sa_authors.yaml": ("1a1dfab8d0385e12", "fa5fc7016dd65c19"),
-    "toy/ty_tpsm10.yaml": ("a98546469a1703df", "0280e0f389b9413d"),
-    "toy/ty_tpsm_a.yaml": ("daddff2a77942dc8", "8d09c08351e48386"),
-    "toy/ty_tpsm_b.yaml": ("51117aab649f50eb", "2b740f9a312d7907"),
-    "toy/ty_tpsm_c.yaml": ("eef7c37a474264ab", "4d42f19cd3b8bf43"),
-}
-
-
 @pytest.mark.parametrize("name", sorted(PINNED_HASHES))
-def test_every_shipped_config_keeps_its_hash(name):
+def test_the_default_objective_written_out_keeps_every_shipped_configs_hash(name):
+    # the pins themselves: tests/test_executor_registry.py::test_every_config_keeps_its_hash
     cfg = load_config(CONFIGS / name)
-    assert (config_hash(cfg), legacy_config_hash(cfg)) == PINNED_HASHES[name]
     explicit = cfg.model_copy(
         update={"train": cfg.train.model_copy(update={"objective": MSESpec()})}
     )
-    assert config_hash(explicit) == config_hash(cfg)
+    assert config_hash(explicit) == config_hash(cfg) == PINNED_HASHES[name][0]
 
 
 def test_a_non_default_objective_changes_the_hash(top):

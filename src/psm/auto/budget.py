@@ -20,6 +20,11 @@ The rule (docs/auto.md):
    ``explore_share`` of a chunk to the W blocks with the fewest steps instead, so no block is
    starved by one noisy chunk (a short round: it measures a rate, it is not a share of the
    budget).
+   With ``rule: trend`` the rate is the fall per step over the next chunk that a fit of the
+   held-out term against ``ln(steps)`` over the block's last doubling predicts
+   (:func:`fall_per_doubling`, :func:`trend_gain`): it reads every measurement of that
+   stretch, not two, and for terms falling like ``a − c ln s`` it ends with steps in
+   proportion to ``c``, the allocation that minimises their sum.
    Ties go to fewer steps, then to the lower block id.
 3. **Cool-down.** With a decaying ``lr_schedule``, the last ``cooldown`` of the total is shared
    among the blocks in proportion to the steps they got, and the learning rate decays to 0 over
@@ -106,6 +111,7 @@ class Plan:
     rate: float | None = None
     spent_before: int = 0  # block-steps of an auto-partition pilot, taken from the total
     rounds: list[Round] = field(default_factory=list)
+    rule: str = "rate"  # how chunk rounds rank blocks (``train.budget.rule``)
 
     def to_json(self) -> dict[str, Any]:
         d = asdict(self)
@@ -119,6 +125,7 @@ class Plan:
             blocks=int(raw["blocks"]), width=int(raw["width"]), decays=bool(raw["decays"]),
             total=raw.get("total"), seconds=raw.get("seconds"), rate=raw.get("rate"),
             spent_before=int(raw.get("spent_before", 0)), rounds=rounds,
+            rule=str(raw.get("rule", "rate")),
         )  # fmt: skip
 
     def targets(self) -> list[int]:
@@ -156,13 +163,54 @@ def fall_rate(obs: list[tuple[int, float]]) -> float | None:
     return (h0 - h1) / (s1 - s0) if s1 > s0 else None
 
 
-def next_round(spec: BudgetConfig, plan: Plan, obs: Observations) -> Round | None:
+def fall_per_doubling(points: list[tuple[int, float]]) -> float | None:
+    """The fall of a held-out term per e-fold of steps over a block's last doubling.
+
+    Fits ``h(s) = a − c ln s`` by least squares to the measurements with ``s`` in
+    ``[n/2, n]`` (``n``: the last step), and returns ``c`` (its fall per doubling is
+    ``c ln 2``). With fewer than three points in that window, the fit uses all the points
+    given. None: fewer than two points, or all at one step.
+
+    Args:
+        points: ``(step, held-out term)`` pairs, steps > 0, in increasing order of step.
+    """
+    if len(points) < 2:
+        return None
+    n = points[-1][0]
+    window = [(s, h) for s, h in points if s >= n / 2]
+    use = window if len(window) >= 3 else list(points)
+    xs = [math.log(s) for s, _ in use]
+    ys = [h for _, h in use]
+    mx, my = sum(xs) / len(xs), sum(ys) / len(ys)
+    sxx = sum((x - mx) ** 2 for x in xs)
+    if sxx <= 0.0:
+        return None
+    return -sum((x - mx) * (y - my) for x, y in zip(xs, ys, strict=True)) / sxx
+
+
+def trend_gain(points: list[tuple[int, float]], steps: int, chunk: int) -> float | None:
+    """The fall per step that a block's fitted trend (:func:`fall_per_doubling`) predicts for
+    its next ``chunk`` steps from ``steps``: ``c ln((steps + chunk)/steps) / chunk``."""
+    c = fall_per_doubling(points)
+    if c is None or steps <= 0:
+        return None
+    return c * math.log((steps + chunk) / steps) / chunk
+
+
+def next_round(
+    spec: BudgetConfig,
+    plan: Plan,
+    obs: Observations,
+    series: Observations | None = None,
+) -> Round | None:
     """The next round of a plan, or None when the budget is spent (module docstring).
 
     Args:
         spec: the ``train.budget`` rule.
         plan: the plan so far (``total`` must be known after the first round).
         obs: each block's held-out term at the end of its rounds.
+        series: each block's every held-out measurement up to its current target, in order of
+            step (the ``trend`` rule fits them; None: the rule uses ``obs``).
     """
     k, idx = plan.blocks, len(plan.rounds)
     kind_of = [r.kind for r in plan.rounds]
@@ -191,7 +239,10 @@ def next_round(spec: BudgetConfig, plan: Plan, obs: Observations) -> Round | Non
         n = min(width, free // chunk) if free >= chunk else min(width, free)
         chunk = min(chunk, free // n)
         chunks_done = sum(1 for r in plan.rounds if r.kind in ("chunk", "explore"))
-        rates = {b: fall_rate(obs.get(b, [])) for b in range(k)}
+        if spec.rule == "trend":
+            rates = {b: trend_gain((series or obs).get(b, []), targets[b], chunk) for b in range(k)}
+        else:
+            rates = {b: fall_rate(obs.get(b, [])) for b in range(k)}
         known = {b: r for b, r in rates.items() if r is not None}
         explore = spec.explore_every > 0 and (chunks_done + 1) % spec.explore_every == 0
         if explore:  # a measurement, not a share of the budget: a fraction of a chunk
@@ -201,7 +252,12 @@ def next_round(spec: BudgetConfig, plan: Plan, obs: Observations) -> Round | Non
             kind = "explore"
         else:
             chosen = sorted(range(k), key=lambda b: (-known.get(b, math.inf), targets[b], b))[:n]
-            why = "fastest falling held-out term per step"
+            why = (
+                "largest fall per step predicted by each block's fitted trend (its held-out "
+                "term against log steps over its last doubling)"
+                if spec.rule == "trend"
+                else "fastest falling held-out term per step"
+            )
             kind = "chunk"
         return Round(idx, kind, {b: targets[b] + chunk for b in chosen}, reason=why,
                      rates={b: known[b] for b in chosen if b in known})  # fmt: skip
@@ -273,6 +329,18 @@ def observations(run: Run, plan: Plan) -> Observations:
     return obs
 
 
+def measured_series(run: Run, plan: Plan) -> Observations:
+    """Each block's every held-out measurement up to its current target (the ``trend`` rule's
+    input), in order of step. Deterministic like the targets: the values at a step do not
+    depend on how the calls were split."""
+    targets = plan.targets()
+    out: Observations = {}
+    for b in range(plan.blocks):
+        series = heldout_series(run, b)
+        out[b] = [(s, series[s]) for s in sorted(series) if 0 < s <= targets[b]]
+    return out
+
+
 def width_of(cfg: RunConfig, executor=None) -> int:
     """Blocks per chunk round: the executor's workers (its ``--workers`` flag, else the
     config's ``executor.workers``; 1 for executors without the option)."""
@@ -336,7 +404,7 @@ def train_budget(
         plan = Plan(
             blocks=k, width=width_of(cfg, executor), decays=cfg.train.lr_schedule != "constant",
             total=total, seconds=amount - seconds_before if kind == "seconds" else None,
-            spent_before=spent_before,
+            spent_before=spent_before, rule=spec.rule,
         )  # fmt: skip
         atomic_write_json(plan_path(run.path), plan.to_json())
     outcomes: list = []
@@ -345,7 +413,8 @@ def train_budget(
         if plan.rounds and not _complete(run, plan.rounds[-1]):
             current = plan.rounds[-1]  # resume the round a stopped call left
         else:
-            current = next_round(spec, plan, observations(run, plan))
+            series = measured_series(run, plan) if spec.rule == "trend" else None
+            current = next_round(spec, plan, observations(run, plan), series)
             if current is None:
                 break
             plan.rounds.append(current)
@@ -385,7 +454,8 @@ def _complete(run: Run, r: Round) -> bool:
 
 def _round_line(r: Round, plan: Plan) -> str:
     def fmt(b: int) -> str:
-        rate = f", fell {r.rates[b]:.3g}/step" if b in r.rates else ""
+        verb = "would fall" if plan.rule == "trend" else "fell"
+        rate = f", {verb} {r.rates[b]:.3g}/step" if b in r.rates else ""
         return f"{b}->{r.targets[b]}{rate}"
 
     shown = ", ".join(fmt(b) for b in sorted(r.targets)[:8])

@@ -176,7 +176,8 @@ class BudgetConfig(Section):
 
     The rule (:mod:`psm.auto.budget`, docs/auto.md): a pilot of ``pilot`` of the total, equal
     for every block, in two halves; then chunks of ``chunk`` of the total go, a round at a time,
-    to the blocks whose held-out bound term fell fastest per step in their last chunk (one
+    to the blocks whose held-out bound term fell fastest per step in their last chunk
+    (``rule: trend``: fastest by a fit against log steps over each block's last doubling; one
     chunk per worker per round; every ``explore_every``-th round gives ``explore_share`` of a
     chunk to the blocks with the fewest steps instead); with a decaying ``lr_schedule``, the
     last ``cooldown`` of the total is shared in proportion to the steps each block got and
@@ -190,6 +191,10 @@ class BudgetConfig(Section):
     explore_every: int = Field(4, ge=0)  # every n-th round: the least-trained blocks (0: never)
     explore_share: float = Field(0.25, gt=0.0, le=1.0)  # an explore round's share of a chunk
     probe: int = Field(1000, ge=1)  # time budgets: steps per block that measure the rate
+    # how a chunk round ranks blocks: ``rate``, the fall per step over each block's last chunk;
+    # ``trend``, the fall per step its held-out term's fit against log steps (over its last
+    # doubling, every measurement) predicts for the next chunk
+    rule: Literal["rate", "trend"] = "rate"
 
     @field_validator("total")
     @classmethod
