@@ -138,14 +138,29 @@ def test_the_cooldown_shares_the_rest_by_steps_and_decays_from_each_blocks_step(
     assert plan.decay_starts() == [700, 100] and plan.spent() == 1000
 
 
-def _simulate(curves, spec, width):
-    """The rule against synthetic learning curves ``block -> h(steps)`` (no training)."""
+def _simulate(curves, spec, width=1, every=None, noise=0.0, seed=0):
+    """The rule against synthetic learning curves ``block -> h(steps)`` (no training), each
+    measured at its rounds' ends and, with ``every``, every ``every`` steps on the way, with
+    independent Gaussian noise of sd ``noise``: what a block's metrics hold."""
+    rng = random.Random(seed)
     plan = Plan(blocks=len(curves), width=width, decays=spec.cooldown > 0, total=spec.total)
     obs: dict[int, list] = {}
-    while (r := next_round(spec, plan, obs)) is not None:
+    series: dict[int, list] = {b: [] for b in range(len(curves))}
+    measured: dict[tuple[int, int], float] = {}
+
+    def measure(b: int, s: int) -> float:
+        if (b, s) not in measured:
+            measured[b, s] = curves[b](s) + rng.gauss(0.0, noise)
+        return measured[b, s]
+
+    while (r := next_round(spec, plan, obs, series)) is not None:
+        before = plan.targets()
         plan.rounds.append(r)
         for b, t in r.targets.items():
-            obs.setdefault(b, []).append((t, curves[b](t)))
+            if every:
+                series[b] += [(s, measure(b, s)) for s in range(before[b] + every, t, every)]
+            series[b].append((t, measure(b, t)))
+            obs.setdefault(b, []).append((t, measure(b, t)))
     return plan
 
 
@@ -162,30 +177,6 @@ def test_a_block_made_hard_gets_most_of_the_steps_and_the_budget_is_spent_exactl
 
 
 # ------------------------------------------------------------------ the trend rule
-def _simulate_series(curves, spec, every, noise=0.0, seed=0):
-    """The rule against synthetic curves measured every ``every`` steps (and at each round's
-    end) with independent Gaussian noise of sd ``noise``: what a block's metrics hold."""
-    rng = random.Random(seed)
-    plan = Plan(blocks=len(curves), width=1, decays=spec.cooldown > 0, total=spec.total)
-    obs: dict[int, list] = {}
-    series: dict[int, list] = {b: [] for b in range(len(curves))}
-    measured: dict[tuple[int, int], float] = {}
-
-    def measure(b: int, s: int) -> float:
-        if (b, s) not in measured:
-            measured[b, s] = curves[b](s) + rng.gauss(0.0, noise)
-        return measured[b, s]
-
-    while (r := next_round(spec, plan, obs, series)) is not None:
-        before = plan.targets()
-        plan.rounds.append(r)
-        for b, t in r.targets.items():
-            series[b] += [(s, measure(b, s)) for s in range(before[b] + every, t, every)]
-            series[b].append((t, measure(b, t)))
-            obs.setdefault(b, []).append((t, measure(b, t)))
-    return plan
-
-
 def test_the_fall_per_doubling_is_the_slope_against_log_steps_over_the_last_doubling():
     line = [(s, 3.0 - 0.2 * math.log(s)) for s in range(100, 2001, 100)]
     assert fall_per_doubling(line) == pytest.approx(0.2)
@@ -205,7 +196,7 @@ def test_the_trend_rule_gives_log_curves_steps_in_proportion_to_their_fall_per_d
     c = [0.01, 0.02, 0.08, 0.03, 0.005]
     curves = [lambda s, c=c: 1.0 - c * math.log(s) for c in c]
     spec = _spec(total=200_000, cooldown=0.0, explore_every=0, rule="trend")
-    steps = _simulate_series(curves, spec, every=1000).targets()
+    steps = _simulate(curves, spec, every=1000).targets()
     assert sum(steps) == 200_000
     chunk = spec.chunk * spec.total
     for b, n in enumerate(steps):  # within one chunk of the optimum (the pilot floors block 4)
@@ -222,7 +213,7 @@ def test_with_noisy_measurements_the_trend_rule_loses_less_than_the_rate_rule():
 
     def final(rule: str, noise: float, seed: int) -> float:
         spec = _spec(total=400_000, cooldown=0.0, rule=rule)
-        plan = _simulate_series(curves, spec, every=1000, noise=noise, seed=seed)
+        plan = _simulate(curves, spec, every=1000, noise=noise, seed=seed)
         return sum(curves[b](n) for b, n in enumerate(plan.targets()))
 
     clean = final("trend", 0.0, 0)

@@ -318,10 +318,13 @@ def heldout_at(run: Run, block: int, step: int, series: dict[int, float] | None 
     return value
 
 
-def observations(run: Run, plan: Plan) -> Observations:
+def observations(
+    run: Run, plan: Plan, series: dict[int, dict[int, float]] | None = None
+) -> Observations:
     """Each block's held-out term at the end of the rounds it trained in (completed rounds);
-    each metrics file is read once."""
-    series = {b: heldout_series(run, b) for b in range(plan.blocks)}
+    each metrics file is read once (``series``: the files already read, by block)."""
+    if series is None:
+        series = {b: heldout_series(run, b) for b in range(plan.blocks)}
     obs: Observations = {}
     for r in plan.rounds:
         for b, t in r.targets.items():
@@ -329,16 +332,16 @@ def observations(run: Run, plan: Plan) -> Observations:
     return obs
 
 
-def measured_series(run: Run, plan: Plan) -> Observations:
+def measured_series(plan: Plan, series: dict[int, dict[int, float]]) -> Observations:
     """Each block's every held-out measurement up to its current target (the ``trend`` rule's
-    input), in order of step. Deterministic like the targets: the values at a step do not
-    depend on how the calls were split."""
+    input), in order of step, from its metrics (``series``, by block; :func:`heldout_series`).
+    Deterministic like the targets: the values at a step do not depend on how the calls were
+    split."""
     targets = plan.targets()
-    out: Observations = {}
-    for b in range(plan.blocks):
-        series = heldout_series(run, b)
-        out[b] = [(s, series[s]) for s in sorted(series) if 0 < s <= targets[b]]
-    return out
+    return {
+        b: [(s, series[b][s]) for s in sorted(series[b]) if 0 < s <= targets[b]]
+        for b in range(plan.blocks)
+    }
 
 
 def width_of(cfg: RunConfig, executor=None) -> int:
@@ -413,8 +416,9 @@ def train_budget(
         if plan.rounds and not _complete(run, plan.rounds[-1]):
             current = plan.rounds[-1]  # resume the round a stopped call left
         else:
-            series = measured_series(run, plan) if spec.rule == "trend" else None
-            current = next_round(spec, plan, observations(run, plan), series)
+            read = {b: heldout_series(run, b) for b in range(plan.blocks)}
+            trend = measured_series(plan, read) if spec.rule == "trend" else None
+            current = next_round(spec, plan, observations(run, plan, read), trend)
             if current is None:
                 break
             plan.rounds.append(current)
