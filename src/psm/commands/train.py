@@ -133,6 +133,13 @@ def cmd_train(args: argparse.Namespace) -> int:
         cfg = resolve(cfg, choice)
         parts = Parts(cfg)
         spent = (choice.pilot_steps, choice.seconds)  # the pilot's share of a budget
+    if cfg.train.budget is not None and cfg.train.budget.candidates:
+        from ..auto.nets import choose_nets, resolve_nets
+
+        race = choose_nets(cfg, executor, log=lambda line: print(line, file=sys.stderr))
+        cfg = resolve_nets(cfg, race)
+        parts = Parts(cfg)
+        spent = (spent[0] + race.block_steps, spent[1] + race.seconds)  # its share of a budget
     if cfg.train.budget is not None:
         return _train_budget(cfg, executor, parts, blocks, args, spent)
     if (cfg.out_dir / CONFIG_FILE).exists():
@@ -324,6 +331,14 @@ def _print_plan(cfg, h: str, blocks: list[int], executor: str) -> None:
             f"# budget: {cfg.train.budget.total} - psm gives each block its steps from the "
             "held-out signal (docs/auto.md); the steps below are not used"
         )
+        if cfg.train.budget.candidates:
+            from ..auto.nets import race_steps_of
+
+            print(
+                f"# nets: a race of {len(cfg.train.budget.candidates)} candidates, "
+                f"{race_steps_of(cfg)} steps per block each ({cfg.out_dir}-race), chooses each "
+                "block's net and objective when training starts"
+            )
     print(f"{'block':>5}  {'span':<20} {'train t':<24} {'steps':>8}  {'status':<10}")
     for b in blocks:
         lo, hi = partition.train_range(b)

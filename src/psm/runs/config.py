@@ -171,6 +171,15 @@ def parse_budget(value: int | str) -> tuple[str, float]:
     return "seconds", seconds
 
 
+class Candidate(Section):
+    """One entry of ``train.budget.candidates``: a net and objective a block may get, as partial
+    ``net:`` and ``objective:`` sections merged onto the run's (as in ``blocks:``); ``{}`` is the
+    run's own."""
+
+    net: dict[str, Any] | None = None
+    objective: dict[str, Any] | None = None
+
+
 class BudgetConfig(Section):
     """``train.budget``: psm gives each block its steps from measurements (``--budget``).
 
@@ -195,6 +204,11 @@ class BudgetConfig(Section):
     # ``trend``, the fall per step its held-out term's fit against log steps (over its last
     # doubling, every measurement) predicts for the next chunk
     rule: Literal["rate", "trend"] = "rate"
+    # each block's net and objective from a race (psm.auto.nets): candidate patches of ``net``
+    # and ``objective`` ({} is the run's own), each trained on every block for ``race`` of the
+    # total (shared by the candidates); a block keeps the candidate with the lowest held-out term
+    candidates: list[Candidate] | None = None
+    race: float = Field(0.1, gt=0.0, lt=1.0)
 
     @field_validator("total")
     @classmethod
@@ -206,6 +220,8 @@ class BudgetConfig(Section):
     def _fits(self) -> BudgetConfig:
         if self.pilot + self.cooldown >= 1.0:
             raise ValueError("budget: pilot + cooldown must leave a share for the chunks")
+        if self.candidates is not None and len(self.candidates) < 2:
+            raise ValueError("budget.candidates: give two or more to race ({} is the run's own)")
         return self
 
 
@@ -354,6 +370,7 @@ class BlockOverride(Section):
     last: int | None = Field(None, ge=0)  # default: ``first`` (one block)
     net: dict[str, Any] | None = None
     objective: dict[str, Any] | None = None
+    chosen_by: str | None = None  # set by psm (train.budget.candidates' race); not hashed
 
     @model_validator(mode="after")
     def _valid(self) -> BlockOverride:
@@ -456,6 +473,27 @@ class RunConfig(Section):
                     _merged(registry, base, patch)
                 except SpecError as e:
                     where = f"blocks[{i}].{what}" + (f".{e.loc}" if e.loc else "")
+                    raise ValueError(f"{where}: {e.message}") from None
+        return self
+
+    @model_validator(mode="after")
+    def _candidates_fit(self) -> RunConfig:
+        budget = self.train.budget
+        if budget is None or not budget.candidates:
+            return self
+        if any(o.chosen_by is None for o in self.blocks):
+            raise ValueError(
+                "train.budget.candidates chooses each block's net and objective: drop blocks:"
+            )
+        for i, c in enumerate(budget.candidates):
+            for what, registry, base, patch in (
+                ("net", NETS, self.net, c.net),
+                ("objective", OBJECTIVES, self.train.objective, c.objective),
+            ):
+                try:
+                    _merged(registry, base, patch)
+                except SpecError as e:
+                    where = f"train.budget.candidates[{i}].{what}" + (f".{e.loc}" if e.loc else "")
                     raise ValueError(f"{where}: {e.message}") from None
         return self
 
