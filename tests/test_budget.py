@@ -349,8 +349,14 @@ def test_a_time_budget_turns_seconds_into_block_steps_with_the_probes_rate(tmp_p
         FakeExecutor(CURVES), log=lines.append)  # fmt: skip
     plan = read_plan(run.path)
     assert plan.rate == pytest.approx(300 / 2.0)  # 3 blocks x 100 probe steps in 2 s
-    assert plan.total == 150 * 60
+    # the first total, 150 x 60 = 9,000, set the pilot's second half: to 300 steps per block,
+    # 600 block-steps in 1 s (the clock's next tick); that rate re-sets the total once
+    assert plan.rounds[1].kind == "pilot-b" and plan.rounds[1].targets[0] == 300
+    assert plan.steady_rate == pytest.approx(600.0)
+    assert plan.total == 900 + 600 * (60 - 2 - 1)  # spent + rate x the seconds left
+    assert plan.spent() == plan.total
     assert any("block-steps/s" in line for line in lines)
+    assert any("pilot's second half ran 600 block-steps" in line for line in lines)
 
 
 def test_a_budget_needs_the_heldout_signal(tmp_path):
