@@ -129,6 +129,12 @@ def add(sub: argparse._SubParsersAction) -> None:
         "runs scored on the same points (an existing file is refused); with truncated-normal "
         "dequantization also FILE.npy.json (the dequantization and log q per point)",
     )
+    p.add_argument(
+        "--exact-blocks",
+        metavar="IDS",
+        help="replace these blocks (e.g. 0,2-4) by the data's exact score (2D mixtures): where "
+        "the NLL is lost, by block; a diagnostic, not appended to nll.jsonl",
+    )
     add_model_arguments(p)
     p.set_defaults(func=cmd_nll)
 
@@ -197,6 +203,11 @@ def cmd_nll(args: argparse.Namespace) -> int:
     if args.values and (Path(args.values).exists() or not Path(args.values).parent.is_dir()):
         why = "exists" if Path(args.values).exists() else "is in a folder that does not exist"
         raise PSMError(f"--values {args.values} {why}")
+    exact = []
+    if args.exact_blocks:
+        from .kl import blocks_of
+
+        exact = blocks_of(args.exact_blocks, run.num_blocks)
     tn = settings.dequantization == "truncated-normal"
     if args.values and tn and Path(values_settings_path(args.values)).exists():
         raise PSMError(f"--values {args.values}: {values_settings_path(args.values)} exists")
@@ -211,7 +222,7 @@ def cmd_nll(args: argparse.Namespace) -> int:
         redraw=settings.redraw, convention=args.convention, test_seed=test_seed,
         probe_seed=args.probe_seed, batch_size=args.batch_size, device=device,
         dtype=dtype_of(args.dtype), grid_field=grid_field, progress=not args.no_progress,
-        dequantization=settings.dequantization or "uniform",
+        dequantization=settings.dequantization or "uniform", exact_blocks=exact,
     )  # fmt: skip
     memory, memory_kind = peak_memory(device)
     record = nll_record(
@@ -219,8 +230,13 @@ def cmd_nll(args: argparse.Namespace) -> int:
         probe_seed=args.probe_seed, batch_size=args.batch_size, device=str(device),
         dtype=args.dtype, peak_memory_mb=memory, memory_kind=memory_kind,
     )  # fmt: skip
+    if exact:
+        record["exact_blocks"] = exact
     print(format_nll(record))
-    if run.run is not None:
+    if exact:
+        print(f"not appended to {NLL_LOG}: blocks {args.exact_blocks} are the exact score, not "
+              "the run's", file=sys.stderr)  # fmt: skip
+    elif run.run is not None:
         append_line(run.path / NLL_LOG, json.dumps(record, allow_nan=False))
         print(f"appended to {run.path / NLL_LOG}", file=sys.stderr)
         log_tensorboard(run.run, record)
@@ -322,6 +338,8 @@ def format_nll(rec: dict[str, Any]) -> str:
         rec["seconds"], rec["n"], "image" if rec["bpd_trivial"] is not None else "point",
         rec.get("peak_memory_mb"), rec.get("memory_kind") or "",
     )  # fmt: skip
+    if rec.get("exact_blocks"):
+        field += f", blocks {','.join(map(str, rec['exact_blocks']))} replaced by the exact score"
     if rec["bpd_trivial"] is None:
         head = f"{rec['name']}: NLL {num(rec['nll'])} ± {num(rec['stderr'])} nats"
         if rec["entropy"] is not None:

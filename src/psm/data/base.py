@@ -98,9 +98,11 @@ class ExactDensity(Protocol):
         own density)."""
         ...
 
-    def marginal_score(self, x: Tensor, alpha: float, sigma: float) -> Tensor:
+    def marginal_score(
+        self, x: Tensor, alpha: float, sigma: float, *, differentiable: bool = False
+    ) -> Tensor:
         """Exact score ``∇ log p_t(x)`` at points ``x [n, *shape]`` → ``[n, *shape]`` float64
-        (σ > 0)."""
+        (σ > 0; ``differentiable``: a graph from ``x`` to the score is kept)."""
         ...
 
 

@@ -150,14 +150,24 @@ class Mixture(Dataset):
             return self.log_prob(x).to(torch.float64)
         return self._marginal_log_prob(x.detach().to(torch.float64).cpu(), alpha, sigma)
 
-    def marginal_score(self, x: Tensor, alpha: float, sigma: float) -> Tensor:
+    def marginal_score(
+        self, x: Tensor, alpha: float, sigma: float, *, differentiable: bool = False
+    ) -> Tensor:
         """Exact score ``∇ log p_t(x)`` of ``x_t = α x0 + σ ε`` at points ``x [n, 2]`` →
-        ``[n, 2]`` float64 (autograd through :meth:`marginal_log_prob`'s closed form; σ > 0)."""
+        ``[n, 2]`` float64 (autograd through :meth:`marginal_log_prob`'s closed form; σ > 0).
+
+        ``differentiable``: keep the graph from ``x`` (CPU) to the score, so a caller can take
+        the score's Jacobian (the exact trace of a likelihood); else ``x`` is detached."""
         if sigma <= 0:
             raise ValueError("the score of the data themselves (sigma = 0) is not defined here")
         with torch.enable_grad():
-            xd = x.detach().to(torch.float64).cpu().requires_grad_(True)
-            (score,) = torch.autograd.grad(self._marginal_log_prob(xd, alpha, sigma).sum(), xd)
+            if differentiable and x.requires_grad:
+                xd = x.to(torch.float64)
+            else:
+                xd = x.detach().to(torch.float64).cpu().requires_grad_(True)
+            (score,) = torch.autograd.grad(
+                self._marginal_log_prob(xd, alpha, sigma).sum(), xd, create_graph=differentiable
+            )
         return score
 
     def _marginal_log_prob(self, x: Tensor, alpha: float, sigma: float) -> Tensor:

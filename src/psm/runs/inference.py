@@ -39,6 +39,7 @@ from __future__ import annotations
 
 import dataclasses
 import math
+from collections.abc import Sequence
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Literal
@@ -57,7 +58,7 @@ from ..core.model import BlockModel, GridField
 from ..core.ode import SolverSettings
 from ..core.partition import Partition, PartitionError
 from ..core.reparam import as_prediction
-from ..data.base import Dataset, Quantized
+from ..data.base import Dataset, ExactDensity, Quantized
 from ..data.dequantize import (
     TRUNCATED_NORMAL,
     UNIFORM,
@@ -882,6 +883,7 @@ def evaluate_run(
     grid_field: GridField = "constant",
     progress: bool = True,
     dequantization: Dequantization | str = UNIFORM,
+    exact_blocks: Sequence[int] = (),
 ) -> RunEvaluation:
     """Test NLL of a trained run on its dataset's test set (``data.test_set(n, seed)``), and
     bits/dim for image data.
@@ -911,6 +913,9 @@ def evaluate_run(
         progress: show a progress bar.
         dequantization: image runs, psm convention: ``"uniform"`` (default) or
             ``"truncated-normal"`` (``"tn"``; module docstring).
+        exact_blocks: blocks replaced by the data's exact score (2D mixtures;
+            :mod:`psm.core.exact_block`): where the NLL is lost, by block. Those blocks need not
+            be trained.
 
     Returns:
         A :class:`RunEvaluation` (NLL ± s.e., the true-entropy floor when the data have one,
@@ -930,7 +935,23 @@ def evaluate_run(
         r, convention=convention, solver=solver, trace=trace, probes=probes, redraw=redraw,
         dequantization=dequantization,
     )  # fmt: skip
-    model = r.load(device=device, dtype=dtype, grid_field=grid_field, t0=settings.t0)
+    keep = None
+    if exact_blocks:
+        if not isinstance(dataset, ExactDensity):
+            raise PSMError(
+                f"exact blocks need data with an exact score (the 2D mixtures), not "
+                f"{r.config.data.name!r}"
+            )
+        keep = [b for b in range(r.num_blocks) if b not in set(exact_blocks)]
+    model = r.load(device=device, dtype=dtype, grid_field=grid_field, t0=settings.t0,
+                   blocks=keep)  # fmt: skip
+    if exact_blocks:
+        from ..core.exact_block import with_exact_blocks
+
+        try:
+            model = with_exact_blocks(model, dataset.marginal_score, exact_blocks)
+        except ValueError as e:
+            raise PSMError(f"exact blocks: {e}") from None
     return evaluate_model(
         model, dataset, n=n or ev.n_test, test_seed=ev.test_seed if test_seed is None else
         test_seed, settings=settings, probe_seed=probe_seed, batch_size=batch_size,
