@@ -61,6 +61,14 @@ def test_overrides(tmp_path):
     assert cfg.out_dir == tmp_path / "x"
 
 
+def test_a_runs_own_config_file_is_a_config_with_the_same_hash(tmp_path):
+    from psm.runs.run import Run
+
+    run = Run.create(load_config(CONFIGS[0].with_name("ty_tpsm10.yaml"), out=str(tmp_path / "a")))
+    again = load_config(run.path / "config.yaml", out=str(tmp_path / "b"))
+    assert config_hash(again) == run.hash and again.out_dir == tmp_path / "b"
+
+
 def test_hash_ignores_steps_and_executor_but_not_problem():
     a = validate_config(tiny_config())
     b = validate_config(tiny_config(train={"steps": 999, "log_every": 7}, executor={"workers": 4}))

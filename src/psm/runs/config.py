@@ -797,6 +797,7 @@ def load_config(
         raise ConfigError(f"{path}: the config file is empty")
     if not isinstance(raw, dict):
         raise ConfigError(f"{path}: expected a mapping of sections, got {type(raw).__name__}")
+    raw.pop("config_hash", None)  # a run's own config.yaml: the hash is derived, not an input
     raw.setdefault("name", Path(path).stem)
     extra = list(overrides or [])
     if steps is not None:
