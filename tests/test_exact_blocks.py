@@ -3,11 +3,16 @@ the ODE likelihood of the exact field is the data's own, block by block."""
 
 from __future__ import annotations
 
+import json
+import math
+
 import pytest
 import torch
 
 from helpers import run_cli
+from psm.core.block_ode import block_ode_kl, prior_kl
 from psm.core.exact_block import exact_block, with_exact_blocks
+from psm.core.model import BlockModel
 from psm.core.ode import SolverSettings
 from psm.core.process import make_process
 from psm.data.mixture import paper_toy
@@ -89,3 +94,79 @@ def test_psm_nll_exact_blocks_needs_only_the_other_blocks_and_is_not_recorded(tm
     assert code == 2 and "block(s) 0 not done" in err  # block 0 is the run's: it must be trained
     code, _, err = run_cli(capsys, *nll, "--exact-blocks", "2")
     assert code == 2 and "blocks 0-1" in err
+
+
+# ------------------------------------------------------------------ psm.core.block_ode
+def _hg_model(tmp_path, scale: float = 1.0):
+    """An HG run's model with both blocks the exact score, block 1's scaled by ``scale``."""
+    run = _run(tmp_path)
+    hg = run.dataset
+    model = with_exact_blocks(load_model(run, blocks=[]), hg.marginal_score, [0, 1])
+    if scale != 1.0:
+
+        def scaled(x, a, s, differentiable=False):
+            return scale * hg.marginal_score(x, a, s, differentiable=differentiable)
+
+        blocks = list(model.blocks)
+        blocks[1] = exact_block(model.process, scaled)
+        model = BlockModel(model.process, model.partition, blocks, shape=model.shape)
+    return run, model
+
+
+def test_the_ode_kl_of_an_exact_block_is_zero(tmp_path):
+    run, model = _hg_model(tmp_path)
+    gen = torch.Generator().manual_seed(0)
+    rows = block_ode_kl(model, run.dataset.sample, run.dataset.marginal_log_prob, points=100,
+                        solver=SolverSettings("rk4", steps=100), generator=gen,
+                        dtype=torch.float64)  # fmt: skip
+    assert [r.block for r in rows] == [0, 1]
+    for r in rows:
+        assert abs(r.kl) < 0.005, r  # the solver's error only: the same on every point
+    prior, se = prior_kl(model, run.dataset.sample, run.dataset.marginal_log_prob, points=2000,
+                         generator=gen)  # fmt: skip
+    assert -3 * se < prior < 0.01  # KL(p_1 || N(0, I)) for b(t) = 10 t: tiny, not negative
+
+
+def test_the_ode_kl_of_a_wrong_block_is_what_the_whole_ode_loses_with_the_others_exact(tmp_path):
+    # block 1's score scaled by 0.9: its L_b (one block's solve between exact densities) must
+    # equal the NLL of the whole ODE with block 0 exact, less the data's own -log p_t0
+    from psm.core.likelihood import log_likelihood
+
+    run, model = _hg_model(tmp_path, scale=0.9)
+    solver, n = SolverSettings("rk4", steps=60), 400
+    gen = torch.Generator().manual_seed(1)
+    (row,) = block_ode_kl(model, run.dataset.sample, run.dataset.marginal_log_prob, points=n,
+                          solver=solver, generator=gen, blocks=[1],
+                          dtype=torch.float64)  # fmt: skip
+    x = run.dataset.test_set(n, seed=5).double()
+    c = model.process.schedule(torch.tensor(1e-3, dtype=torch.float64))
+    gap = -log_likelihood(model, x, solver=solver) + run.dataset.marginal_log_prob(
+        x, float(c.alpha), float(c.sigma)
+    )
+    se = math.hypot(row.stderr, float(gap.std()) / math.sqrt(n))
+    assert row.kl > 0.05  # a real loss, far above the solver's error
+    assert abs(row.kl - float(gap.mean())) < 3 * se + 0.005
+
+
+def test_psm_kl_ode(tmp_path, capsys):
+    cfg = tmp_path / "c.yaml"
+    cfg.write_text(
+        "data: {name: hg}\npartition: {kind: splits, splits: [0, 0.01, 1], t0: 1.0e-3}\n"
+        "net: {name: mlp, hidden: [8]}\n"
+        "train: {steps: 20, batch_size: 16, heldout_points: 16, log_every: 10}\n"
+    )
+    out = tmp_path / "run"
+    code, _, err = run_cli(capsys, "train", str(cfg), "--out", str(out), "--no-plot",
+                           "--no-progress")  # fmt: skip
+    assert code == 0, err
+    code, text, err = run_cli(capsys, "kl", str(out), "--ode", "--points", "50", "--steps", "20")
+    assert code == 0, err
+    assert "KL through the probability-flow ODE by block" in text and "prior" in text
+    code, text, _ = run_cli(capsys, "kl", str(out), "--ode", "--points", "50", "--steps", "20",
+                            "--json")  # fmt: skip
+    got = json.loads(text)
+    assert got["kind"] == "ode" and len(got["blocks"]) == 2 and got["steps"] == 20
+    code, _, err = run_cli(capsys, "kl", str(out), "--ode", "--zero")
+    assert code == 2 and "choose one" in err
+    code, _, err = run_cli(capsys, "kl", str(out), "--ode", "--estimate")
+    assert code == 2 and "--ode needs" in err

@@ -132,6 +132,20 @@ def rademacher(
 
 
 # ---------------------------------------------------------------------- one batch
+def exact_dynamics(model: BlockModel) -> Callable[[int, Tensor, State], State]:
+    """The augmented probability-flow dynamics ``(x, Δ) -> (f(x, t), tr ∂f/∂x)`` of block
+    ``block`` with the exact trace (eq. 20): the block's closed form where it has one
+    (:meth:`BlockModel.field_divergence`), else autograd (:func:`divergence`)."""
+
+    def dynamics(block: int, t: Tensor, y: State) -> State:
+        fast = model.field_divergence(y[0], t, block)
+        if fast is not None:
+            return fast
+        return divergence(lambda z: model.field(z, t, block), y[0], None)
+
+    return dynamics
+
+
 def log_likelihood(
     model: BlockModel,
     x: Tensor,
@@ -188,12 +202,12 @@ def log_likelihood(
         probe = draw()
     v = probe if trace == "hutchinson" else None
 
+    exact = exact_dynamics(model)
+
     def dynamics(block: int, t: Tensor, y: State) -> State:
         # augmented state (x, Δ): dx/dt = f(x, t), dΔ/dt = tr ∂f/∂x (eq. 20)
         if trace == "exact":
-            fast = model.field_divergence(y[0], t, block)  # the block's closed form, if any
-            if fast is not None:
-                return fast
+            return exact(block, t, y)
         fx, div = divergence(lambda z: model.field(z, t, block), y[0], draw() if per_eval else v)
         return fx, div
 
