@@ -4,6 +4,7 @@ psm.auto.nets)."""
 from __future__ import annotations
 
 import json
+from pathlib import Path
 
 import pytest
 
@@ -156,3 +157,52 @@ def test_psm_train_with_candidates_end_to_end_tiny(tmp_path, capsys):
     bad.write_text(cfg.read_text().replace("{}]", "{net: {hiddn: [4]}}]"))
     code, _, err = run_cli(capsys, "train", str(bad), "--out", str(tmp_path / "b"))
     assert code == 2 and "candidates[1].net" in err and not (tmp_path / "b").exists()
+
+
+def _race_yaml(tmp_path, candidates: str) -> Path:
+    cfg = tmp_path / "c.yaml"
+    cfg.write_text(
+        "data: {name: ty}\npartition: {kind: splits, splits: [0, 0.003, 1], t0: 1.0e-4}\n"
+        "net: {name: mlp, hidden: [16]}\n"
+        "train: {batch_size: 32, log_every: 20, heldout_points: 64, budget: {total: 400,\n"
+        f"        race: 0.2, chunk: 0.25, race_by: nll, candidates: {candidates}}}}}\n"
+        "executor: {name: local, workers: 1}\n"
+    )
+    return cfg
+
+
+@pytest.fixture
+def quick_nll_race(monkeypatch):
+    """The ODE race's swaps scored on 200 points with 40 RK4 steps (tests)."""
+    import psm.auto.nets as nets
+
+    monkeypatch.setattr(nets, "RACE_NLL_POINTS", 200)
+    monkeypatch.setattr(nets, "RACE_NLL_STEPS", 40)
+
+
+def test_a_race_by_the_odes_nll_scores_each_block_swapped_into_candidate_0s_model(
+    tmp_path, capsys, quick_nll_race
+):
+    # x0 prediction near t0 wrecks the ODE (its field is the x0 error times α/σ): swapping the
+    # run's own ε-prediction into block 0 of the x0 model must lower the held-out NLL
+    cfg = _race_yaml(tmp_path, "[{objective: {prediction: x0}}, {}]")
+    out = tmp_path / "run"
+    code, _, err = run_cli(capsys, "train", str(cfg), "--out", str(out), "--no-plot",
+                           "--no-progress")  # fmt: skip
+    assert code == 0, err
+    assert "held-out ODE NLL with the block swapped in" in err
+    record = json.loads((tmp_path / "run-race" / "race.json").read_text())
+    assert record["signal"] == "nll" and record["terms"][0] == [0.0, 0.0]
+    assert record["terms"][1][0] < -1.0 and record["choice"][0] == 1
+
+
+def test_a_race_of_two_equal_candidates_by_nll_scores_every_swap_exactly_zero(
+    tmp_path, capsys, quick_nll_race
+):
+    # the same net and seed train the same weights: a swap changes nothing, point by point
+    cfg = _race_yaml(tmp_path, "[{}, {net: {hidden: [16]}}]")
+    code, _, err = run_cli(capsys, "train", str(cfg), "--out", str(tmp_path / "run"),
+                           "--no-plot", "--no-progress")  # fmt: skip
+    assert code == 0, err
+    record = json.loads((tmp_path / "run-race" / "race.json").read_text())
+    assert record["terms"] == [[0.0, 0.0], [0.0, 0.0]] and record["choice"] == [0, 0]

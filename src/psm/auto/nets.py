@@ -12,11 +12,18 @@ change is not wanted everywhere. With candidates given, psm measures instead of 
    run beside the run (``<out>-race/<j>``). The steps: ``race`` of a block-step budget shared by
    the candidates and blocks (``race × total / (C K)`` each); with a time budget, whose
    block-steps are not known yet, :data:`RACE_STEPS`.
-2. **Choice.** Each block keeps the candidate whose held-out bound term
-   (:mod:`psm.core.heldout`, the block's term of the score-matching bound plus a constant of
-   the data that does not depend on the net, its objective or its parameterisation) is lowest
-   at the race's end; ties go to the earlier candidate. The terms are comparable because every
-   candidate is measured on the block's same fixed held-out batch.
+2. **Choice.** Each block keeps the candidate that scores lowest at the race's end; ties go to
+   the earlier candidate. ``race_by: heldout`` (the default) scores a block by its held-out
+   bound term (:mod:`psm.core.heldout`, the block's term of the score-matching bound plus a
+   constant of the data that does not depend on the net, its objective or its
+   parameterisation; comparable because every candidate is measured on the block's same fixed
+   held-out batch). That bound is the reverse SDE's; psm's NLL is the probability-flow ODE's,
+   which it does not control (docs/results.md: on TY Fourier features lower block 4's bound
+   term and raise what it costs the ODE). ``race_by: nll`` scores the ODE itself, for any
+   data: candidate 0's race model with block b taken from candidate j's, its NLL on
+   :data:`RACE_NLL_POINTS` held-out points (seed ``HELDOUT_SEED``, not the NLL's test seed)
+   with RK4 and :data:`RACE_NLL_STEPS` steps, less candidate 0's own on the same points
+   (paired). Cost: one solve per block and candidate.
 3. **The run.** The chosen candidates become the run's ``blocks:`` entries (``chosen_by``
    names the race) and the budget's plan starts from step 0 as usual; the race's block-steps
    (or seconds) are taken from the budget.
@@ -44,6 +51,10 @@ from ..runs.run import Run
 
 RACE_STEPS = 2000
 """Steps per block and candidate when the budget is a time (its block-steps are not known)."""
+RACE_NLL_POINTS = 1000
+"""``race_by: nll``: held-out points each swap is scored on (fewer for a smaller test split)."""
+RACE_NLL_STEPS = 200
+"""``race_by: nll``: RK4 steps over ``[t0, 1]`` of each swap's solve."""
 
 
 @dataclass(frozen=True)
@@ -52,7 +63,9 @@ class NetRace:
 
     Attributes:
         choice: block id -> the index of the candidate it keeps.
-        terms: ``terms[j][b]``: block b's held-out term under candidate j at the race's end.
+        terms: ``terms[j][b]``: block b's score under candidate j at the race's end (its
+            held-out term, or with ``race_by: nll`` the NLL change of swapping it in; 0 for
+            candidate 0).
         steps: steps per block and candidate.
         block_steps: the race's compute, ``steps × K × C`` (taken from a block-step budget).
         seconds: its wall time (taken from a time budget; a resumed race counts its last call).
@@ -148,14 +161,12 @@ def choose_nets(cfg: RunConfig, executor, *, log: Callable[[str], None] = print)
     folder = race_dir(cfg)
     record = folder / "race.json"
     cands = [c.model_dump(mode="json", exclude_none=True) for c in budget.candidates]
+    signal = budget.race_by
     splits = list(cfg.partition.build().edges)
     if record.exists():
         saved = json.loads(record.read_text())
-        if (saved.get("steps"), saved.get("candidates"), saved.get("edges")) != (
-            steps,
-            cands,
-            splits,
-        ):
+        if (saved.get("steps"), saved.get("candidates"), saved.get("edges"),
+                saved.get("signal", "heldout")) != (steps, cands, splits, signal):  # fmt: skip
             raise PSMError(
                 f"{record} holds another race (steps, candidates or blocks differ): use "
                 "another --out"
@@ -163,7 +174,7 @@ def choose_nets(cfg: RunConfig, executor, *, log: Callable[[str], None] = print)
         terms, seconds = saved["terms"], float(saved.get("seconds", 0.0))
     else:
         t_start = time.perf_counter()
-        terms = []
+        terms, runs = [], []
         for j in range(len(cands)):
             run = Run.create(race_config(cfg, j, steps))
             todo = run.ledger.not_done(list(range(k)), invocation=True)
@@ -174,19 +185,61 @@ def choose_nets(cfg: RunConfig, executor, *, log: Callable[[str], None] = print)
             if bad:
                 raise PSMError(f"net race: candidate {j} stopped ({bad[0].state}: {bad[0].error})")
             terms.append([heldout_at(run, b, steps) for b in range(k)])
+            runs.append(run)
+        if signal == "nll":
+            log(f"net race: scoring {(len(runs) - 1) * k + 1} swapped models by their held-out "
+                f"ODE NLL ({RACE_NLL_POINTS} points, RK4 {RACE_NLL_STEPS} steps)")  # fmt: skip
+            terms = swap_terms(runs)
         seconds = time.perf_counter() - t_start
         atomic_write_json(record, {
             "steps": steps, "candidates": cands, "edges": splits, "terms": terms,
-            "choice": pick(terms), "seconds": seconds,
-            "rule": "each block keeps the candidate with the lowest held-out term at the end",
+            "choice": pick(terms), "seconds": seconds, "signal": signal,
+            "rule": f"each block keeps the candidate with the lowest {_WHAT[signal]} at the end",
         })  # fmt: skip
     choice = pick(terms)
     log(
-        "net race: each block keeps the candidate with the lowest held-out term after "
+        f"net race: each block keeps the candidate with the lowest {_WHAT[signal]} after "
         f"{steps} steps: {', '.join(f'{b}->{j}' for b, j in enumerate(choice))} "
         f"(terms in {record})"
     )
     return NetRace(choice, terms, steps, steps * k * len(cands), seconds, folder)
+
+
+_WHAT = {"heldout": "held-out term", "nll": "held-out ODE NLL with the block swapped in"}
+
+
+def swap_terms(runs: list[Run]) -> list[list[float]]:
+    """``race_by: nll``: ``terms[j][b]``, the mean change of the held-out ODE NLL when block b of
+    candidate 0's model is taken from candidate j's (0 for candidate 0), paired on the same
+    points (module docstring)."""
+    from ..core.heldout import HELDOUT_SEED
+    from ..core.model import BlockModel
+    from ..core.ode import SolverSettings
+    from ..runs.inference import eval_settings, evaluate_model, load_model, open_source
+
+    settings = eval_settings(open_source(runs[0]),
+                             solver=SolverSettings("rk4", steps=RACE_NLL_STEPS))  # fmt: skip
+    dataset = runs[0].dataset
+
+    def nll(model: BlockModel):
+        ev = evaluate_model(model, dataset, n=RACE_NLL_POINTS, test_seed=HELDOUT_SEED,
+                            settings=settings, progress=False)  # fmt: skip
+        return ev.result.values.double()
+
+    base = load_model(runs[0])
+    ref = nll(base)
+    terms = [[0.0] * base.num_blocks]
+    for run in runs[1:]:
+        other = load_model(run)
+        row = []
+        for b in range(base.num_blocks):
+            blocks = list(base.blocks)
+            blocks[b] = other.blocks[b]
+            swapped = BlockModel(base.process, base.partition, blocks,
+                                 grid_field=base.grid_field, shape=base.shape)  # fmt: skip
+            row.append(float((nll(swapped) - ref).mean()))
+        terms.append(row)
+    return terms
 
 
 def resolve_nets(cfg: RunConfig, race: NetRace) -> RunConfig:
@@ -196,7 +249,7 @@ def resolve_nets(cfg: RunConfig, race: NetRace) -> RunConfig:
     raw = cfg.model_dump(mode="json")
     raw["blocks"] = chosen_blocks(
         budget.candidates, race.choice,
-        f"net race: {len(budget.candidates)} candidates, {race.steps} steps per block "
-        f"({race.folder.name})",
+        f"net race: {len(budget.candidates)} candidates, {race.steps} steps per block, by "
+        f"{budget.race_by} ({race.folder.name})",
     )  # fmt: skip
     return validate_config(raw, "the net race")

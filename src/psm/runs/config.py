@@ -209,6 +209,9 @@ class BudgetConfig(Section):
     # total (shared by the candidates); a block keeps the candidate with the lowest held-out term
     candidates: list[Candidate] | None = None
     race: float = Field(0.1, gt=0.0, lt=1.0)
+    # what the race compares: ``heldout``, each block's held-out bound term (the SDE's bound);
+    # ``nll``, the held-out ODE NLL of candidate 0's model with that block swapped in
+    race_by: Literal["heldout", "nll"] = "heldout"
 
     @field_validator("total")
     @classmethod
