@@ -74,13 +74,18 @@ def test_an_exact_block_keeps_its_graph_for_the_trace():
     torch.testing.assert_close(g[:, 0], fd, rtol=1e-3, atol=1e-4)
 
 
-def test_psm_nll_exact_blocks_needs_only_the_other_blocks_and_is_not_recorded(tmp_path, capsys):
+def _hg_yaml(tmp_path):
     cfg = tmp_path / "c.yaml"
     cfg.write_text(
         "data: {name: hg}\npartition: {kind: splits, splits: [0, 0.01, 1], t0: 1.0e-3}\n"
         "net: {name: mlp, hidden: [8]}\n"
         "train: {steps: 20, batch_size: 16, heldout_points: 16, log_every: 10}\n"
     )
+    return cfg
+
+
+def test_psm_nll_exact_blocks_needs_only_the_other_blocks_and_is_not_recorded(tmp_path, capsys):
+    cfg = _hg_yaml(tmp_path)
     out = tmp_path / "run"
     code, _, err = run_cli(capsys, "train", str(cfg), "--out", str(out), "--blocks", "1",
                            "--no-plot", "--no-progress")  # fmt: skip
@@ -149,12 +154,7 @@ def test_the_ode_kl_of_a_wrong_block_is_what_the_whole_ode_loses_with_the_others
 
 
 def test_psm_kl_ode(tmp_path, capsys):
-    cfg = tmp_path / "c.yaml"
-    cfg.write_text(
-        "data: {name: hg}\npartition: {kind: splits, splits: [0, 0.01, 1], t0: 1.0e-3}\n"
-        "net: {name: mlp, hidden: [8]}\n"
-        "train: {steps: 20, batch_size: 16, heldout_points: 16, log_every: 10}\n"
-    )
+    cfg = _hg_yaml(tmp_path)
     out = tmp_path / "run"
     code, _, err = run_cli(capsys, "train", str(cfg), "--out", str(out), "--no-plot",
                            "--no-progress")  # fmt: skip

@@ -26,37 +26,17 @@ from __future__ import annotations
 
 import math
 from collections.abc import Callable
-from dataclasses import dataclass
 
 import torch
 from torch import Tensor
 
-from .block_kl import Sampler
+from .block_kl import BlockKL, Sampler
 from .likelihood import exact_dynamics
 from .model import BlockModel
 from .ode import SolverSettings, integrate_blocks, steps_for
 
 MarginalLogProb = Callable[[Tensor, float, float], Tensor]
 """``(x [n, *D], α, σ) -> log p_t(x) [n]`` float64 exactly, for ``x_t = α x0 + σ ε``."""
-
-
-@dataclass(frozen=True)
-class BlockODE:
-    """One block's KL through the probability-flow ODE.
-
-    Attributes:
-        block: the block id.
-        t_lo: lower end of its segment (with t0).
-        t_hi: upper end.
-        kl: ``L_b`` (module docstring), nats.
-        stderr: its Monte Carlo standard error.
-    """
-
-    block: int
-    t_lo: float
-    t_hi: float
-    kl: float
-    stderr: float
 
 
 def _alpha_sigma(model: BlockModel, t: float) -> tuple[float, float]:
@@ -74,7 +54,7 @@ def block_ode_kl(
     generator: torch.Generator,
     blocks: list[int] | None = None,
     dtype: torch.dtype = torch.float32,
-) -> list[BlockODE]:
+) -> list[BlockKL]:
     """Each block's ``L_b`` (module docstring) on ``points`` fresh draws of ``p_{t_lo}``.
 
     Args:
@@ -89,7 +69,8 @@ def block_ode_kl(
         dtype: what the nets are evaluated in (the densities are float64).
 
     Returns:
-        One :class:`BlockODE` per block, in increasing time.
+        One row per block, in increasing time (a :class:`~psm.core.block_kl.BlockKL` whose
+        ``kl`` is ``L_b``).
     """
     if model.is_grid:
         raise ValueError("the ODE split by block is for interval partitions (TPSM, SA-DPM)")
@@ -116,7 +97,7 @@ def block_ode_kl(
             - delta.double()
         )
         se = float(loss.std()) / math.sqrt(points)
-        out.append(BlockODE(seg.block, seg.t_lo, seg.t_hi, float(loss.mean()), se))
+        out.append(BlockKL(seg.block, seg.t_lo, seg.t_hi, float(loss.mean()), se))
     return out
 
 

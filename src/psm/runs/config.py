@@ -468,16 +468,20 @@ class RunConfig(Section):
                 if b in owner:
                     raise ValueError(f"blocks[{i}] and blocks[{owner[b]}] both set block {b}")
                 owner[b] = i
-            for what, registry, base, patch in (
-                ("net", NETS, self.net, o.net),
-                ("objective", OBJECTIVES, self.train.objective, o.objective),
-            ):
-                try:
-                    _merged(registry, base, patch)
-                except SpecError as e:
-                    where = f"blocks[{i}].{what}" + (f".{e.loc}" if e.loc else "")
-                    raise ValueError(f"{where}: {e.message}") from None
+            self._check_patches(f"blocks[{i}]", o.net, o.objective)
         return self
+
+    def _check_patches(self, where: str, net: dict | None, objective: dict | None) -> None:
+        """Refuse a partial ``net:``/``objective:`` that does not merge onto the run's."""
+        for what, registry, base, patch in (
+            ("net", NETS, self.net, net),
+            ("objective", OBJECTIVES, self.train.objective, objective),
+        ):
+            try:
+                _merged(registry, base, patch)
+            except SpecError as e:
+                loc = f"{where}.{what}" + (f".{e.loc}" if e.loc else "")
+                raise ValueError(f"{loc}: {e.message}") from None
 
     @model_validator(mode="after")
     def _candidates_fit(self) -> RunConfig:
@@ -489,15 +493,7 @@ class RunConfig(Section):
                 "train.budget.candidates chooses each block's net and objective: drop blocks:"
             )
         for i, c in enumerate(budget.candidates):
-            for what, registry, base, patch in (
-                ("net", NETS, self.net, c.net),
-                ("objective", OBJECTIVES, self.train.objective, c.objective),
-            ):
-                try:
-                    _merged(registry, base, patch)
-                except SpecError as e:
-                    where = f"train.budget.candidates[{i}].{what}" + (f".{e.loc}" if e.loc else "")
-                    raise ValueError(f"{where}: {e.message}") from None
+            self._check_patches(f"train.budget.candidates[{i}]", c.net, c.objective)
         return self
 
     def override(self, block: int | None) -> BlockOverride | None:
