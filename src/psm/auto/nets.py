@@ -157,12 +157,12 @@ def choose_nets(cfg: RunConfig, executor, *, log: Callable[[str], None] = print)
     budget = cfg.train.budget
     assert budget is not None and budget.candidates
     steps = race_steps_of(cfg)
-    k = cfg.partition.build().num_blocks
+    partition = cfg.partition.build()
+    k, splits = partition.num_blocks, list(partition.edges)
     folder = race_dir(cfg)
     record = folder / "race.json"
     cands = [c.model_dump(mode="json", exclude_none=True) for c in budget.candidates]
     signal = budget.race_by
-    splits = list(cfg.partition.build().edges)
     if record.exists():
         saved = json.loads(record.read_text())
         if (saved.get("steps"), saved.get("candidates"), saved.get("edges"),
@@ -184,7 +184,8 @@ def choose_nets(cfg: RunConfig, executor, *, log: Callable[[str], None] = print)
             bad = [o for o in outcomes if o.state != "done"]
             if bad:
                 raise PSMError(f"net race: candidate {j} stopped ({bad[0].state}: {bad[0].error})")
-            terms.append([heldout_at(run, b, steps) for b in range(k)])
+            if signal == "heldout":
+                terms.append([heldout_at(run, b, steps) for b in range(k)])
             runs.append(run)
         if signal == "nll":
             log(f"net race: scoring {(len(runs) - 1) * k + 1} swapped models by their held-out "

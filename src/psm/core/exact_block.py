@@ -64,7 +64,7 @@ def with_exact_blocks(
     bad = [b for b in blocks if not 0 <= b < model.num_blocks]
     if bad:
         raise ValueError(f"block(s) {bad} out of range 0-{model.num_blocks - 1}")
-    exact = exact_block(model.process, score)
-    new = [exact if b in set(blocks) else fn for b, fn in enumerate(model.blocks)]
+    exact, chosen = exact_block(model.process, score), set(blocks)
+    new = [exact if b in chosen else fn for b, fn in enumerate(model.blocks)]
     return BlockModel(model.process, model.partition, new, grid_field=model.grid_field,
                       shape=model.shape)  # fmt: skip
